@@ -1,0 +1,734 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * tcp_flows: the kernel's view of one process's TCP connections.
+ *
+ * Hooks (tp_btf first; raw_tp copies of the same handlers for kernels
+ * without BTF-typed tracepoints, chosen by user space with set_autoload):
+ *   sock:inet_sock_set_state   ownership, attempts, handshakes, closes, active
+ *   tcp:tcp_retransmit_skb     retransmitted segments (2- and 3-argument forms)
+ *   tcp:tcp_retransmit_synack  SYN-ACK retransmits on our listeners
+ *   tcp:tcp_send_reset         RSTs we send
+ *   tcp:tcp_receive_reset      RSTs we receive
+ *   tcp:tcp_destroy_sock       final close reason, forgets the socket
+ *   tcp:tcp_probe              zero-window transitions (per received segment)
+ *   iter/tcp                   bytes, RTT samples and listen drops of live
+ *                              sockets, and adoption of sockets that existed
+ *                              before load (run by the reader thread)
+ * Minimum kernel: 5.8 (tp_btf, ring buffer, iter/tcp, ns pid helper).
+ *
+ * Maps:
+ *   socks      sock pointer -> sock_state: the sockets this process owns
+ *   listeners  (netns, port) -> listener sock: finds the owner of accepted sockets
+ *   flows      flow_key -> flow_counters: cumulative counters per peer; when full,
+ *              counters go to the reserved overflow keys user space inserts
+ *   events     ring buffer of flow_event, woken only past wakeup_bytes
+ *   stats      probe_stat -> count (self-telemetry)
+ *   seeds      socket inode -> 1: this process's sockets at load, for adoption
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
+#include "tcp_flows.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+
+#define ECONNRESET 104
+#define ENETUNREACH 101
+#define ETIMEDOUT 110
+#define ECONNREFUSED 111
+#define EHOSTUNREACH 113
+
+#define SF_RST_SENT (1 << 0)
+#define SF_RST_RECEIVED (1 << 1)
+#define SF_PEER_ZERO_WIN (1 << 2)
+#define SF_OUR_ZERO_WIN (1 << 3)
+#define SF_ESTABLISHED (1 << 4)
+#define SF_LISTENER (1 << 5)
+#define SF_CLOSED (1 << 6)
+#define SF_FINAL (1 << 7)
+#define SF_FIN_SENT (1 << 8)
+
+/* Set by user space before load. */
+const volatile __u32 target_tgid = 0;	/* in the pid namespace below; 0: every process */
+const volatile __u64 pidns_dev = 0;
+const volatile __u64 pidns_ino = 0;
+const volatile __u64 wakeup_bytes = 65536;
+const volatile __u64 rtt_sample_ns = 5000000000ULL;
+
+/* Toggled by user space at run time (mmaped .bss). */
+__u32 seeding = 0;
+
+__u64 next_conn_id = 0;
+
+struct sock_state {
+	struct flow_key key;
+	__u16 flags;		/* SF_* */
+	__u8 err;		/* sk_err at CLOSE */
+	__u8 __pad0;
+	__u32 tid;
+	__u32 drops;		/* listener: sk_drops already counted */
+	__u64 conn_id;
+	__u64 start_ns;		/* connect() (client), listen() or ESTABLISHED (server) */
+	__u64 established_ns;
+	__u64 closed_ns;
+	__u64 bytes_acked;	/* already counted */
+	__u64 bytes_received;
+	__u64 retrans_segs;
+	__u64 last_rtt_ns;
+	__u32 srtt_us;
+	__u32 __pad1;
+};
+
+struct listener_key {
+	__u32 netns;
+	__u16 port;
+	__u16 __pad0;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct sock_state);
+} socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct listener_key);
+	__type(value, __u64);
+} listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct flow_key);
+	__type(value, struct flow_counters);
+} flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u8);
+} seeds SEC(".maps");
+
+static const struct flow_counters zero_counters;
+static const struct sock_state zero_state;
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+static __always_inline bool owned_by_target(void)
+{
+	struct bpf_pidns_info ns = {};
+
+	if (!target_tgid)
+		return true;
+	if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
+		return false;
+	return ns.tgid == target_tgid;
+}
+
+static __always_inline struct flow_counters *counters_for(const struct flow_key *key)
+{
+	struct flow_counters *c = bpf_map_lookup_elem(&flows, key);
+	struct flow_key other = {};
+
+	if (c)
+		return c;
+	bpf_map_update_elem(&flows, key, &zero_counters, BPF_NOEXIST);
+	c = bpf_map_lookup_elem(&flows, key);
+	if (c)
+		return c;
+	/* Full: count into the overflow key of this role, so totals stay exact. */
+	stat_inc(STAT_FLOWS_FOLDED);
+	other.family = FLOW_FAMILY_OVERFLOW;
+	other.role = key->role;
+	return bpf_map_lookup_elem(&flows, &other);
+}
+
+#define COUNT(key, field, n)                                            \
+	do {                                                            \
+		struct flow_counters *__c = counters_for(key);          \
+		if (__c)                                                \
+			__sync_fetch_and_add(&__c->field, (n));         \
+	} while (0)
+
+static __always_inline __u32 sk_netns(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+/* The peer as the contract names it: address, family and the service port. */
+static __always_inline void peer_key(struct flow_key *k, const struct sock_common *skc,
+				     __u8 role, __u16 local_port)
+{
+	__u16 family = BPF_CORE_READ(skc, skc_family);
+
+	__builtin_memset(k, 0, sizeof(*k));
+	k->role = role;
+	if (family == AF_INET) {
+		__u32 daddr = BPF_CORE_READ(skc, skc_daddr);
+
+		k->addr[10] = 0xff;
+		k->addr[11] = 0xff;
+		__builtin_memcpy(&k->addr[12], &daddr, 4);
+		k->family = FLOW_FAMILY_IPV4;
+	} else {
+		BPF_CORE_READ_INTO(&k->addr, skc, skc_v6_daddr.in6_u.u6_addr8);
+		k->family = FLOW_FAMILY_IPV6;
+		/* An IPv4-mapped peer on an IPv6 socket is an IPv4 peer. */
+		if (!(k->addr[0] | k->addr[1] | k->addr[2] | k->addr[3] | k->addr[4] |
+		      k->addr[5] | k->addr[6] | k->addr[7] | k->addr[8] | k->addr[9]) &&
+		    k->addr[10] == 0xff && k->addr[11] == 0xff)
+			k->family = FLOW_FAMILY_IPV4;
+	}
+	if (role == FLOW_ROLE_CLIENT)
+		k->port = bpf_ntohs(BPF_CORE_READ(skc, skc_dport));
+	else
+		k->port = local_port;
+}
+
+static __always_inline struct sock_state *track(const struct sock *sk, const struct flow_key *key,
+						__u8 flags, __u64 now)
+{
+	__u64 skp = (__u64)sk;
+	struct sock_state *st;
+
+	if (bpf_map_update_elem(&socks, &skp, &zero_state, BPF_NOEXIST)) {
+		stat_inc(STAT_SOCKS_FULL);
+		return NULL;
+	}
+	st = bpf_map_lookup_elem(&socks, &skp);
+	if (!st)
+		return NULL;
+	st->key = *key;
+	st->flags = flags;
+	st->start_ns = now;
+	st->conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
+	return st;
+}
+
+static __always_inline void submit(const struct sock_state *st, __u8 kind, __u8 reason,
+				   __u64 now, __u64 duration_ns)
+{
+	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	__u64 flags;
+
+	if (!e) {
+		stat_inc(STAT_EVENTS_LOST);
+		return;
+	}
+	e->key = st->key;
+	e->kind = kind;
+	e->reason = reason;
+	e->__pad0 = 0;
+	e->srtt_us = st->srtt_us;
+	e->tid = st->tid;
+	e->ts_ns = now;
+	e->duration_ns = duration_ns;
+	e->conn_id = st->conn_id;
+	/* Never wake user space per record: it polls, and is woken only if a
+	 * burst threatens to fill the buffer. */
+	flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes ?
+			BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+	bpf_ringbuf_submit(e, flags);
+}
+
+static __always_inline __u32 read_srtt_us(const struct sock *sk)
+{
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+
+	return BPF_CORE_READ(tp, srtt_us) >> 3;
+}
+
+/*
+ * Count payload bytes since the last report. The kernel's bytes_acked and
+ * bytes_received also count the SYN and FIN sequence numbers: the SYN is left
+ * out by the baseline taken at ESTABLISHED, a FIN is taken off here once it
+ * has been acknowledged (ours) or received (theirs: SOCK_DONE).
+ */
+static __always_inline void account_bytes(struct sock_state *st, const struct tcp_sock *tp)
+{
+	__u64 acked = BPF_CORE_READ(tp, bytes_acked);
+	__u64 received = BPF_CORE_READ(tp, bytes_received);
+	unsigned long sk_flags = BPF_CORE_READ(&tp->inet_conn.icsk_inet.sk, __sk_common.skc_flags);
+
+	if ((st->flags & SF_FIN_SENT) && acked &&
+	    BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq))
+		acked--;
+	if (received && (sk_flags & (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE))))
+		received--;
+
+	if (acked > st->bytes_acked) {
+		COUNT(&st->key, bytes_acked, acked - st->bytes_acked);
+		st->bytes_acked = acked;
+	}
+	if (received > st->bytes_received) {
+		COUNT(&st->key, bytes_received, received - st->bytes_received);
+		st->bytes_received = received;
+	}
+}
+
+static __always_inline void on_established(const struct sock *sk, struct sock_state *st, __u64 now)
+{
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+	const struct tcp_options_received *opt = __builtin_preserve_access_index(&tp->rx_opt);
+	__u64 handshake_ns = 0;
+
+	st->flags |= SF_ESTABLISHED;
+	st->established_ns = now;
+	st->srtt_us = read_srtt_us(sk);
+	st->bytes_acked = BPF_CORE_READ(tp, bytes_acked);	/* the SYN */
+	st->bytes_received = BPF_CORE_READ(tp, bytes_received);
+	COUNT(&st->key, attempts_ok, 1);
+	if (!BPF_CORE_READ_BITFIELD_PROBED(opt, wscale_ok))
+		COUNT(&st->key, wscale_disabled, 1);
+
+	if (st->key.role == FLOW_ROLE_CLIENT) {
+		handshake_ns = now - st->start_ns;
+	} else {
+		/* SYN wait: the request that made this socket is the tail of the
+		 * listener's accept queue; its first SYN-ACK left when the SYN came. */
+		struct listener_key lk = { .netns = sk_netns(sk), .port = st->key.port };
+		__u64 *lsk = bpf_map_lookup_elem(&listeners, &lk);
+		struct inet_connection_sock *icsk;
+		struct request_sock *req;
+		struct sock *child = NULL;
+		__u64 snt_synack_us = 0;
+
+		if (lsk) {
+			icsk = (struct inet_connection_sock *)*lsk;
+			req = BPF_CORE_READ(icsk, icsk_accept_queue.rskq_accept_tail);
+			if (req) {
+				child = BPF_CORE_READ(req, sk);
+				snt_synack_us = BPF_CORE_READ((struct tcp_request_sock *)req, snt_synack);
+			}
+		}
+		if (child == sk && snt_synack_us && now / 1000 >= snt_synack_us)
+			handshake_ns = now - snt_synack_us * 1000;
+		else
+			stat_inc(STAT_SYN_WAIT_MISSED);
+	}
+	if (handshake_ns)
+		submit(st, FLOW_EVENT_HANDSHAKE, 0, now, handshake_ns);
+}
+
+static __always_inline __u8 attempt_error(int err, const struct sock_state *st)
+{
+	switch (err) {
+	case ECONNREFUSED:
+		return CONN_ERR_REFUSED;
+	case ETIMEDOUT:
+		return CONN_ERR_TIMED_OUT;
+	case ECONNRESET:
+		return CONN_ERR_RESET;
+	case EHOSTUNREACH:
+		return CONN_ERR_HOST_UNREACHABLE;
+	case ENETUNREACH:
+		return CONN_ERR_NET_UNREACHABLE;
+	case 0:
+		/* The application gave up (its own connect timeout): a time-out if
+		 * the kernel had already retransmitted the SYN unanswered. */
+		return st->retrans_segs ? CONN_ERR_TIMED_OUT : CONN_ERR_OTHER;
+	default:
+		return CONN_ERR_OTHER;
+	}
+}
+
+static __always_inline __u8 close_reason(int err, __u8 flags)
+{
+	if (flags & SF_RST_RECEIVED)
+		return CLOSE_RESET_RECEIVED;
+	if (flags & SF_RST_SENT)
+		return CLOSE_RESET_SENT;
+	if (err == ETIMEDOUT)
+		return CLOSE_TIMEOUT;
+	if (err)
+		return CLOSE_OTHER;
+	return CLOSE_NORMAL;
+}
+
+static __always_inline void finalize_close(struct sock_state *st)
+{
+	__u8 reason = close_reason(st->err, st->flags);
+
+	st->flags |= SF_FINAL;
+	COUNT(&st->key, closes[reason & 7], 1);
+	submit(st, FLOW_EVENT_CLOSE, reason, st->closed_ns, st->closed_ns - st->established_ns);
+}
+
+static __always_inline void forget(const struct sock *sk, struct sock_state *st)
+{
+	__u64 skp = (__u64)sk;
+
+	if (st->flags & SF_LISTENER) {
+		struct listener_key lk = { .netns = sk_netns(sk), .port = st->key.port };
+
+		bpf_map_delete_elem(&listeners, &lk);
+	}
+	bpf_map_delete_elem(&socks, &skp);
+}
+
+static __always_inline void listener_drops(const struct sock *sk, struct sock_state *st)
+{
+	__u32 drops = BPF_CORE_READ(sk, sk_drops.counter);
+
+	if (drops > st->drops) {
+		COUNT(&st->key, listen_overflows, drops - st->drops);
+		st->drops = drops;
+	}
+}
+
+static __always_inline int handle_set_state(const struct sock *sk, int oldstate, int newstate)
+{
+	__u64 skp = (__u64)sk;
+	struct sock_state *st;
+	struct flow_key key;
+	__u64 now;
+
+	if (BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
+	st = bpf_map_lookup_elem(&socks, &skp);
+	now = bpf_ktime_get_ns();
+
+	if (!st) {
+		if (newstate == TCP_SYN_SENT) {
+			if (!owned_by_target())
+				return 0;
+			peer_key(&key, &sk->__sk_common, FLOW_ROLE_CLIENT, 0);
+			st = track(sk, &key, 0, now);
+			if (st)
+				st->tid = (__u32)bpf_get_current_pid_tgid();
+		} else if (newstate == TCP_LISTEN) {
+			struct listener_key lk = {};
+
+			if (!owned_by_target())
+				return 0;
+			__builtin_memset(&key, 0, sizeof(key));
+			key.role = FLOW_ROLE_SERVER;
+			key.port = BPF_CORE_READ(sk, __sk_common.skc_num);
+			st = track(sk, &key, SF_LISTENER, now);
+			lk.netns = sk_netns(sk);
+			lk.port = key.port;
+			if (st)
+				bpf_map_update_elem(&listeners, &lk, &skp, BPF_ANY);
+		} else if (newstate == TCP_SYN_RECV) {
+			/* An accepted socket is born in softirq: it is ours if its
+			 * listener is. */
+			struct listener_key lk = {
+				.netns = sk_netns(sk),
+				.port = BPF_CORE_READ(sk, __sk_common.skc_num),
+			};
+
+			if (!bpf_map_lookup_elem(&listeners, &lk))
+				return 0;
+			peer_key(&key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
+			track(sk, &key, 0, now);
+		}
+		return 0;
+	}
+
+	if (newstate == TCP_ESTABLISHED && !(st->flags & SF_ESTABLISHED)) {
+		on_established(sk, st, now);
+		return 0;
+	}
+	if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK)
+		st->flags |= SF_FIN_SENT;
+	if (newstate != TCP_CLOSE)
+		return 0;
+
+	if (st->flags & SF_LISTENER) {
+		listener_drops(sk, st);
+		forget(sk, st);
+		return 0;
+	}
+	if (st->flags & SF_CLOSED)
+		return 0;
+	st->flags |= SF_CLOSED;
+	st->closed_ns = now;
+	st->srtt_us = read_srtt_us(sk);
+	st->err = BPF_CORE_READ(sk, sk_err);
+
+	if (!(st->flags & SF_ESTABLISHED)) {
+		/* A client attempt that never completed; an embryonic server
+		 * socket is simply forgotten. */
+		if (st->key.role == FLOW_ROLE_CLIENT)
+			COUNT(&st->key, attempts_failed[attempt_error(st->err, st) & 7], 1);
+		forget(sk, st);
+		return 0;
+	}
+	account_bytes(st, (const struct tcp_sock *)sk);
+	COUNT(&st->key, closed, 1);
+	/* A reason already certain is final now; an apparently normal close may
+	 * still be followed by our RST (unread data, SO_LINGER 0), so it is
+	 * settled when the socket is destroyed. */
+	if (close_reason(st->err, st->flags) != CLOSE_NORMAL)
+		finalize_close(st);
+	return 0;
+}
+
+static __always_inline int handle_destroy(const struct sock *sk)
+{
+	__u64 skp = (__u64)sk;
+	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
+
+	if (!st)
+		return 0;
+	if ((st->flags & SF_CLOSED) && !(st->flags & SF_FINAL))
+		finalize_close(st);
+	forget(sk, st);
+	return 0;
+}
+
+static __always_inline __u32 skb_segs(const struct sk_buff *skb)
+{
+	const struct tcp_skb_cb *cb = (const struct tcp_skb_cb *)__builtin_preserve_access_index(&skb->cb);
+	__u16 segs = BPF_CORE_READ(cb, tcp_gso_segs);
+
+	return segs ? segs : 1;
+}
+
+static __always_inline int handle_retransmit(const struct sock *sk, const struct sk_buff *skb, int err)
+{
+	__u64 skp = (__u64)sk;
+	struct sock_state *st;
+	__u32 segs;
+
+	if (err)
+		return 0;
+	st = bpf_map_lookup_elem(&socks, &skp);
+	if (!st)
+		return 0;
+	segs = skb_segs(skb);
+	st->retrans_segs += segs;
+	COUNT(&st->key, retrans_segs, segs);
+	return 0;
+}
+
+static __always_inline int handle_retransmit_synack(const struct sock *listener,
+						    const struct request_sock *req)
+{
+	__u64 skp = (__u64)listener;
+	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
+	struct flow_key key;
+
+	if (!st || !(st->flags & SF_LISTENER))
+		return 0;
+	peer_key(&key, &req->__req_common, FLOW_ROLE_SERVER, st->key.port);
+	COUNT(&key, retrans_segs, 1);
+	return 0;
+}
+
+static __always_inline int handle_reset(const struct sock *sk, __u8 flag)
+{
+	__u64 skp = (__u64)sk;
+	struct sock_state *st;
+
+	if (!sk)
+		return 0;
+	st = bpf_map_lookup_elem(&socks, &skp);
+	if (!st || (st->flags & SF_LISTENER))
+		return 0;
+	st->flags |= flag;
+	if (flag == SF_RST_SENT)
+		COUNT(&st->key, resets_sent, 1);
+	else
+		COUNT(&st->key, resets_received, 1);
+	return 0;
+}
+
+struct tcphdr_min {
+	__be16 source;
+	__be16 dest;
+	__be32 seq;
+	__be32 ack_seq;
+	__u16 flags;
+	__be16 window;
+};
+
+#define TCP_FLAG_RST 0x0004	/* in the flags word, host order */
+
+static __always_inline int handle_probe(const struct sock *sk, const struct sk_buff *skb)
+{
+	__u64 skp = (__u64)sk;
+	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
+	struct tcphdr_min th;
+	unsigned char *data;
+	__u32 rcv_wnd;
+
+	if (!st)
+		return 0;
+	data = BPF_CORE_READ(skb, data);
+	if (bpf_probe_read_kernel(&th, sizeof(th), data))
+		return 0;
+	if (!(bpf_ntohs(th.flags) & TCP_FLAG_RST)) {
+		if (th.window == 0) {
+			if (!(st->flags & SF_PEER_ZERO_WIN)) {
+				st->flags |= SF_PEER_ZERO_WIN;
+				COUNT(&st->key, zero_window_rx, 1);
+			}
+		} else {
+			st->flags &= ~SF_PEER_ZERO_WIN;
+		}
+	}
+	rcv_wnd = BPF_CORE_READ((const struct tcp_sock *)sk, rcv_wnd);
+	if (rcv_wnd == 0) {
+		if (!(st->flags & SF_OUR_ZERO_WIN)) {
+			st->flags |= SF_OUR_ZERO_WIN;
+			COUNT(&st->key, zero_window_tx, 1);
+		}
+	} else {
+		st->flags &= ~SF_OUR_ZERO_WIN;
+	}
+	return 0;
+}
+
+/* --- attach points: tp_btf, and raw_tp copies loaded only where tp_btf is not --- */
+
+#define HOOKS(kind)                                                                             \
+SEC(#kind "/inet_sock_set_state")                                                              \
+int BPF_PROG(kind##_set_state, const struct sock *sk, int oldstate, int newstate)               \
+{ return handle_set_state(sk, oldstate, newstate); }                                          \
+SEC(#kind "/tcp_destroy_sock")                                                                 \
+int BPF_PROG(kind##_destroy_sock, const struct sock *sk)                                       \
+{ return handle_destroy(sk); }                                                                \
+SEC(#kind "/tcp_retransmit_skb")                                                               \
+int BPF_PROG(kind##_retransmit_skb, const struct sock *sk, const struct sk_buff *skb)          \
+{ return handle_retransmit(sk, skb, 0); }                                                     \
+SEC(#kind "/tcp_retransmit_skb")                                                               \
+int BPF_PROG(kind##_retransmit_skb_err, const struct sock *sk, const struct sk_buff *skb,      \
+	     int err)                                                                          \
+{ return handle_retransmit(sk, skb, err); }                                                   \
+SEC(#kind "/tcp_retransmit_synack")                                                            \
+int BPF_PROG(kind##_retransmit_synack, const struct sock *sk, const struct request_sock *req)  \
+{ return handle_retransmit_synack(sk, req); }                                                 \
+SEC(#kind "/tcp_send_reset")                                                                   \
+int BPF_PROG(kind##_send_reset, const struct sock *sk)                                         \
+{ return handle_reset(sk, SF_RST_SENT); }                                                     \
+SEC(#kind "/tcp_receive_reset")                                                                \
+int BPF_PROG(kind##_receive_reset, const struct sock *sk)                                      \
+{ return handle_reset(sk, SF_RST_RECEIVED); }                                                 \
+SEC(#kind "/tcp_probe")                                                                        \
+int BPF_PROG(kind##_probe, const struct sock *sk, const struct sk_buff *skb)                   \
+{ return handle_probe(sk, skb); }
+
+HOOKS(tp_btf)
+HOOKS(raw_tp)
+
+/* --- iterator: live sockets --- */
+
+SEC("iter/tcp")
+int sample_sockets(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct seq_file *seq = ctx->meta->seq;
+	struct sock_state *st;
+	struct tcp_sock *tp;
+	struct sock *sk;
+	__u64 skp, now;
+
+	if (!skc)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
+		return 0;	/* time-wait and request sockets */
+	sk = (struct sock *)tp;
+	skp = (__u64)sk;
+	now = bpf_ktime_get_ns();
+	st = bpf_map_lookup_elem(&socks, &skp);
+
+	if (!st) {
+		struct socket *sock;
+		__u64 ino = 0;
+		struct flow_key key;
+		int state;
+
+		if (!seeding)
+			return 0;
+		sock = sk->sk_socket;
+		if (sock && sock->file && sock->file->f_inode)
+			ino = sock->file->f_inode->i_ino;
+		if (!ino || !bpf_map_lookup_elem(&seeds, &ino))
+			return 0;
+		state = sk->__sk_common.skc_state;
+		if (state == TCP_LISTEN) {
+			struct listener_key lk = { .netns = sk_netns(sk), .port = sk->__sk_common.skc_num };
+
+			__builtin_memset(&key, 0, sizeof(key));
+			key.role = FLOW_ROLE_SERVER;
+			key.port = lk.port;
+			st = track(sk, &key, SF_LISTENER, now);
+			if (!st)
+				return 0;
+			bpf_map_update_elem(&listeners, &lk, &skp, BPF_ANY);
+			st->drops = sk->sk_drops.counter;
+			return 0;
+		}
+		if (state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT && state != TCP_FIN_WAIT1 &&
+		    state != TCP_FIN_WAIT2 && state != TCP_CLOSING && state != TCP_LAST_ACK)
+			return 0;
+		{
+			struct listener_key lk = { .netns = sk_netns(sk), .port = sk->__sk_common.skc_num };
+			bool server = bpf_map_lookup_elem(&listeners, &lk) != NULL;
+
+			peer_key(&key, skc, server ? FLOW_ROLE_SERVER : FLOW_ROLE_CLIENT, lk.port);
+		}
+		st = track(sk, &key, SF_ESTABLISHED, now);
+		if (!st)
+			return 0;
+		/* Count only what happens from now on. */
+		st->established_ns = now;
+		st->bytes_acked = tp->bytes_acked;
+		st->bytes_received = tp->bytes_received;
+		st->srtt_us = tp->srtt_us >> 3;
+		COUNT(&key, adopted, 1);
+		return 0;
+	}
+
+	if (st->flags & SF_LISTENER) {
+		listener_drops(sk, st);
+		return 0;
+	}
+	if (!(st->flags & SF_ESTABLISHED) || (st->flags & SF_CLOSED))
+		return 0;
+	account_bytes(st, tp);
+	st->srtt_us = tp->srtt_us >> 3;
+	if (st->srtt_us && now - st->last_rtt_ns >= rtt_sample_ns) {
+		struct flow_event e = {};
+
+		st->last_rtt_ns = now;
+		e.key = st->key;
+		e.kind = FLOW_EVENT_RTT;
+		e.srtt_us = st->srtt_us;
+		e.tid = st->tid;
+		e.ts_ns = now;
+		e.conn_id = st->conn_id;
+		bpf_seq_write(seq, &e, sizeof(e));
+	}
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,90 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Types shared by tcp_flows.bpf.c and user space (otel_ebpf_flows/_records.py
+ * mirrors them; tests/unit/test_records.py checks the mirror against the BTF
+ * in the shipped object). Fixed-width fields, explicit padding, units in names.
+ */
+#ifndef __TCP_FLOWS_H
+#define __TCP_FLOWS_H
+
+#define FLOW_ROLE_CLIENT 1
+#define FLOW_ROLE_SERVER 2
+
+#define FLOW_FAMILY_IPV4 4
+#define FLOW_FAMILY_IPV6 6
+/* family of the reserved keys that collect what no longer fits in the map */
+#define FLOW_FAMILY_OVERFLOW 0
+
+enum conn_error {
+	CONN_ERR_REFUSED = 0,
+	CONN_ERR_TIMED_OUT = 1,
+	CONN_ERR_RESET = 2,
+	CONN_ERR_HOST_UNREACHABLE = 3,
+	CONN_ERR_NET_UNREACHABLE = 4,
+	CONN_ERR_OTHER = 5,
+	CONN_ERR_MAX = 6,
+};
+
+enum close_reason {
+	CLOSE_NORMAL = 0,
+	CLOSE_RESET_SENT = 1,
+	CLOSE_RESET_RECEIVED = 2,
+	CLOSE_TIMEOUT = 3,
+	CLOSE_OTHER = 4,
+	CLOSE_MAX = 5,
+};
+
+/* One series of the flows map: a peer as the contract names it. */
+struct flow_key {
+	__u8 addr[16];	/* peer address; IPv4 stored IPv4-mapped (::ffff:a.b.c.d) */
+	__u16 port;	/* client: the peer's (service) port; server: our listening port */
+	__u8 family;	/* FLOW_FAMILY_* */
+	__u8 role;	/* FLOW_ROLE_* */
+};
+
+/* Cumulative since load; never decremented, never deleted by the kernel. */
+struct flow_counters {
+	__u64 attempts_ok;		/* client: handshakes completed; server: accepted handshakes */
+	__u64 attempts_failed[CONN_ERR_MAX];	/* client attempts that ended before ESTABLISHED */
+	__u64 adopted;			/* established before instrument(), found by the iterator */
+	__u64 closed;			/* established connections that reached CLOSE */
+	__u64 closes[CLOSE_MAX];	/* closed connections, by reason, once the reason is final */
+	__u64 retrans_segs;		/* segments, SYN and SYN-ACK included */
+	__u64 bytes_acked;		/* payload bytes the peer acknowledged */
+	__u64 bytes_received;		/* payload bytes received in sequence */
+	__u64 resets_sent;
+	__u64 resets_received;
+	__u64 zero_window_rx;		/* the peer advertised a zero window */
+	__u64 zero_window_tx;		/* we advertised a zero window */
+	__u64 wscale_disabled;		/* established without window scaling */
+	__u64 listen_overflows;		/* server keys with no address: listen-queue drops */
+};
+
+enum flow_event_kind {
+	FLOW_EVENT_HANDSHAKE = 1,	/* duration_ns: SYN sent/received -> ESTABLISHED */
+	FLOW_EVENT_CLOSE = 2,		/* duration_ns: ESTABLISHED -> CLOSE; reason: enum close_reason */
+	FLOW_EVENT_RTT = 3,		/* a smoothed-RTT sample of a live connection */
+};
+
+/* A rare per-connection record (ring buffer, or the iterator's output). */
+struct flow_event {
+	struct flow_key key;
+	__u8 kind;		/* enum flow_event_kind */
+	__u8 reason;		/* enum close_reason, on FLOW_EVENT_CLOSE */
+	__u16 __pad0;
+	__u32 srtt_us;		/* smoothed RTT in microseconds, 0 if none yet */
+	__u32 tid;		/* thread that opened the connection (client), else 0 */
+	__u64 ts_ns;		/* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
+	__u64 duration_ns;
+	__u64 conn_id;		/* per-load connection number, 1-based */
+};
+
+enum probe_stat {
+	STAT_EVENTS_LOST = 0,		/* ring buffer full: a flow_event was dropped */
+	STAT_SOCKS_FULL = 1,		/* a connection could not be tracked: socks map full */
+	STAT_FLOWS_FOLDED = 2,		/* a counter went to the overflow key: flows map full */
+	STAT_SYN_WAIT_MISSED = 3,	/* a server handshake whose SYN time was not found */
+	STAT_MAX = 4,
+};
+
+#endif /* __TCP_FLOWS_H */

@@ -1,0 +1,103 @@
+"""Configuration: keywords of ``instrument()``, each also an environment variable.
+
+A keyword wins over its variable; a variable wins over the default. Every value
+is validated, and a bad one raises :class:`~otel_ebpf_flows.exceptions.ConfigurationError`
+naming the keyword or variable, the value, and what is accepted (the
+instrumentor turns that into one logged warning and a no-op).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import attrs
+
+from .exceptions import ConfigurationError
+
+#: Distinct peers per metric before further peers fold into ``_OTHER`` (default 200).
+ENV_MAX_PEERS = "OTEL_PYTHON_EBPF_FLOWS_MAX_PEERS"
+#: Connections tracked at once in the kernel (default 65536); more are counted as map evictions.
+ENV_MAX_CONNECTIONS = "OTEL_PYTHON_EBPF_FLOWS_MAX_CONNECTIONS"
+#: Peer series the kernel keeps apart (default 4096); more fold into an overflow series.
+ENV_MAX_FLOWS = "OTEL_PYTHON_EBPF_FLOWS_MAX_FLOWS"
+#: Kernel ring-buffer size in bytes, a power of two of at least 4096 (default 262144).
+ENV_RING_BUFFER_BYTES = "OTEL_PYTHON_EBPF_FLOWS_RING_BUFFER_BYTES"
+#: Seconds between ring-buffer reads by the reader thread (default 0.1).
+ENV_POLL_INTERVAL = "OTEL_PYTHON_EBPF_FLOWS_POLL_INTERVAL"
+#: Seconds between samples of live connections (bytes, RTT); at most 10 (default 5).
+ENV_SAMPLE_INTERVAL = "OTEL_PYTHON_EBPF_FLOWS_SAMPLE_INTERVAL"
+
+
+def _in_range(lo: float, hi: float) -> Callable[[Any, "attrs.Attribute[Any]", Any], None]:
+    def check(_inst: Any, attribute: "attrs.Attribute[Any]", value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            raise ConfigurationError(
+                f"{attribute.name}={value!r} is invalid: expected a number from {lo:g} to {hi:g}"
+            )
+
+    return check
+
+
+def _power_of_two(_inst: Any, attribute: "attrs.Attribute[Any]", value: int) -> None:
+    if value & (value - 1):
+        raise ConfigurationError(
+            f"{attribute.name}={value!r} is invalid: expected a power of two (for example 262144)"
+        )
+
+
+@attrs.frozen
+class Config:
+    max_peers: int = attrs.field(default=200, validator=_in_range(1, 100_000))
+    max_connections: int = attrs.field(default=65536, validator=_in_range(16, 4_194_304))
+    max_flows: int = attrs.field(default=4096, validator=_in_range(16, 1_048_576))
+    ring_buffer_bytes: int = attrs.field(
+        default=262144, validator=[_in_range(4096, 1 << 30), _power_of_two]
+    )
+    poll_interval: float = attrs.field(default=0.1, validator=_in_range(0.01, 5))
+    sample_interval: float = attrs.field(default=5.0, validator=_in_range(0.1, 10))
+
+
+_ENV: Dict[str, str] = {
+    "max_peers": ENV_MAX_PEERS,
+    "max_connections": ENV_MAX_CONNECTIONS,
+    "max_flows": ENV_MAX_FLOWS,
+    "ring_buffer_bytes": ENV_RING_BUFFER_BYTES,
+    "poll_interval": ENV_POLL_INTERVAL,
+    "sample_interval": ENV_SAMPLE_INTERVAL,
+}
+_INT_FIELDS = {"max_peers", "max_connections", "max_flows", "ring_buffer_bytes"}
+
+
+def _parse(name: str, var: str, text: str) -> Any:
+    text = text.strip()
+    try:
+        return int(text) if name in _INT_FIELDS else float(text)
+    except ValueError:
+        kind = "a whole number" if name in _INT_FIELDS else "a number"
+        raise ConfigurationError(f"{var}={text!r} is invalid: expected {kind}") from None
+
+
+def load_config(kwargs: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> Config:
+    """A :class:`Config` from ``instrument()`` keywords over environment variables."""
+    environ = os.environ if environ is None else environ
+    unknown = sorted(set(kwargs) - set(_ENV))
+    if unknown:
+        raise ConfigurationError(
+            f"unknown configuration keyword(s) {', '.join(unknown)}; accepted: {', '.join(sorted(_ENV))}"
+        )
+    values: Dict[str, Any] = {}
+    for name, var in _ENV.items():
+        if name in kwargs:
+            values[name] = kwargs[name]
+            where = name
+        elif environ.get(var, "").strip():
+            values[name] = _parse(name, var, environ[var])
+            where = var
+        else:
+            continue
+        try:
+            Config(**{name: values[name]})
+        except ConfigurationError as exc:
+            raise ConfigurationError(str(exc).replace(f"{name}=", f"{where}=", 1)) from None
+    return Config(**values)

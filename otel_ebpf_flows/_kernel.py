@@ -1,0 +1,298 @@
+"""The real :class:`~otel_ebpf_flows._source.Source`: the shipped CO-RE object on this kernel.
+
+:func:`check_environment` says, before anything is loaded, what is missing and
+how to fix it. :class:`KernelSource` loads ``tcp_flows.bpf.o`` for one process
+(tp_btf programs, raw_tp where tp_btf is refused), attaches it, adopts the
+process's existing sockets, and reads what the kernel aggregated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import re
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+from . import _libbpf, _records
+from ._config import Config
+from ._source import FlowEvent, ProbeStats, Snapshot
+from .exceptions import BpfError, EbpfFlowsError, UnsupportedEnvironment
+
+_log = logging.getLogger("otel_ebpf_flows")
+
+OBJECT_NAME = "tcp_flows.bpf.o"
+BPF_DIR = os.path.join(os.path.dirname(__file__), "bpf")
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+# Programs by hook; each has a tp_btf_ and a raw_tp_ variant in the object.
+HOOKS = (
+    "set_state",
+    "destroy_sock",
+    "retransmit_skb",
+    "retransmit_synack",
+    "send_reset",
+    "receive_reset",
+    "probe",
+)
+ITERATOR = "sample_sockets"
+
+
+def object_path(name: str = OBJECT_NAME) -> str:
+    return os.path.join(BPF_DIR, name)
+
+
+def verify_object(name: str = OBJECT_NAME) -> str:
+    """Path of a shipped object whose SHA-256 matches the shipped SHA256SUMS."""
+    path = object_path(name)
+    sums_path = os.path.join(BPF_DIR, "SHA256SUMS")
+    try:
+        with open(sums_path, encoding="ascii") as f:
+            sums = dict(reversed(line.split()) for line in f if line.strip())
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except OSError as exc:
+        raise UnsupportedEnvironment(
+            f"the packaged BPF object is missing ({exc}); reinstall otel-ebpf-flows"
+        ) from exc
+    if sums.get(name) != digest:
+        raise UnsupportedEnvironment(
+            f"{path} does not match its SHA-256 in SHA256SUMS; reinstall otel-ebpf-flows"
+        )
+    return path
+
+
+def effective_capabilities() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def has_privilege() -> bool:
+    caps = effective_capabilities()
+    if caps & (1 << CAP_SYS_ADMIN):
+        return True
+    return bool(caps & (1 << CAP_BPF)) and bool(caps & (1 << CAP_PERFMON))
+
+
+def check_environment() -> None:
+    """Raise :class:`UnsupportedEnvironment` naming the first thing missing, and the fix."""
+    if not sys.platform.startswith("linux"):
+        raise UnsupportedEnvironment(
+            f"eBPF needs Linux; this is {sys.platform}. Kernel TCP telemetry is off."
+        )
+    if not os.path.exists(VMLINUX_BTF):
+        raise UnsupportedEnvironment(
+            f"the kernel exposes no BTF ({VMLINUX_BTF} is missing); use a kernel built with "
+            "CONFIG_DEBUG_INFO_BTF=y (most distributions since 2020)"
+        )
+    if not has_privilege():
+        raise UnsupportedEnvironment(
+            "loading eBPF programs needs root or CAP_BPF and CAP_PERFMON; grant them, e.g. "
+            "`setcap cap_bpf,cap_perfmon+ep $(readlink -f $(which python3))`, or securityContext "
+            "capabilities [BPF, PERFMON] in Kubernetes"
+        )
+    _libbpf.load_library()
+
+
+def own_socket_inodes(pid: Optional[int] = None) -> List[int]:
+    """Inodes of the sockets a process holds (its file descriptors)."""
+    fd_dir = f"/proc/{pid or 'self'}/fd"
+    inodes = []
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return []
+    for name in names:
+        try:
+            target = os.readlink(os.path.join(fd_dir, name))
+        except OSError:
+            continue
+        m = re.match(r"socket:\[(\d+)\]$", target)
+        if m:
+            inodes.append(int(m.group(1)))
+    return inodes
+
+
+class KernelSource:
+    """Loads and reads the tcp_flows programs for one process (default: this one)."""
+
+    def __init__(self, config: Optional[Config] = None, pid: Optional[int] = None) -> None:
+        self._config = config or Config()
+        self._pid = pid or os.getpid()
+        self._obj: Optional[_libbpf.BpfObject] = None
+        self._ring: Optional[_libbpf.RingBuffer] = None
+        self._on_event: Callable[[FlowEvent], None] = lambda e: None
+        self._decode_errors = 0
+        self.variant = ""
+        self.attached: List[str] = []
+
+    # -- Source ----------------------------------------------------------------
+
+    def start(self, on_event: Callable[[FlowEvent], None]) -> None:
+        check_environment()
+        self._on_event = on_event
+        path = verify_object()
+        err: Optional[BpfError] = None
+        for variant in ("tp_btf", "raw_tp"):
+            try:
+                self._open(path, variant)
+                break
+            except BpfError as exc:
+                _log.debug("loading the %s programs failed: %s", variant, exc)
+                self.close()
+                err = exc
+        else:
+            assert err is not None
+            raise err
+        try:
+            self._seed_existing_sockets()
+            self._ring = self._obj.ring_buffer("events", self._on_record)  # type: ignore[union-attr]
+        except BaseException:
+            self.close()
+            raise
+
+    def poll(self, timeout_s: float) -> None:
+        if self._ring is not None:
+            self._ring.poll(int(timeout_s * 1000))
+
+    def sample(self) -> Snapshot:
+        obj = self._require()
+        for event in _records.decode_events(obj.run_iterator(ITERATOR)):
+            self._on_event(event)
+        if self._ring is not None:
+            self._ring.consume()
+        return Snapshot(counters=self._read_counters(), probes=self._read_probe_stats())
+
+    def close(self) -> None:
+        self._ring = None
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+        self.attached = []
+
+    # -- internals ---------------------------------------------------------------
+
+    def _require(self) -> _libbpf.BpfObject:
+        if self._obj is None:
+            raise EbpfFlowsError("the kernel source is not started")
+        return self._obj
+
+    def _open(self, path: str, variant: str) -> None:
+        cfg = self._config
+        obj = _libbpf.BpfObject(path)
+        self._obj = obj
+        st = os.stat("/proc/self/ns/pid")
+        obj.set_globals(
+            ".rodata",
+            {
+                "target_tgid": self._pid,
+                "pidns_dev": st.st_dev,
+                "pidns_ino": st.st_ino,
+                "wakeup_bytes": cfg.ring_buffer_bytes // 4,
+                "rtt_sample_ns": int(cfg.sample_interval * 1e9) - 50_000_000,
+            },
+        )
+        obj.map("socks").set_max_entries(cfg.max_connections)
+        obj.map("flows").set_max_entries(cfg.max_flows + 2)  # + the two overflow keys
+        obj.map("events").set_max_entries(cfg.ring_buffer_bytes)
+        retransmit_has_err = _libbpf.vmlinux_tracepoint_arity("tcp_retransmit_skb") == 3
+        for kind in ("tp_btf", "raw_tp"):
+            for hook in HOOKS:
+                obj.set_autoload(f"{kind}_{hook}", kind == variant)
+            obj.set_autoload(f"{kind}_retransmit_skb_err", kind == variant and retransmit_has_err)
+            if kind == variant and retransmit_has_err:
+                obj.set_autoload(f"{kind}_retransmit_skb", False)
+        obj.load()
+        flows = obj.map("flows")
+        for role in (_records.FLOW_ROLE_CLIENT, _records.FLOW_ROLE_SERVER):
+            flows.update(_records.overflow_key(role), _records.CFlowCounters(), _libbpf.BPF_NOEXIST)
+        attached = []
+        for hook in HOOKS:
+            name = f"{variant}_{hook}"
+            if hook == "retransmit_skb" and retransmit_has_err:
+                name += "_err"
+            obj.attach(name)
+            attached.append(name)
+        self.variant = variant
+        self.attached = attached
+
+    def _seed_existing_sockets(self) -> None:
+        """Adopt the sockets this process already had when the probes attached."""
+        obj = self._require()
+        inodes = own_socket_inodes(self._pid if self._pid != os.getpid() else None)
+        if not inodes:
+            return
+        seeds = obj.map("seeds")
+        one = ctypes.c_uint8(1)
+        for ino in inodes[:4096]:
+            seeds.update(ctypes.c_uint64(ino), one)
+        addr, width = obj.global_address(".bss", "seeding")
+        flag = ctypes.c_uint32.from_address(addr)
+        flag.value = 1
+        try:
+            obj.run_iterator(ITERATOR)
+        finally:
+            flag.value = 0
+            for ino in inodes[:4096]:
+                seeds.delete(ctypes.c_uint64(ino))
+
+    def _on_record(self, data: bytes) -> None:
+        try:
+            event = _records.decode_event(data)
+        except _records.RecordError as exc:
+            self._decode_errors += 1
+            if self._decode_errors == 1:
+                _log.warning("ignoring a malformed kernel record (%s); counted in "
+                             "ebpf_flows.probe.events.lost", exc)
+            return
+        self._on_event(event)
+
+    def _read_counters(self) -> Dict:
+        obj = self._require()
+        out = {}
+        for raw_key, raw_val in obj.map("flows").items(_records.CFlowKey, _records.CFlowCounters):
+            try:
+                key = _records.decode_key(raw_key)
+            except _records.RecordError as exc:
+                self._decode_errors += 1
+                _log.debug("ignoring a malformed flow key: %s", exc)
+                continue
+            out[key] = _records.decode_counters(raw_val)
+        return out
+
+    def _read_probe_stats(self) -> ProbeStats:
+        stats = self._require().map("stats")
+        vals = []
+        for i in range(_records.STAT_MAX):
+            v = ctypes.c_uint64()
+            stats.lookup(ctypes.c_uint32(i), v)
+            vals.append(v.value)
+        return ProbeStats(
+            events_lost={
+                "tcp_flows.events": vals[_records.STAT_EVENTS_LOST],
+                "tcp_flows.syn_wait": vals[_records.STAT_SYN_WAIT_MISSED],
+                "tcp_flows.decode": self._decode_errors,
+            },
+            map_evictions={
+                "tcp_flows.socks": vals[_records.STAT_SOCKS_FULL],
+                "tcp_flows.flows": vals[_records.STAT_FLOWS_FOLDED],
+            },
+        )
+
+
+def monotonic_ns() -> int:
+    """The clock of the kernel's timestamps (bpf_ktime_get_ns)."""
+    return time.monotonic_ns()

@@ -1,0 +1,485 @@
+"""The one boundary with the system libbpf (>= 1.0), through ctypes.
+
+Nothing else in the package touches ctypes or libbpf: this module declares the
+signatures it uses, turns libbpf's NULL/negative-errno results into
+:class:`~otel_ebpf_flows.exceptions.BpfError`, owns object, link and ring-buffer
+lifetimes, and routes libbpf's own log into :mod:`logging`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import threading
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+from .exceptions import BpfError, UnsupportedEnvironment
+
+_log = logging.getLogger("otel_ebpf_flows.libbpf")
+
+_c_void_p = ctypes.c_void_p
+_c_int = ctypes.c_int
+_c_char_p = ctypes.c_char_p
+_c_size_t = ctypes.c_size_t
+_c_u32 = ctypes.c_uint32
+
+BTF_KIND_PTR = 2
+BTF_KIND_TYPEDEF = 8
+BTF_KIND_FUNC_PROTO = 13
+BTF_KIND_DATASEC = 15
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+
+_PRINT_FN = ctypes.CFUNCTYPE(_c_int, _c_int, _c_char_p, _c_void_p)
+_SAMPLE_FN = ctypes.CFUNCTYPE(_c_int, _c_void_p, _c_void_p, _c_size_t)
+
+_LIBBPF_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+
+
+class _BtfType(ctypes.Structure):
+    _fields_ = [("name_off", _c_u32), ("info", _c_u32), ("size_or_type", _c_u32)]
+
+
+class _BtfVarSecinfo(ctypes.Structure):
+    _fields_ = [("type", _c_u32), ("offset", _c_u32), ("size", _c_u32)]
+
+
+class _BtfParam(ctypes.Structure):
+    _fields_ = [("name_off", _c_u32), ("type", _c_u32)]
+
+
+_SIGNATURES: Dict[str, Tuple[object, List[object]]] = {
+    "libbpf_major_version": (_c_u32, []),
+    "libbpf_minor_version": (_c_u32, []),
+    "libbpf_set_print": (_c_void_p, [_c_void_p]),
+    "bpf_object__open_file": (_c_void_p, [_c_char_p, _c_void_p]),
+    "bpf_object__load": (_c_int, [_c_void_p]),
+    "bpf_object__close": (None, [_c_void_p]),
+    "bpf_object__btf": (_c_void_p, [_c_void_p]),
+    "bpf_object__find_map_by_name": (_c_void_p, [_c_void_p, _c_char_p]),
+    "bpf_object__find_program_by_name": (_c_void_p, [_c_void_p, _c_char_p]),
+    "bpf_map__set_max_entries": (_c_int, [_c_void_p, _c_u32]),
+    "bpf_map__fd": (_c_int, [_c_void_p]),
+    "bpf_map__initial_value": (_c_void_p, [_c_void_p, ctypes.POINTER(_c_size_t)]),
+    "bpf_program__set_autoload": (_c_int, [_c_void_p, ctypes.c_bool]),
+    "bpf_program__attach": (_c_void_p, [_c_void_p]),
+    "bpf_program__attach_iter": (_c_void_p, [_c_void_p, _c_void_p]),
+    "bpf_program__fd": (_c_int, [_c_void_p]),
+    "bpf_link__fd": (_c_int, [_c_void_p]),
+    "bpf_link__destroy": (_c_int, [_c_void_p]),
+    "bpf_iter_create": (_c_int, [_c_int]),
+    "bpf_map_lookup_elem": (_c_int, [_c_int, _c_void_p, _c_void_p]),
+    "bpf_map_update_elem": (_c_int, [_c_int, _c_void_p, _c_void_p, ctypes.c_uint64]),
+    "bpf_map_delete_elem": (_c_int, [_c_int, _c_void_p]),
+    "bpf_map_get_next_key": (_c_int, [_c_int, _c_void_p, _c_void_p]),
+    "bpf_map_lookup_batch": (
+        _c_int,
+        [_c_int, _c_void_p, _c_void_p, _c_void_p, _c_void_p, ctypes.POINTER(_c_u32), _c_void_p],
+    ),
+    "ring_buffer__new": (_c_void_p, [_c_int, _c_void_p, _c_void_p, _c_void_p]),
+    "ring_buffer__poll": (_c_int, [_c_void_p, _c_int]),
+    "ring_buffer__consume": (_c_int, [_c_void_p]),
+    "ring_buffer__free": (None, [_c_void_p]),
+    "btf__load_vmlinux_btf": (_c_void_p, []),
+    "btf__free": (None, [_c_void_p]),
+    "btf__find_by_name_kind": (_c_int, [_c_void_p, _c_char_p, _c_u32]),
+    "btf__type_by_id": (ctypes.POINTER(_BtfType), [_c_void_p, _c_u32]),
+    "btf__name_by_offset": (_c_char_p, [_c_void_p, _c_u32]),
+}
+
+_lib: Optional[ctypes.CDLL] = None
+_lib_lock = threading.Lock()
+_print_cb = None  # keeps the ctypes callback alive for the process's lifetime
+
+
+def _format_libbpf(fmt: bytes, args: int) -> str:
+    libc = ctypes.CDLL(None)
+    buf = ctypes.create_string_buffer(1024)
+    libc.vsnprintf.argtypes = [_c_char_p, _c_size_t, _c_char_p, _c_void_p]
+    libc.vsnprintf(buf, len(buf), fmt, args)
+    return buf.value.decode("utf-8", "replace").rstrip()
+
+
+def _on_libbpf_print(level: int, fmt: bytes, args: int) -> int:
+    try:
+        pylevel = _LIBBPF_LEVELS.get(level, logging.DEBUG)
+        if _log.isEnabledFor(pylevel):
+            _log.log(pylevel, "%s", _format_libbpf(fmt, args))
+    except Exception:  # pragma: no cover - a log line must never break libbpf
+        pass
+    return 0
+
+
+def load_library() -> ctypes.CDLL:
+    """The system libbpf, with every signature declared; raises if absent or < 1.0."""
+    global _lib, _print_cb
+    with _lib_lock:
+        if _lib is not None:
+            return _lib
+        name = ctypes.util.find_library("bpf")
+        candidates = [name] if name else []
+        candidates += ["libbpf.so.1", "libbpf.so"]
+        lib = None
+        for candidate in candidates:
+            try:
+                lib = ctypes.CDLL(candidate, use_errno=True)
+                break
+            except OSError:
+                continue
+        if lib is None:
+            raise UnsupportedEnvironment(
+                "the system libbpf was not found; install libbpf 1.0 or newer "
+                "(Debian/Ubuntu: apt-get install libbpf1; Fedora/RHEL: dnf install libbpf)"
+            )
+        if not hasattr(lib, "libbpf_major_version") or not hasattr(lib, "ring_buffer__consume"):
+            raise UnsupportedEnvironment(
+                "the system libbpf is older than 1.0; install libbpf 1.0 or newer"
+            )
+        for func, (restype, argtypes) in _SIGNATURES.items():
+            try:
+                fn = getattr(lib, func)
+            except AttributeError as exc:
+                raise UnsupportedEnvironment(
+                    f"the system libbpf lacks {func}(); install libbpf 1.0 or newer"
+                ) from exc
+            fn.restype = restype
+            fn.argtypes = argtypes
+        if lib.libbpf_major_version() < 1:
+            raise UnsupportedEnvironment(
+                f"the system libbpf is {lib.libbpf_major_version()}.{lib.libbpf_minor_version()}; "
+                "install libbpf 1.0 or newer"
+            )
+        _print_cb = _PRINT_FN(_on_libbpf_print)
+        lib.libbpf_set_print(ctypes.cast(_print_cb, _c_void_p))
+        _lib = lib
+        return lib
+
+
+def libbpf_version() -> str:
+    lib = load_library()
+    return f"{lib.libbpf_major_version()}.{lib.libbpf_minor_version()}"
+
+
+def _err(what: str, code: Optional[int] = None) -> BpfError:
+    code = abs(code) if code else ctypes.get_errno()
+    return BpfError(what, code)
+
+
+def _btf_types(lib: ctypes.CDLL, btf: int, type_id: int) -> Tuple[_BtfType, int]:
+    ptr = lib.btf__type_by_id(btf, type_id)
+    if not ptr:
+        raise BpfError(f"BTF type {type_id} not found", errno.ENOENT)
+    return ptr.contents, ctypes.addressof(ptr.contents)
+
+
+def vmlinux_tracepoint_arity(name: str) -> Optional[int]:
+    """Number of arguments of a tracepoint in the running kernel's BTF, or None."""
+    lib = load_library()
+    btf = lib.btf__load_vmlinux_btf()
+    if not btf:
+        return None
+    try:
+        tid = lib.btf__find_by_name_kind(btf, f"btf_trace_{name}".encode(), BTF_KIND_TYPEDEF)
+        if tid < 0:
+            return None
+        t, _ = _btf_types(lib, btf, tid)
+        ptr, _ = _btf_types(lib, btf, t.size_or_type)
+        if (ptr.info >> 24) & 0x1F != BTF_KIND_PTR:
+            return None
+        proto, _ = _btf_types(lib, btf, ptr.size_or_type)
+        if (proto.info >> 24) & 0x1F != BTF_KIND_FUNC_PROTO:
+            return None
+        return int(proto.info & 0xFFFF) - 1  # the first parameter is the tracepoint's void *
+    finally:
+        lib.btf__free(btf)
+
+
+class Link:
+    """An attached program; detached by :meth:`destroy`."""
+
+    def __init__(self, lib: ctypes.CDLL, ptr: int, name: str) -> None:
+        self._lib = lib
+        self._ptr: Optional[int] = ptr
+        self.name = name
+
+    @property
+    def fd(self) -> int:
+        if self._ptr is None:
+            raise BpfError(f"link {self.name} is destroyed", errno.EBADF)
+        return int(self._lib.bpf_link__fd(self._ptr))
+
+    def destroy(self) -> None:
+        if self._ptr is not None:
+            self._lib.bpf_link__destroy(self._ptr)
+            self._ptr = None
+
+
+class Map:
+    """A map of a loaded object, read and written by fixed-size keys and values."""
+
+    def __init__(self, lib: ctypes.CDLL, ptr: int, name: str) -> None:
+        self._lib = lib
+        self._ptr = ptr
+        self.name = name
+        self._batch_ok = True
+
+    @property
+    def fd(self) -> int:
+        return int(self._lib.bpf_map__fd(self._ptr))
+
+    def set_max_entries(self, n: int) -> None:
+        rc = self._lib.bpf_map__set_max_entries(self._ptr, n)
+        if rc:
+            raise _err(f"cannot size map {self.name} to {n} entries", rc)
+
+    def lookup(self, key: ctypes._CData, value: ctypes._CData) -> bool:
+        rc = self._lib.bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value))
+        if rc == 0:
+            return True
+        if ctypes.get_errno() == errno.ENOENT:
+            return False
+        raise _err(f"lookup in map {self.name}")
+
+    def update(self, key: ctypes._CData, value: ctypes._CData, flags: int = BPF_ANY) -> None:
+        rc = self._lib.bpf_map_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value), flags)
+        if rc:
+            raise _err(f"update of map {self.name}")
+
+    def delete(self, key: ctypes._CData) -> None:
+        rc = self._lib.bpf_map_delete_elem(self.fd, ctypes.byref(key))
+        if rc and ctypes.get_errno() != errno.ENOENT:
+            raise _err(f"delete from map {self.name}")
+
+    def items(self, key_type: type, value_type: type, chunk: int = 256) -> Iterator[Tuple[ctypes._CData, ctypes._CData]]:
+        """Every entry, with batch lookups where the kernel has them."""
+        if self._batch_ok:
+            try:
+                yield from self._items_batch(key_type, value_type, chunk)
+                return
+            except BpfError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._batch_ok = False
+        key = key_type()
+        next_key = key_type()
+        prev = None
+        while True:
+            rc = self._lib.bpf_map_get_next_key(self.fd, prev, ctypes.byref(next_key))
+            if rc:
+                if ctypes.get_errno() == errno.ENOENT:
+                    return
+                raise _err(f"iteration of map {self.name}")
+            ctypes.memmove(ctypes.byref(key), ctypes.byref(next_key), ctypes.sizeof(key_type))
+            value = value_type()
+            if self.lookup(key, value):
+                out_key = key_type()
+                ctypes.memmove(ctypes.byref(out_key), ctypes.byref(key), ctypes.sizeof(key_type))
+                yield out_key, value
+            prev = ctypes.byref(key)
+
+    def _items_batch(self, key_type: type, value_type: type, chunk: int) -> Iterator[Tuple[ctypes._CData, ctypes._CData]]:
+        keys = (key_type * chunk)()
+        values = (value_type * chunk)()
+        in_batch = ctypes.c_uint64(0)
+        out_batch = ctypes.c_uint64(0)
+        first = True
+        while True:
+            count = _c_u32(chunk)
+            rc = self._lib.bpf_map_lookup_batch(
+                self.fd,
+                None if first else ctypes.byref(in_batch),
+                ctypes.byref(out_batch),
+                keys,
+                values,
+                ctypes.byref(count),
+                None,
+            )
+            err = ctypes.get_errno() if rc else 0
+            if rc and err != errno.ENOENT:
+                raise _err(f"batch lookup in map {self.name}", err)
+            for i in range(count.value):
+                yield keys[i], values[i]
+            if rc:  # ENOENT: that was the last batch
+                return
+            in_batch.value = out_batch.value
+            first = False
+
+
+class RingBuffer:
+    """libbpf's ring-buffer consumer; ``on_record`` gets each record's bytes."""
+
+    def __init__(self, lib: ctypes.CDLL, map_fd: int, on_record: Callable[[bytes], None]) -> None:
+        self._lib = lib
+        self._on_record = on_record
+
+        def _sample(_ctx: int, data: int, size: int) -> int:
+            try:
+                self._on_record(ctypes.string_at(data, size))
+            except Exception:  # never propagate into libbpf
+                _log.exception("dropping a kernel record that could not be handled")
+            return 0
+
+        self._cb = _SAMPLE_FN(_sample)
+        ptr = lib.ring_buffer__new(map_fd, ctypes.cast(self._cb, _c_void_p), None, None)
+        if not ptr:
+            raise _err("cannot create the ring-buffer consumer")
+        self._ptr: Optional[int] = ptr
+
+    def poll(self, timeout_ms: int) -> int:
+        if self._ptr is None:
+            return 0
+        rc = self._lib.ring_buffer__poll(self._ptr, timeout_ms)
+        if rc < 0 and -rc != errno.EINTR:
+            raise _err("ring-buffer poll", rc)
+        return max(rc, 0)
+
+    def consume(self) -> int:
+        if self._ptr is None:
+            return 0
+        rc = self._lib.ring_buffer__consume(self._ptr)
+        if rc < 0 and -rc != errno.EINTR:
+            raise _err("ring-buffer consume", rc)
+        return max(rc, 0)
+
+    def free(self) -> None:
+        if self._ptr is not None:
+            self._lib.ring_buffer__free(self._ptr)
+            self._ptr = None
+
+
+class BpfObject:
+    """An opened (then loaded) BPF object file, and everything created from it."""
+
+    def __init__(self, path: str) -> None:
+        self._lib = load_library()
+        ptr = self._lib.bpf_object__open_file(os.fsencode(path), None)
+        if not ptr:
+            raise _err(f"cannot open BPF object {path}")
+        self._ptr: Optional[int] = ptr
+        self._links: List[Link] = []
+        self._rings: List[RingBuffer] = []
+        self.path = path
+
+    # -- before load --------------------------------------------------------------
+
+    def _section_vars(self, section: str) -> Dict[str, Tuple[int, int]]:
+        lib = self._lib
+        btf = lib.bpf_object__btf(self._ptr)
+        if not btf:
+            raise BpfError(f"{self.path} carries no BTF", errno.ENOENT)
+        sid = lib.btf__find_by_name_kind(btf, section.encode(), BTF_KIND_DATASEC)
+        if sid < 0:
+            raise BpfError(f"{self.path} has no {section} section", errno.ENOENT)
+        sec, addr = _btf_types(lib, btf, sid)
+        out: Dict[str, Tuple[int, int]] = {}
+        infos = (_BtfVarSecinfo * (sec.info & 0xFFFF)).from_address(addr + ctypes.sizeof(_BtfType))
+        for info in infos:
+            var, _ = _btf_types(lib, btf, info.type)
+            name = lib.btf__name_by_offset(btf, var.name_off).decode()
+            out[name] = (info.offset, info.size)
+        return out
+
+    def _section_data(self, section: str) -> Tuple[int, int]:
+        m = self._map_ptr(section)
+        size = _c_size_t(0)
+        data = self._lib.bpf_map__initial_value(m, ctypes.byref(size))
+        if not data:
+            raise BpfError(f"no data for section {section}", errno.ENOENT)
+        return data, size.value
+
+    def set_globals(self, section: str, values: Dict[str, int]) -> None:
+        """Write integer globals (``const volatile`` ones in .rodata before load)."""
+        layout = self._section_vars(section)
+        data, size = self._section_data(section)
+        for name, value in values.items():
+            if name not in layout:
+                raise BpfError(f"{self.path} has no global {name} in {section}", errno.ENOENT)
+            offset, width = layout[name]
+            if offset + width > size:
+                raise BpfError(f"global {name} lies outside {section}", errno.EINVAL)
+            ctypes.memmove(data + offset, int(value).to_bytes(width, "little"), width)
+
+    def global_address(self, section: str, name: str) -> Tuple[int, int]:
+        """Address and width of a global in a mmaped section (.bss) after load."""
+        offset, width = self._section_vars(section)[name]
+        data, _ = self._section_data(section)
+        return data + offset, width
+
+    def _map_ptr(self, name: str) -> int:
+        ptr = self._lib.bpf_object__find_map_by_name(self._ptr, name.encode())
+        if not ptr:
+            raise BpfError(f"{self.path} has no map {name}", errno.ENOENT)
+        return int(ptr)
+
+    def map(self, name: str) -> Map:
+        return Map(self._lib, self._map_ptr(name), name)
+
+    def _prog_ptr(self, name: str) -> int:
+        ptr = self._lib.bpf_object__find_program_by_name(self._ptr, name.encode())
+        if not ptr:
+            raise BpfError(f"{self.path} has no program {name}", errno.ENOENT)
+        return int(ptr)
+
+    def set_autoload(self, name: str, autoload: bool) -> None:
+        rc = self._lib.bpf_program__set_autoload(self._prog_ptr(name), autoload)
+        if rc:
+            raise _err(f"cannot set autoload of {name}", rc)
+
+    def load(self) -> None:
+        rc = self._lib.bpf_object__load(self._ptr)
+        if rc:
+            raise _err(f"the kernel refused to load {os.path.basename(self.path)}", rc)
+
+    # -- after load ---------------------------------------------------------------
+
+    def attach(self, name: str) -> Link:
+        ptr = self._lib.bpf_program__attach(self._prog_ptr(name))
+        if not ptr:
+            raise _err(f"cannot attach {name}")
+        link = Link(self._lib, ptr, name)
+        self._links.append(link)
+        return link
+
+    def run_iterator(self, name: str) -> bytes:
+        """Run an iterator program once and return everything it wrote."""
+        ptr = self._lib.bpf_program__attach_iter(self._prog_ptr(name), None)
+        if not ptr:
+            raise _err(f"cannot attach iterator {name}")
+        link = Link(self._lib, ptr, name)
+        try:
+            fd = self._lib.bpf_iter_create(link.fd)
+            if fd < 0:
+                raise _err(f"cannot create iterator {name}", fd)
+            chunks = []
+            try:
+                while True:
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+            finally:
+                os.close(fd)
+            return b"".join(chunks)
+        finally:
+            link.destroy()
+
+    def ring_buffer(self, map_name: str, on_record: Callable[[bytes], None]) -> RingBuffer:
+        rb = RingBuffer(self._lib, self.map(map_name).fd, on_record)
+        self._rings.append(rb)
+        return rb
+
+    def close(self) -> None:
+        """Detach every link, free every ring buffer, close the object (maps, programs)."""
+        for rb in self._rings:
+            rb.free()
+        self._rings.clear()
+        for link in reversed(self._links):
+            link.destroy()
+        self._links.clear()
+        if self._ptr is not None:
+            self._lib.bpf_object__close(self._ptr)
+            self._ptr = None

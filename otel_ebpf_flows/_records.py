@@ -1,0 +1,195 @@
+"""The kernel's records, mirrored once from ``bpf/tcp_flows.h``, and their decoding.
+
+The ctypes mirrors are checked against the BTF of the shipped object by
+``tests/unit/test_records.py`` so the two sides cannot drift. Decoding turns raw
+bytes into the frozen value types of :mod:`otel_ebpf_flows._source`, and rejects
+what cannot be a record (wrong size, unknown kind, bad family) with
+:class:`RecordError` instead of guessing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+from typing import Dict, Tuple
+
+from ._source import (
+    CLOSE_REASONS,
+    CONNECT_ERRORS,
+    Counters,
+    FlowEvent,
+    FlowKey,
+    Role,
+)
+from .exceptions import EbpfFlowsError
+
+FLOW_ROLE_CLIENT = 1
+FLOW_ROLE_SERVER = 2
+FLOW_FAMILY_IPV4 = 4
+FLOW_FAMILY_IPV6 = 6
+FLOW_FAMILY_OVERFLOW = 0
+
+CONN_ERR_MAX = 6
+CLOSE_MAX = 5
+
+FLOW_EVENT_HANDSHAKE = 1
+FLOW_EVENT_CLOSE = 2
+FLOW_EVENT_RTT = 3
+
+STAT_EVENTS_LOST = 0
+STAT_SOCKS_FULL = 1
+STAT_FLOWS_FOLDED = 2
+STAT_SYN_WAIT_MISSED = 3
+STAT_MAX = 4
+
+_U64 = ctypes.c_uint64
+
+
+class RecordError(EbpfFlowsError, ValueError):
+    """Bytes from the kernel that are not a valid record."""
+
+
+class CFlowKey(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+        ("port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("role", ctypes.c_uint8),
+    ]
+
+
+class CFlowCounters(ctypes.Structure):
+    _fields_ = [
+        ("attempts_ok", _U64),
+        ("attempts_failed", _U64 * CONN_ERR_MAX),
+        ("adopted", _U64),
+        ("closed", _U64),
+        ("closes", _U64 * CLOSE_MAX),
+        ("retrans_segs", _U64),
+        ("bytes_acked", _U64),
+        ("bytes_received", _U64),
+        ("resets_sent", _U64),
+        ("resets_received", _U64),
+        ("zero_window_rx", _U64),
+        ("zero_window_tx", _U64),
+        ("wscale_disabled", _U64),
+        ("listen_overflows", _U64),
+    ]
+
+
+class CFlowEvent(ctypes.Structure):
+    _fields_ = [
+        ("key", CFlowKey),
+        ("kind", ctypes.c_uint8),
+        ("reason", ctypes.c_uint8),
+        ("__pad0", ctypes.c_uint16),
+        ("srtt_us", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("ts_ns", _U64),
+        ("duration_ns", _U64),
+        ("conn_id", _U64),
+    ]
+
+
+# name -> (ctypes mirror, C struct name) for the BTF cross-check
+MIRRORS: Dict[str, Tuple[type, str]] = {
+    "flow_key": (CFlowKey, "flow_key"),
+    "flow_counters": (CFlowCounters, "flow_counters"),
+    "flow_event": (CFlowEvent, "flow_event"),
+}
+
+_V4_PREFIX = bytes(10) + b"\xff\xff"
+
+_EVENT_KINDS = {
+    FLOW_EVENT_HANDSHAKE: "handshake",
+    FLOW_EVENT_CLOSE: "close",
+    FLOW_EVENT_RTT: "rtt",
+}
+
+
+def overflow_key(role: int) -> CFlowKey:
+    """The reserved key the kernel counts into once the flows map is full."""
+    key = CFlowKey()
+    key.family = FLOW_FAMILY_OVERFLOW
+    key.role = role
+    return key
+
+
+def decode_key(raw: CFlowKey) -> FlowKey:
+    if raw.role == FLOW_ROLE_CLIENT:
+        role = Role.CLIENT
+    elif raw.role == FLOW_ROLE_SERVER:
+        role = Role.SERVER
+    else:
+        raise RecordError(f"flow key with unknown role {raw.role}")
+    addr = bytes(raw.addr)
+    if raw.family == FLOW_FAMILY_OVERFLOW:
+        if raw.port == 0:  # what no longer fitted in the kernel's map
+            return FlowKey(role=role, address=None, port=0, family="")
+        if role is not Role.SERVER or any(addr):
+            raise RecordError("listener key with a peer address or a client role")
+        return FlowKey(role=role, address="", port=raw.port, family="")
+    if raw.family == FLOW_FAMILY_IPV4:
+        if not addr.startswith(_V4_PREFIX):
+            raise RecordError("IPv4 flow key without an IPv4-mapped address")
+        text = str(ipaddress.IPv4Address(addr[12:]))
+        family = "ipv4"
+    elif raw.family == FLOW_FAMILY_IPV6:
+        text = str(ipaddress.IPv6Address(addr))
+        family = "ipv6"
+    else:
+        raise RecordError(f"flow key with unknown family {raw.family}")
+    return FlowKey(role=role, address=text, port=raw.port, family=family)
+
+
+def decode_counters(raw: CFlowCounters) -> Counters:
+    return Counters(
+        attempts_ok=raw.attempts_ok,
+        attempts_failed=dict(zip(CONNECT_ERRORS, (int(v) for v in raw.attempts_failed))),
+        established=raw.attempts_ok + raw.adopted,
+        closed=raw.closed,
+        closes=dict(zip(CLOSE_REASONS, (int(v) for v in raw.closes))),
+        retransmits=raw.retrans_segs,
+        bytes_transmitted=raw.bytes_acked,
+        bytes_received=raw.bytes_received,
+        resets_sent=raw.resets_sent,
+        resets_received=raw.resets_received,
+        zero_window_receive=raw.zero_window_rx,
+        zero_window_transmit=raw.zero_window_tx,
+        window_scaling_disabled=raw.wscale_disabled,
+        listen_overflows=raw.listen_overflows,
+    )
+
+
+EVENT_SIZE = ctypes.sizeof(CFlowEvent)
+
+
+def decode_event(data: bytes) -> FlowEvent:
+    if len(data) != EVENT_SIZE:
+        raise RecordError(f"flow event of {len(data)} bytes, expected {EVENT_SIZE}")
+    raw = CFlowEvent.from_buffer_copy(data)
+    kind = _EVENT_KINDS.get(raw.kind)
+    if kind is None:
+        raise RecordError(f"flow event of unknown kind {raw.kind}")
+    reason = None
+    if kind == "close":
+        if raw.reason >= len(CLOSE_REASONS):
+            raise RecordError(f"close event with unknown reason {raw.reason}")
+        reason = CLOSE_REASONS[raw.reason]
+    return FlowEvent(
+        kind=kind,
+        key=decode_key(raw.key),
+        ts_ns=raw.ts_ns,
+        duration_s=raw.duration_ns / 1e9,
+        srtt_s=raw.srtt_us / 1e6 if raw.srtt_us else None,
+        close_reason=reason,
+        tid=raw.tid,
+        conn_id=raw.conn_id,
+    )
+
+
+def decode_events(data: bytes) -> list:
+    """Records written back to back (the iterator's output)."""
+    if len(data) % EVENT_SIZE:
+        raise RecordError(f"{len(data)} bytes is not a whole number of flow events")
+    return [decode_event(data[i : i + EVENT_SIZE]) for i in range(0, len(data), EVENT_SIZE)]
