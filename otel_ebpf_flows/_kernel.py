@@ -165,8 +165,11 @@ class KernelSource:
             raise
 
     def poll(self, timeout_s: float) -> None:
+        # Records are submitted without a wakeup (only a filling buffer wakes
+        # us), so poll() mostly just sleeps; consume() then reads what is there.
         if self._ring is not None:
             self._ring.poll(int(timeout_s * 1000))
+            self._ring.consume()
 
     def sample(self) -> Snapshot:
         obj = self._require()

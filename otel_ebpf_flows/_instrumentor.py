@@ -1,0 +1,85 @@
+"""``EbpfFlowsInstrumentor``: the kernel's TCP view of this process, on its own MeterProvider.
+
+It is an OpenTelemetry ``BaseInstrumentor`` registered as the ``ebpf_flows``
+entry point, so ``opentelemetry-instrument python app.py`` loads it, and
+``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=ebpf_flows`` turns it off.
+``instrument()`` never raises into the application: where eBPF cannot be used it
+logs one warning that names what is missing and how to fix it, and does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Collection, Dict, Optional
+
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from opentelemetry.metrics import MeterProvider, get_meter
+
+from ._config import load_config
+from ._kernel import KernelSource
+from ._telemetry import Instruments, Pipeline
+from .exceptions import EbpfFlowsError
+from .version import __version__
+
+_log = logging.getLogger("otel_ebpf_flows")
+
+SCOPE_NAME = "otel_ebpf_flows"
+
+
+class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """Kernel TCP metrics for this process's connections.
+
+    ``instrument(meter_provider=None, tracer_provider=None, **config)`` where each
+    configuration keyword (``max_peers``, ``max_connections``, ``max_flows``,
+    ``ring_buffer_bytes``, ``poll_interval``, ``sample_interval``) can also be set
+    by its ``OTEL_PYTHON_EBPF_FLOWS_*`` variable.
+    """
+
+    _lock = threading.Lock()
+    _pipeline: Optional[Pipeline] = None
+    _instruments: Dict[int, Instruments] = {}
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ()
+
+    @property
+    def pipeline(self) -> Optional[Pipeline]:
+        """The running reader, or None when not instrumented (or a no-op)."""
+        return type(self)._pipeline
+
+    def _instrument(self, **kwargs: Any) -> None:
+        cls = type(self)
+        try:
+            meter_provider: Optional[MeterProvider] = kwargs.pop("meter_provider", None)
+            kwargs.pop("tracer_provider", None)  # span enrichment: not yet
+            config = load_config(kwargs)
+            meter = get_meter(SCOPE_NAME, __version__, meter_provider)
+            with cls._lock:
+                instruments = cls._instruments.get(id(meter))
+                if instruments is None:
+                    instruments = Instruments(meter, lambda: cls._pipeline)
+                    cls._instruments[id(meter)] = instruments
+            pipeline = Pipeline(
+                KernelSource(config), instruments, config.max_peers,
+                config.poll_interval, config.sample_interval,
+            )
+            pipeline.start()
+            cls._pipeline = pipeline
+            source = pipeline.source
+            _log.info("otel-ebpf-flows: kernel TCP telemetry on (%s programs)",
+                      getattr(source, "variant", "?"))
+        except EbpfFlowsError as exc:
+            _log.warning("otel-ebpf-flows: kernel TCP telemetry is off: %s", exc)
+        except Exception:
+            _log.warning("otel-ebpf-flows: kernel TCP telemetry is off after an unexpected error",
+                         exc_info=True)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        cls = type(self)
+        pipeline, cls._pipeline = cls._pipeline, None
+        if pipeline is not None:
+            try:
+                pipeline.stop()
+            except Exception:
+                _log.warning("otel-ebpf-flows: error while detaching", exc_info=True)

@@ -1,0 +1,332 @@
+"""How kernel data becomes OpenTelemetry metrics.
+
+:class:`Aggregator` turns a :class:`~otel_ebpf_flows._source.Source`'s cumulative
+per-peer counters into monotonic per-series totals (a counter never goes down,
+whatever the kernel's maps do) and applies the per-metric peer cap, folding
+peers past it into ``network.peer.address=_OTHER``. :class:`Instruments` owns the
+contract's instruments on the application's meter; observable callbacks are
+short generators over the aggregator's last snapshot, and histograms are
+recorded by the one reader thread of :class:`Pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from ._source import CLOSE_REASONS, CONNECT_ERRORS, Counters, FlowEvent, FlowKey, Role, Snapshot, Source
+
+_log = logging.getLogger("otel_ebpf_flows")
+
+OTHER = "_OTHER"
+
+# Metric names (the public contract).
+ATTEMPTS = "ebpf_flows.tcp.connection.attempts"
+HANDSHAKE = "ebpf_flows.tcp.handshake.duration"
+RETRANSMITS = "ebpf_flows.tcp.retransmits"
+RTT = "ebpf_flows.tcp.rtt"
+IO = "ebpf_flows.tcp.io"
+RESETS = "ebpf_flows.tcp.resets"
+CLOSES = "ebpf_flows.tcp.connection.closes"
+DURATION = "ebpf_flows.tcp.connection.duration"
+ACTIVE = "ebpf_flows.tcp.connections.active"
+ZERO_WINDOW = "ebpf_flows.tcp.zero_window.events"
+WSCALE_DISABLED = "ebpf_flows.tcp.window_scaling.disabled"
+LISTEN_OVERFLOWS = "ebpf_flows.tcp.listen.overflows"
+EVENTS_LOST = "ebpf_flows.probe.events.lost"
+MAP_EVICTIONS = "ebpf_flows.probe.map.evictions"
+
+# Attribute keys.
+NETWORK_TRANSPORT = "network.transport"
+NETWORK_TYPE = "network.type"
+PEER_ADDRESS = "network.peer.address"
+PEER_PORT = "network.peer.port"
+LOCAL_PORT = "network.local.port"
+ROLE = "ebpf_flows.tcp.role"
+ERROR_TYPE = "error.type"
+DIRECTION = "network.io.direction"
+CLOSE_REASON = "ebpf_flows.tcp.close.reason"
+PROBE_NAME = "ebpf_flows.probe.name"
+
+# Bucket advice: sub-millisecond for loopback/datacenter, and brackets around the
+# 1 s / 3 s / 7 s SYN retransmission marks.
+HANDSHAKE_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 0.9, 1.1, 2.0, 2.9, 3.1, 5.0, 6.9, 7.1, 15.0, 31.0,
+)
+RTT_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
+DURATION_BUCKETS = (
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+)
+
+# counter metric -> [(counter field, extra attributes)]; a dict field is split by its keys
+_FIELDS: Dict[str, List[Tuple[str, Tuple[Tuple[str, str], ...]]]] = {
+    ATTEMPTS: [("attempts_ok", ())]
+    + [(f"attempts_failed.{e}", ((ERROR_TYPE, e),)) for e in CONNECT_ERRORS],
+    RETRANSMITS: [("retransmits", ())],
+    IO: [("bytes_transmitted", ((DIRECTION, "transmit"),)), ("bytes_received", ((DIRECTION, "receive"),))],
+    RESETS: [("resets_sent", ((DIRECTION, "transmit"),)), ("resets_received", ((DIRECTION, "receive"),))],
+    CLOSES: [(f"closes.{r}", ((CLOSE_REASON, r),)) for r in CLOSE_REASONS],
+    ZERO_WINDOW: [
+        ("zero_window_receive", ((DIRECTION, "receive"),)),
+        ("zero_window_transmit", ((DIRECTION, "transmit"),)),
+    ],
+    WSCALE_DISABLED: [("window_scaling_disabled", ())],
+    LISTEN_OVERFLOWS: [("listen_overflows", ())],
+}
+
+Attrs = FrozenSet[Tuple[str, Any]]
+
+
+def _field(counters: Counters, path: str) -> int:
+    name, _, sub = path.partition(".")
+    value = getattr(counters, name)
+    return int(value[sub]) if sub else int(value)
+
+
+class PeerTable:
+    """The first ``cap`` distinct peers of one metric keep their address."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._admitted: set = set()
+        self._lock = threading.Lock()
+
+    def address(self, address: str) -> str:
+        with self._lock:
+            if address in self._admitted:
+                return address
+            if len(self._admitted) < self._cap:
+                self._admitted.add(address)
+                return address
+            return OTHER
+
+
+def series_attributes(key: FlowKey, address: str) -> Dict[str, Any]:
+    """The contract's common attributes for a flow key whose address was capped to ``address``."""
+    attrs: Dict[str, Any] = {NETWORK_TRANSPORT: "tcp", ROLE: key.role.value, PEER_ADDRESS: address}
+    if key.family:
+        attrs[NETWORK_TYPE] = key.family
+    if key.address is None:  # the kernel's overflow series: no port is known
+        return attrs
+    if key.role is Role.CLIENT:
+        attrs[PEER_PORT] = key.port
+    else:
+        attrs[LOCAL_PORT] = key.port
+    return attrs
+
+
+class Aggregator:
+    """Monotonic per-series totals from cumulative per-key kernel counters."""
+
+    def __init__(self, max_peers: int) -> None:
+        self._peers: Dict[str, PeerTable] = {}
+        self._max_peers = max_peers
+        self._last: Dict[FlowKey, Counters] = {}
+        self._totals: Dict[str, Dict[Attrs, int]] = {name: {} for name in _FIELDS}
+        self._active: Dict[Attrs, int] = {}
+        self._probes: Dict[str, Dict[str, int]] = {EVENTS_LOST: {}, MAP_EVICTIONS: {}}
+        self._lock = threading.Lock()
+
+    def peers(self, metric: str) -> PeerTable:
+        table = self._peers.get(metric)
+        if table is None:
+            table = self._peers.setdefault(metric, PeerTable(self._max_peers))
+        return table
+
+    def attributes(self, metric: str, key: FlowKey) -> Dict[str, Any]:
+        if metric == LISTEN_OVERFLOWS:
+            return {LOCAL_PORT: key.port}
+        address = OTHER if key.address is None else self.peers(metric).address(key.address)
+        return series_attributes(key, address)
+
+    def update(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            for key, now in snapshot.counters.items():
+                before = self._last.get(key)
+                self._last[key] = now
+                listener = key.address == ""
+                for metric, fields in _FIELDS.items():
+                    if listener != (metric == LISTEN_OVERFLOWS):
+                        continue
+                    for path, extra in fields:
+                        delta = _delta(_field(now, path), None if before is None else _field(before, path))
+                        if delta:
+                            attrs = self.attributes(metric, key)
+                            attrs.update(extra)
+                            series = frozenset(attrs.items())
+                            totals = self._totals[metric]
+                            totals[series] = totals.get(series, 0) + delta
+                if not listener:
+                    d_est = _delta(now.established, None if before is None else before.established)
+                    d_closed = _delta(now.closed, None if before is None else before.closed)
+                    if d_est or d_closed:
+                        series = frozenset(self.attributes(ACTIVE, key).items())
+                        self._active[series] = self._active.get(series, 0) + d_est - d_closed
+            for metric, values in ((EVENTS_LOST, snapshot.probes.events_lost),
+                                   (MAP_EVICTIONS, snapshot.probes.map_evictions)):
+                seen = self._probes[metric]
+                for name, value in values.items():
+                    seen[name] = max(seen.get(name, 0), int(value))
+
+    def observations(self, metric: str) -> List[Tuple[int, Dict[str, Any]]]:
+        with self._lock:
+            if metric == ACTIVE:
+                return [(v, dict(s)) for s, v in self._active.items()]
+            if metric in self._probes:
+                return [(v, {PROBE_NAME: n}) for n, v in sorted(self._probes[metric].items())]
+            return [(v, dict(s)) for s, v in self._totals[metric].items()]
+
+
+def _delta(now: int, before: Optional[int]) -> int:
+    """Growth of a kernel counter; a counter that restarted lower grew by its value."""
+    if before is None or now < before:
+        return now
+    return now - before
+
+
+class Instruments:
+    """The contract's instruments on one meter, created once per meter and reused."""
+
+    def __init__(self, meter: Meter, current: Callable[[], Optional["Pipeline"]]) -> None:
+        self._current = current
+        self.handshake = meter.create_histogram(
+            HANDSHAKE, unit="s",
+            description="TCP connection establishment time: SYN sent -> ESTABLISHED (client), "
+            "SYN received -> ESTABLISHED (server)",
+            explicit_bucket_boundaries_advisory=list(HANDSHAKE_BUCKETS),
+        )
+        self.rtt = meter.create_histogram(
+            RTT, unit="s", description="Smoothed round-trip time of TCP connections",
+            explicit_bucket_boundaries_advisory=list(RTT_BUCKETS),
+        )
+        self.duration = meter.create_histogram(
+            DURATION, unit="s", description="Lifetime of closed TCP connections (ESTABLISHED -> CLOSE)",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        )
+        counters = [
+            (ATTEMPTS, "{connection}", "TCP connection attempts (client) and completed handshakes (server)"),
+            (RETRANSMITS, "{segment}", "TCP segments retransmitted, SYN and SYN-ACK included"),
+            (IO, "By", "TCP payload bytes acknowledged by the peer (transmit) or received (receive)"),
+            (RESETS, "{segment}", "TCP RST segments sent (transmit) and received (receive)"),
+            (CLOSES, "{connection}", "Closed TCP connections by close reason"),
+            (ZERO_WINDOW, "{event}", "TCP zero-window advertisements: by the peer (receive) or by us (transmit)"),
+            (WSCALE_DISABLED, "{connection}", "Established TCP connections without window scaling"),
+            (LISTEN_OVERFLOWS, "{connection}", "Connection requests dropped because a listen queue was full"),
+            (EVENTS_LOST, "{event}", "Kernel events that could not be handed to user space"),
+            (MAP_EVICTIONS, "{entry}", "Kernel map entries that could not be kept apart"),
+        ]
+        for name, unit, description in counters:
+            meter.create_observable_counter(name, [self._callback(name)], unit=unit, description=description)
+        meter.create_observable_up_down_counter(
+            ACTIVE, [self._callback(ACTIVE)], unit="{connection}", description="TCP connections established now"
+        )
+
+    def _callback(self, metric: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(_options: CallbackOptions) -> Iterator[Observation]:
+            pipeline = self._current()
+            if pipeline is None:
+                return
+            try:
+                pipeline.refresh()
+                rows = pipeline.aggregator.observations(metric)
+            except Exception:  # a callback never raises into the SDK's export thread
+                _log.debug("collecting %s failed", metric, exc_info=True)
+                return
+            for value, attrs in rows:
+                yield Observation(value, attrs)
+
+        return callback
+
+    def record(self, aggregator: Aggregator, event: FlowEvent) -> None:
+        if event.kind == "handshake":
+            self.handshake.record(event.duration_s, aggregator.attributes(HANDSHAKE, event.key))
+        elif event.kind == "close":
+            self.duration.record(event.duration_s, aggregator.attributes(DURATION, event.key))
+            if event.srtt_s is not None:
+                self.rtt.record(event.srtt_s, aggregator.attributes(RTT, event.key))
+        elif event.kind == "rtt" and event.srtt_s is not None:
+            self.rtt.record(event.srtt_s, aggregator.attributes(RTT, event.key))
+
+
+class Pipeline:
+    """The reader thread: drains the source's events, samples it, feeds the aggregator."""
+
+    FRESH_S = 0.2
+
+    def __init__(self, source: Source, instruments: Instruments, max_peers: int,
+                 poll_interval: float, sample_interval: float) -> None:
+        self.source = source
+        self.aggregator = Aggregator(max_peers)
+        self._instruments = instruments
+        self._poll_interval = poll_interval
+        self._sample_interval = sample_interval
+        self._stop = threading.Event()
+        self._wanted = threading.Event()
+        self._sampled = threading.Condition()
+        self._sampled_at = 0.0
+        self._thread: Optional[threading.Thread] = None
+        self._errors = 0
+
+    def start(self) -> None:
+        self.source.start(self._on_event)
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="otel-ebpf-flows-reader", daemon=True)
+        self._thread.start()
+
+    def _on_event(self, event: FlowEvent) -> None:
+        self._instruments.record(self.aggregator, event)
+
+    def _sample(self) -> None:
+        snapshot = self.source.sample()
+        self.aggregator.update(snapshot)
+        with self._sampled:
+            self._sampled_at = time.monotonic()
+            self._sampled.notify_all()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.source.poll(self._poll_interval)
+                if self._wanted.is_set() or time.monotonic() - self._sampled_at >= self._sample_interval:
+                    self._wanted.clear()
+                    self._sample()
+                self._errors = 0
+            except Exception:
+                self._errors += 1
+                if self._errors == 1:
+                    _log.warning("reading kernel TCP data failed; retrying", exc_info=True)
+                self._stop.wait(min(5.0, self._poll_interval * 2 ** min(self._errors, 6)))
+
+    def refresh(self, timeout: float = 0.5) -> None:
+        """Make the aggregator at most FRESH_S old (called by metric callbacks)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or threading.current_thread() is thread:
+            return
+        with self._sampled:
+            if time.monotonic() - self._sampled_at < self.FRESH_S:
+                return
+            self._wanted.set()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() - self._sampled_at >= self.FRESH_S:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._sampled.wait(left)
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+            if thread.is_alive():  # never free kernel objects under a running reader
+                _log.warning("the otel-ebpf-flows reader thread did not stop; leaving its probes attached")
+                return
+        self.source.close()
