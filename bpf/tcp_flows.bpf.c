@@ -24,6 +24,7 @@
  *   events     ring buffer of flow_event, woken only past wakeup_bytes
  *   stats      probe_stat -> count (self-telemetry)
  *   seeds      socket inode -> 1: this process's sockets at load, for adoption
+ *   control    [0] = 1 while user space runs the adoption pass
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -36,6 +37,7 @@
 #define AF_INET6 10
 #define IPPROTO_TCP 6
 
+#define EBUSY 16
 #define ECONNRESET 104
 #define ENETUNREACH 101
 #define ETIMEDOUT 110
@@ -58,9 +60,6 @@ const volatile __u64 pidns_dev = 0;
 const volatile __u64 pidns_ino = 0;
 const volatile __u64 wakeup_bytes = 65536;
 const volatile __u64 rtt_sample_ns = 5000000000ULL;
-
-/* Toggled by user space at run time (mmaped .bss). */
-__u32 seeding = 0;
 
 __u64 next_conn_id = 0;
 
@@ -128,6 +127,17 @@ struct {
 	__type(key, __u64);
 	__type(value, __u8);
 } seeds SEC(".maps");
+
+/* Keeps struct flow_event in the object's BTF (ring-buffer records are not
+ * otherwise described) so tests can check user space's mirror against it. */
+struct flow_event *unused_flow_event __attribute__((unused));
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} control SEC(".maps");
 
 static const struct flow_counters zero_counters;
 static const struct sock_state zero_state;
@@ -517,7 +527,10 @@ static __always_inline int handle_retransmit(const struct sock *sk, const struct
 	struct sock_state *st;
 	__u32 segs;
 
-	if (err)
+	/* The kernel counts a retransmit in RetransSegs and tcpi_total_retrans
+	 * even when sending it fails, except when the original is still in the
+	 * host queue (-EBUSY): count exactly what it counts. */
+	if (err == -EBUSY)
 		return 0;
 	st = bpf_map_lookup_elem(&socks, &skp);
 	if (!st)
@@ -584,8 +597,10 @@ static __always_inline int handle_probe(const struct sock *sk, const struct sk_b
 	data = BPF_CORE_READ(skb, data);
 	if (bpf_probe_read_kernel(&th, sizeof(th), data))
 		return 0;
+	/* The peer's window: this segment's, or (for a window the peer advertised
+	 * in a segment coalesced away) the one the socket last recorded. */
 	if (!(bpf_ntohs(th.flags) & TCP_FLAG_RST)) {
-		if (th.window == 0) {
+		if (th.window == 0 || BPF_CORE_READ((const struct tcp_sock *)sk, snd_wnd) == 0) {
 			if (!(st->flags & SF_PEER_ZERO_WIN)) {
 				st->flags |= SF_PEER_ZERO_WIN;
 				COUNT(&st->key, zero_window_rx, 1);
@@ -666,7 +681,10 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		struct flow_key key;
 		int state;
 
-		if (!seeding)
+		__u32 zero = 0;
+		__u32 *seeding = bpf_map_lookup_elem(&control, &zero);
+
+		if (!seeding || !*seeding)
 			return 0;
 		sock = sk->sk_socket;
 		if (sock && sock->file && sock->file->f_inode)

@@ -5,9 +5,8 @@
     from otel_ebpf_flows import EbpfFlowsInstrumentor
     EbpfFlowsInstrumentor().instrument()     # on the global MeterProvider
 
-or, with no code change, ``opentelemetry-instrument python app.py``. See
-``docs/metrics.md`` for every metric and ``otel-ebpf-flows doctor`` for what
-this host supports.
+or, with no code change, ``opentelemetry-instrument python app.py``. The README
+lists every metric; ``otel-ebpf-flows doctor`` says what this host supports.
 """
 
 from ._config import Config

@@ -29,30 +29,40 @@ ENV_POLL_INTERVAL = "OTEL_PYTHON_EBPF_FLOWS_POLL_INTERVAL"
 ENV_SAMPLE_INTERVAL = "OTEL_PYTHON_EBPF_FLOWS_SAMPLE_INTERVAL"
 
 
-def _in_range(lo: float, hi: float) -> Callable[[Any, "attrs.Attribute[Any]", Any], None]:
-    def check(_inst: Any, attribute: "attrs.Attribute[Any]", value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-            raise ConfigurationError(
-                f"{attribute.name}={value!r} is invalid: expected a number from {lo:g} to {hi:g}"
-            )
+def _bound(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _several_bits_set(value: Any) -> bool:
+    return bool(value & (value - 1))
+
+
+def _in_range(
+    lo: float, hi: float, whole: bool = False, power_of_two: bool = False
+) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    kinds = int if whole else (int, float)
+    what = "a power of two" if power_of_two else "a whole number" if whole else "a number"
+    expected = f"expected {what} from {_bound(lo)} to {_bound(hi)}"
+
+    def check(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, kinds)
+            or not lo <= value <= hi
+            or (power_of_two and _several_bits_set(value))
+        ):
+            raise ConfigurationError(f"{attribute.name}={value!r} is invalid: {expected}")
 
     return check
 
 
-def _power_of_two(_inst: Any, attribute: "attrs.Attribute[Any]", value: int) -> None:
-    if value & (value - 1):
-        raise ConfigurationError(
-            f"{attribute.name}={value!r} is invalid: expected a power of two (for example 262144)"
-        )
-
-
 @attrs.frozen
 class Config:
-    max_peers: int = attrs.field(default=200, validator=_in_range(1, 100_000))
-    max_connections: int = attrs.field(default=65536, validator=_in_range(16, 4_194_304))
-    max_flows: int = attrs.field(default=4096, validator=_in_range(16, 1_048_576))
+    max_peers: int = attrs.field(default=200, validator=_in_range(1, 100_000, whole=True))
+    max_connections: int = attrs.field(default=65536, validator=_in_range(16, 4_194_304, whole=True))
+    max_flows: int = attrs.field(default=4096, validator=_in_range(16, 1_048_576, whole=True))
     ring_buffer_bytes: int = attrs.field(
-        default=262144, validator=[_in_range(4096, 1 << 30), _power_of_two]
+        default=262144, validator=_in_range(4096, 1 << 30, whole=True, power_of_two=True)
     )
     poll_interval: float = attrs.field(default=0.1, validator=_in_range(0.01, 5))
     sample_interval: float = attrs.field(default=5.0, validator=_in_range(0.1, 10))

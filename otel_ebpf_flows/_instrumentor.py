@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Collection, Dict, Optional
+from typing import Any, Collection, Dict, Optional, Tuple
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.metrics import MeterProvider, get_meter
@@ -38,7 +38,9 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     _lock = threading.Lock()
     _pipeline: Optional[Pipeline] = None
-    _instruments: Dict[int, Instruments] = {}
+    # id(meter) -> (meter, its instruments); the meter is held so that its id
+    # cannot be reused by another provider's meter while the entry exists
+    _instruments: Dict[int, Tuple[Any, Instruments]] = {}
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ()
@@ -56,10 +58,12 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             config = load_config(kwargs)
             meter = get_meter(SCOPE_NAME, __version__, meter_provider)
             with cls._lock:
-                instruments = cls._instruments.get(id(meter))
-                if instruments is None:
+                entry = cls._instruments.get(id(meter))
+                if entry is not None and entry[0] is meter:
+                    instruments = entry[1]
+                else:
                     instruments = Instruments(meter, lambda: cls._pipeline)
-                    cls._instruments[id(meter)] = instruments
+                    cls._instruments[id(meter)] = (meter, instruments)
             pipeline = Pipeline(
                 KernelSource(config), instruments, config.max_peers,
                 config.poll_interval, config.sample_interval,

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 from . import _libbpf, _records
 from ._config import Config
-from ._source import FlowEvent, ProbeStats, Snapshot
+from ._source import Counters, FlowEvent, FlowKey, ProbeStats, Snapshot
 from .exceptions import BpfError, EbpfFlowsError, UnsupportedEnvironment
 
 _log = logging.getLogger("otel_ebpf_flows")
@@ -55,7 +55,11 @@ def verify_object(name: str = OBJECT_NAME) -> str:
     sums_path = os.path.join(BPF_DIR, "SHA256SUMS")
     try:
         with open(sums_path, encoding="ascii") as f:
-            sums = dict(reversed(line.split()) for line in f if line.strip())
+            sums: Dict[str, str] = {}
+            for line in f:
+                if line.strip():
+                    digest_text, file_name = line.split()
+                    sums[file_name] = digest_text
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
     except OSError as exc:
@@ -242,13 +246,13 @@ class KernelSource:
         one = ctypes.c_uint8(1)
         for ino in inodes[:4096]:
             seeds.update(ctypes.c_uint64(ino), one)
-        addr, width = obj.global_address(".bss", "seeding")
-        flag = ctypes.c_uint32.from_address(addr)
-        flag.value = 1
-        try:
-            obj.run_iterator(ITERATOR)
+        control = obj.map("control")
+        control.update(ctypes.c_uint32(0), ctypes.c_uint32(1))
+        try:  # the pass also samples sockets already tracked: keep those samples
+            for event in _records.decode_events(obj.run_iterator(ITERATOR)):
+                self._on_event(event)
         finally:
-            flag.value = 0
+            control.update(ctypes.c_uint32(0), ctypes.c_uint32(0))
             for ino in inodes[:4096]:
                 seeds.delete(ctypes.c_uint64(ino))
 
@@ -263,7 +267,7 @@ class KernelSource:
             return
         self._on_event(event)
 
-    def _read_counters(self) -> Dict:
+    def _read_counters(self) -> Dict[FlowKey, Counters]:
         obj = self._require()
         out = {}
         for raw_key, raw_val in obj.map("flows").items(_records.CFlowKey, _records.CFlowCounters):

@@ -14,7 +14,7 @@ import errno
 import logging
 import os
 import threading
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .exceptions import BpfError, UnsupportedEnvironment
 
@@ -254,7 +254,7 @@ class Map:
         if rc and ctypes.get_errno() != errno.ENOENT:
             raise _err(f"delete from map {self.name}")
 
-    def items(self, key_type: type, value_type: type, chunk: int = 256) -> Iterator[Tuple[ctypes._CData, ctypes._CData]]:
+    def items(self, key_type: Any, value_type: Any, chunk: int = 256) -> Iterator[Tuple[Any, Any]]:
         """Every entry, with batch lookups where the kernel has them."""
         if self._batch_ok:
             try:
@@ -281,7 +281,7 @@ class Map:
                 yield out_key, value
             prev = ctypes.byref(key)
 
-    def _items_batch(self, key_type: type, value_type: type, chunk: int) -> Iterator[Tuple[ctypes._CData, ctypes._CData]]:
+    def _items_batch(self, key_type: Any, value_type: Any, chunk: int) -> Iterator[Tuple[Any, Any]]:
         keys = (key_type * chunk)()
         values = (value_type * chunk)()
         in_batch = ctypes.c_uint64(0)
@@ -332,7 +332,7 @@ class RingBuffer:
     def poll(self, timeout_ms: int) -> int:
         if self._ptr is None:
             return 0
-        rc = self._lib.ring_buffer__poll(self._ptr, timeout_ms)
+        rc = int(self._lib.ring_buffer__poll(self._ptr, timeout_ms))
         if rc < 0 and -rc != errno.EINTR:
             raise _err("ring-buffer poll", rc)
         return max(rc, 0)
@@ -340,7 +340,7 @@ class RingBuffer:
     def consume(self) -> int:
         if self._ptr is None:
             return 0
-        rc = self._lib.ring_buffer__consume(self._ptr)
+        rc = int(self._lib.ring_buffer__consume(self._ptr))
         if rc < 0 and -rc != errno.EINTR:
             raise _err("ring-buffer consume", rc)
         return max(rc, 0)
@@ -402,12 +402,6 @@ class BpfObject:
             if offset + width > size:
                 raise BpfError(f"global {name} lies outside {section}", errno.EINVAL)
             ctypes.memmove(data + offset, int(value).to_bytes(width, "little"), width)
-
-    def global_address(self, section: str, name: str) -> Tuple[int, int]:
-        """Address and width of a global in a mmaped section (.bss) after load."""
-        offset, width = self._section_vars(section)[name]
-        data, _ = self._section_data(section)
-        return data + offset, width
 
     def _map_ptr(self, name: str) -> int:
         ptr = self._lib.bpf_object__find_map_by_name(self._ptr, name.encode())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 from ._source import (
     CLOSE_REASONS,
@@ -188,7 +188,7 @@ def decode_event(data: bytes) -> FlowEvent:
     )
 
 
-def decode_events(data: bytes) -> list:
+def decode_events(data: bytes) -> List[FlowEvent]:
     """Records written back to back (the iterator's output)."""
     if len(data) % EVENT_SIZE:
         raise RecordError(f"{len(data)} bytes is not a whole number of flow events")

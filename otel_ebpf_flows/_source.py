@@ -10,7 +10,7 @@ aggregation and naming use a fake with the same shape.
 from __future__ import annotations
 
 import enum
-from typing import Callable, Dict, Mapping, Optional, Protocol
+from typing import Callable, Dict, Mapping, Optional, Protocol, Tuple
 
 import attrs
 
@@ -41,7 +41,7 @@ class FlowKey:
     family: str  # "ipv4", "ipv6", or "" for the overflow and listener series
 
 
-def _zeros(names: tuple) -> Dict[str, int]:
+def _zeros(names: Tuple[str, ...]) -> Dict[str, int]:
     return {name: 0 for name in names}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
@@ -96,7 +96,7 @@ class PeerTable:
 
     def __init__(self, cap: int) -> None:
         self._cap = cap
-        self._admitted: set = set()
+        self._admitted: Set[str] = set()
         self._lock = threading.Lock()
 
     def address(self, address: str) -> str:
@@ -195,7 +195,7 @@ def _delta(now: int, before: Optional[int]) -> int:
 class Instruments:
     """The contract's instruments on one meter, created once per meter and reused."""
 
-    def __init__(self, meter: Meter, current: Callable[[], Optional["Pipeline"]]) -> None:
+    def __init__(self, meter: Meter, current: Callable[[], Optional[Pipeline]]) -> None:
         self._current = current
         self.handshake = meter.create_histogram(
             HANDSHAKE, unit="s",
@@ -277,7 +277,11 @@ class Pipeline:
 
     def start(self) -> None:
         self.source.start(self._on_event)
-        self._sample()
+        try:
+            self._sample()
+        except BaseException:  # never leave probes attached that nothing will read or close
+            self.source.close()
+            raise
         self._thread = threading.Thread(target=self._run, name="otel-ebpf-flows-reader", daemon=True)
         self._thread.start()
 

@@ -1,0 +1,119 @@
+"""The ``otel-ebpf-flows`` command (also ``python -m otel_ebpf_flows``).
+
+``doctor``
+    what this host supports and whether the library will work here; exit status
+    0 if it will, 1 if not.
+``demo``
+    runs a small instrumented client and server in this process and prints the
+    metrics they produced; no collector needed.
+``watch``
+    a live view of the host's TCP flows: not available yet (it needs a host-wide
+    mode; in-process mode only sees its own process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from ._doctor import format_checks, interpreter_path, run_checks, use_color
+from .version import __version__
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_UNAVAILABLE = 2
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    print(f"otel-ebpf-flows {__version__} doctor (python {sys.version.split()[0]}, {interpreter_path()})")
+    checks = run_checks(load=not args.no_load, verbose=args.verbose)
+    for line in format_checks(checks, color=use_color(sys.stdout)):
+        print(line)
+    failed = sum(1 for c in checks if c.ok is False)
+    if failed:
+        print(f"\nKernel TCP telemetry will NOT work here: {failed} check(s) failed "
+              "(instrument() would log a warning and do nothing).")
+        return EXIT_FAIL
+    if args.no_load:
+        print("\nThe requirements are met (the probes were not loaded: --no-load).")
+    else:
+        variant = next((c.detail.split()[0] for c in checks if c.name == "load"), "?")
+        print(f"\nKernel TCP telemetry will work here ({variant} programs).")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo(duration=args.duration, as_json=args.json)
+
+
+def _watch(_args: argparse.Namespace) -> int:
+    print("otel-ebpf-flows watch is not available yet: it needs a host-wide mode (in-process mode "
+          "only sees its own process's connections). Use `otel-ebpf-flows demo` to see the metrics.",
+          file=sys.stderr)
+    return EXIT_UNAVAILABLE
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.5 <= value <= 3600:
+        raise argparse.ArgumentTypeError("expected from 0.5 to 3600 seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="otel-ebpf-flows",
+        description="The Linux kernel's view of a service's TCP connections, as OpenTelemetry metrics.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    doctor = sub.add_parser("doctor", help="check that the probes work here, and how to fix it if not",
+                            description="Check what this host supports, load and attach the probes, and "
+                            "say how to fix whatever fails. Exit status 0 if the library will work.")
+    doctor.add_argument("--no-load", action="store_true", help="check the requirements only; load nothing")
+    doctor.add_argument("-v", "--verbose", action="store_true", help="show the loader's and libbpf's log")
+    doctor.set_defaults(func=_doctor)
+
+    demo = sub.add_parser("demo", help="run an instrumented client/server and print its metrics",
+                          description="Run a small TCP client and server in this process with the "
+                          "instrumentation on, then print every metric point (no collector needed).")
+    demo.add_argument("--duration", type=_positive_seconds, default=3.0, metavar="SECONDS",
+                      help="how long to generate traffic (default: 3)")
+    demo.add_argument("--json", action="store_true", help="print the raw metric points as JSON")
+    demo.set_defaults(func=_demo)
+
+    watch = sub.add_parser("watch", help="live view of this host's TCP flows (not available yet)")
+    watch.set_defaults(func=_watch)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_UNAVAILABLE
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `otel-ebpf-flows doctor | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

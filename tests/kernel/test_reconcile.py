@@ -1,0 +1,154 @@
+"""Every metric reconciled with ground truth the kernel keeps: MIB counters and TCP_INFO."""
+
+from __future__ import annotations
+
+from tests.kernel.conftest import points, total
+
+ATTEMPTS = "ebpf_flows.tcp.connection.attempts"
+RETRANS = "ebpf_flows.tcp.retransmits"
+IO = "ebpf_flows.tcp.io"
+RESETS = "ebpf_flows.tcp.resets"
+CLOSES = "ebpf_flows.tcp.connection.closes"
+DURATION = "ebpf_flows.tcp.connection.duration"
+ACTIVE = "ebpf_flows.tcp.connections.active"
+ZERO = "ebpf_flows.tcp.zero_window.events"
+WSCALE = "ebpf_flows.tcp.window_scaling.disabled"
+OVERFLOWS = "ebpf_flows.tcp.listen.overflows"
+RTT = "ebpf_flows.tcp.rtt"
+HANDSHAKE = "ebpf_flows.tcp.handshake.duration"
+
+
+def test_client_retransmits_and_bytes_under_loss(run_scenario):
+    r = run_scenario("client_loss")
+    rows, infos, n = r["points"], r["infos"], r["connections"]
+    assert sum(i["total_retrans"] for i in infos) > 0, "5 % loss produced no retransmit: no test"
+    # retransmits, SYN ones included, equal the kernel's per-socket count
+    assert total(rows, RETRANS, ebpf_flows__tcp__role="client") == sum(i["total_retrans"] for i in infos)
+    # payload bytes: TCP_INFO counts our FIN (acked) and theirs (received) once per connection
+    assert total(rows, IO, network__io__direction="transmit") == r["payload"]
+    assert sum(i["bytes_acked"] for i in infos) == r["payload"] + n
+    assert total(rows, IO, network__io__direction="receive") == r["payload"]
+    assert sum(i["bytes_received"] for i in infos) == r["payload"] + n
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client") == n == r["mib"]["Tcp.ActiveOpens"]
+    assert total(rows, CLOSES, ebpf_flows__tcp__close__reason="normal") == n
+    assert total(rows, ACTIVE) == 0
+    # only this process's traffic: the echo server is another process
+    assert not points(rows, ATTEMPTS, ebpf_flows__tcp__role="server")
+    assert not points(rows, RETRANS, ebpf_flows__tcp__role="server")
+
+
+def test_server_retransmits_from_softirq_are_the_servers(run_scenario):
+    r = run_scenario("server_loss")
+    rows, infos, peer_infos = r["points"], r["infos"], r["peer_infos"]
+    ours = sum(i["total_retrans"] for i in infos)
+    assert ours > 0, "5 % loss produced no server retransmit: no test"
+    assert all(i["state"] == 7 for i in infos), "a server socket had not closed when read"
+    assert total(rows, RETRANS, ebpf_flows__tcp__role="server", network__local__port=5556) == ours
+    # the namespace's RetransSegs is ours plus the other process's, exactly
+    assert r["mib"]["Tcp.RetransSegs"] == ours + sum(i["total_retrans"] for i in peer_infos)
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == r["connections"] == r["mib"]["Tcp.PassiveOpens"]
+    assert total(rows, IO, network__io__direction="receive") == r["payload"]
+    assert total(rows, IO, network__io__direction="transmit") == r["payload"]
+    assert not points(rows, ATTEMPTS, ebpf_flows__tcp__role="client"), "the client process's traffic leaked in"
+
+
+def test_connection_attempts_and_failures(run_scenario):
+    r = run_scenario("attempts")
+    rows, mib = r["points"], r["mib"]
+    assert r["errors"] == ["refused"] * r["refused"] + ["TimeoutError:110"]
+    assert total(rows, ATTEMPTS, network__peer__port=5557) == r["ok"]
+    assert points(rows, ATTEMPTS, network__peer__port=5557)[0]["attrs"].get("error.type") is None
+    assert total(rows, ATTEMPTS, error__type="refused") == r["refused"]
+    assert total(rows, ATTEMPTS, error__type="timed_out") == 1
+    # every attempt in the namespace is ours but the other process's
+    assert total(rows, ATTEMPTS) + r["other_connects"] == mib["Tcp.ActiveOpens"]
+    assert total(rows, ATTEMPTS, error__type="refused") + total(rows, ATTEMPTS, error__type="timed_out") \
+        == mib["Tcp.AttemptFails"]
+    # the unanswered SYN's retransmits are counted, and are all the namespace's
+    assert total(rows, RETRANS, network__peer__port=5559) == mib["TcpExt.TCPSynRetrans"] == mib["Tcp.RetransSegs"] > 0
+    # the other process connected to 5560: none of it is ours
+    assert not [p for p in rows if p["attrs"].get("network.peer.port") == 5560]
+
+
+def test_server_handshakes_and_listen_overflows(run_scenario):
+    r = run_scenario("server_attempts")
+    rows, mib = r["points"], r["mib"]
+    assert total(rows, ATTEMPTS, network__local__port=5561) == 5
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == mib["Tcp.PassiveOpens"]
+    assert mib["TcpExt.ListenOverflows"] > 0, "the flood did not overflow the queue: no test"
+    assert total(rows, OVERFLOWS, network__local__port=5562) == mib["TcpExt.ListenOverflows"]
+    assert all(set(p["attrs"]) == {"network.local.port"} for p in points(rows, OVERFLOWS))
+    handshakes = points(rows, HANDSHAKE, ebpf_flows__tcp__role="server", network__local__port=5561)
+    assert handshakes and handshakes[0]["count"] == 5  # SYN wait of every accepted connection
+    assert 0 < handshakes[0]["max"] < 0.5
+
+
+def test_resets_both_ways(run_scenario):
+    r = run_scenario("resets")
+    rows, mib = r["points"], r["mib"]
+    sent = total(rows, RESETS, network__io__direction="transmit")
+    received = total(rows, RESETS, network__io__direction="receive")
+    assert (sent, received) == (1, 2)
+    # every RST in the namespace is one we sent or one sent to us
+    assert mib["Tcp.OutRsts"] == sent + received
+    assert total(rows, CLOSES, ebpf_flows__tcp__close__reason="reset_sent", network__peer__port=5565) == 1
+    assert total(rows, CLOSES, ebpf_flows__tcp__close__reason="reset_received", network__peer__port=5563) == 1
+    # each reset established connection counts on both of its ends
+    assert mib["Tcp.EstabResets"] == 2 * (
+        total(rows, CLOSES, ebpf_flows__tcp__close__reason="reset_sent")
+        + total(rows, CLOSES, ebpf_flows__tcp__close__reason="reset_received"))
+    assert total(rows, ATTEMPTS, error__type="refused") == mib["Tcp.AttemptFails"] == 1
+
+
+def test_live_bytes_rtt_and_window_scaling(run_scenario):
+    r = run_scenario("bytes_rtt_wscale")
+    info, base = r["info"], r["base"]
+    for rows in (r["first"], r["second"]):
+        assert total(rows, IO, network__io__direction="transmit") == info["bytes_acked"] - base["bytes_acked"] == r["sent"]
+        assert total(rows, IO, network__io__direction="receive") == info["bytes_received"] - base["bytes_received"]
+        assert total(rows, ACTIVE) == 1
+    # window scaling off in the namespace: TCP_INFO agrees, and it is counted
+    assert not info["options"] & 4
+    assert total(r["second"], WSCALE) == 1
+    # RTT samples taken while idle equal tcpi_rtt exactly
+    a = points(r["first"], RTT)[0]
+    b = points(r["second"], RTT)[0]
+    assert b["count"] - a["count"] >= 2
+    mean = (b["sum"] - a["sum"]) / (b["count"] - a["count"])
+    assert abs(mean - info["rtt_us"] / 1e6) < 1e-9
+
+
+def test_zero_windows_both_ways(run_scenario):
+    r = run_scenario("zero_window")
+    assert r["rx_mib"]["TcpExt.TCPToZeroWindowAdv"] > 0, "the peer never advertised a zero window: no test"
+    assert total(r["rx_points"], ZERO, network__io__direction="receive") == r["rx_mib"]["TcpExt.TCPToZeroWindowAdv"]
+    assert total(r["rx_points"], ZERO, network__io__direction="transmit") == 0
+    assert r["tx_mib"]["TcpExt.TCPToZeroWindowAdv"] > 0, "we never advertised a zero window: no test"
+    rows = r["points"]
+    assert total(rows, ZERO, network__io__direction="transmit") == r["tx_mib"]["TcpExt.TCPToZeroWindowAdv"]
+    assert total(rows, ZERO, network__io__direction="receive") == r["rx_mib"]["TcpExt.TCPToZeroWindowAdv"]
+
+
+def test_durations_and_timeout_close(run_scenario):
+    r = run_scenario("durations_timeout")
+    rows = r["points"]
+    assert r["timeout_errno"] == 110
+    d = points(rows, DURATION, network__peer__port=5569)[0]
+    assert d["count"] == 2
+    assert 0.3 <= d["min"] < 0.35 and 0.6 <= d["max"] < 0.65
+    assert total(rows, CLOSES, network__peer__port=5569, ebpf_flows__tcp__close__reason="normal") == 2
+    assert total(rows, CLOSES, network__peer__port=5570, ebpf_flows__tcp__close__reason="timeout") == 1
+    assert total(rows, RETRANS, network__peer__port=5570) > 0
+    assert total(rows, ACTIVE) == 0
+
+
+def test_connection_opened_before_instrument(run_scenario):
+    r = run_scenario("preexisting")
+    expected = r["info"]["bytes_acked"] - r["base"]["bytes_acked"]
+    assert expected == r["sent_after"]
+    for rows in (r["live"], r["closed"]):
+        assert total(rows, IO, network__io__direction="transmit") == expected
+        assert total(rows, IO, network__io__direction="receive") == r["info"]["bytes_received"] - r["base"]["bytes_received"]
+    assert total(r["live"], ACTIVE) == 1
+    assert total(r["closed"], ACTIVE) == 0
+    assert total(r["closed"], CLOSES, ebpf_flows__tcp__close__reason="normal") == 1

@@ -1,0 +1,349 @@
+"""Kernel-test scenarios, each run in a fresh network namespace by tests/kernel/test_*.py.
+
+python -m tests.kernel.workload SCENARIO  (under `unshare --net`). The scenario
+instruments this process, makes real traffic with real faults, and prints one
+JSON line: the exported metric points and the kernel's ground truth.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict
+
+from tests.kernel.harness import (
+    Telemetry,
+    drain_until_eof,
+    emit,
+    finish,
+    in_threads,
+    mib,
+    mib_delta,
+    nft,
+    peer,
+    random_loss,
+    recv_exactly,
+    settle,
+    setup_netns,
+    tcp_info,
+)
+
+TCP_CLOSE = 7
+SCENARIOS: Dict[str, Callable[[], Dict[str, Any]]] = {}
+
+
+def scenario(fn: Callable[[], Dict[str, Any]]) -> Callable[[], Dict[str, Any]]:
+    SCENARIOS[fn.__name__] = fn
+    return fn
+
+
+def wait_closed(sock: socket.socket, timeout: float = 30) -> Dict[str, int]:
+    """TCP_INFO once the connection is fully closed (nothing more can be retransmitted)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = tcp_info(sock)
+        if info["state"] == TCP_CLOSE or time.monotonic() > deadline:
+            return info
+        time.sleep(0.01)
+
+
+@scenario
+def client_loss() -> Dict[str, Any]:
+    """This process is the client over a lossy path to another process's echo server."""
+    setup_netns()
+    n, rounds, size = 6, 40, 3000
+    echo = peer("echo", "5555", "--count", str(n))
+    random_loss(5555, 5)
+    tel = Telemetry()
+    before = mib()
+
+    def one(_i: int) -> Dict[str, int]:
+        s = socket.create_connection(("127.0.0.1", 5555), timeout=60)
+        base = tcp_info(s)
+        for _ in range(rounds):
+            s.sendall(b"x" * size)
+            recv_exactly(s, size)
+        s.shutdown(socket.SHUT_WR)
+        drain_until_eof(s)
+        info = wait_closed(s)  # our FIN acknowledged too: nothing of ours is in flight
+        s.close()
+        return {
+            "total_retrans": info["total_retrans"],
+            "bytes_acked": info["bytes_acked"] - base["bytes_acked"],
+            "bytes_received": info["bytes_received"] - base["bytes_received"],
+        }
+
+    infos = in_threads(one, n)
+    finish(echo)
+    settle()
+    return {"points": tel.points(), "infos": infos, "mib": mib_delta(before, mib()),
+            "payload": n * rounds * size, "connections": n}
+
+
+@scenario
+def server_loss() -> Dict[str, Any]:
+    """This process is the server; another process's clients reach it over a lossy path.
+
+    Retransmits of the server's sockets happen in softirq and timer context."""
+    setup_netns()
+    n, rounds, size = 6, 40, 3000
+    tel = Telemetry()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 5556))
+    srv.listen(64)
+    random_loss(5556, 5)
+    before = mib()
+    infos = []
+    lock = threading.Lock()
+
+    def handle(conn: socket.socket) -> None:
+        base = tcp_info(conn)
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        info = wait_closed(conn)
+        conn.close()
+        with lock:
+            infos.append({
+                "total_retrans": info["total_retrans"],
+                "bytes_acked": info["bytes_acked"] - base["bytes_acked"],
+                "bytes_received": info["bytes_received"] - base["bytes_received"],
+                "state": info["state"],
+            })
+
+    def accept_all() -> None:
+        threads = []
+        for _ in range(n):
+            conn, _ = srv.accept()
+            t = threading.Thread(target=handle, args=(conn,))
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join()
+
+    acceptor = threading.Thread(target=accept_all)
+    acceptor.start()
+    clients = peer("clients", "5556", "--count", str(n), "--rounds", str(rounds), "--size", str(size))
+    peer_infos = finish(clients, timeout=120)
+    acceptor.join()
+    settle()
+    return {"points": tel.points(), "infos": infos, "peer_infos": peer_infos,
+            "mib": mib_delta(before, mib()), "payload": n * rounds * size, "connections": n}
+
+
+@scenario
+def attempts() -> Dict[str, Any]:
+    """Successful, refused and timed-out connects; another process connects elsewhere."""
+    setup_netns({"net.ipv4.tcp_syn_retries": "1"})
+    ok, refused = 4, 3
+    echo = peer("echo", "5557", "--count", str(ok))
+    other_echo = peer("echo", "5560", "--count", "4")
+    nft("add table inet f", "add chain inet f input { type filter hook input priority 0; }",
+        "add rule inet f input tcp dport 5559 drop")
+    tel = Telemetry()
+    before = mib()
+    for _ in range(ok):
+        s = socket.create_connection(("127.0.0.1", 5557))
+        s.sendall(b"ping")
+        recv_exactly(s, 4)
+        s.close()
+    errors = []
+    for _ in range(refused):
+        try:
+            socket.create_connection(("127.0.0.1", 5558))
+        except ConnectionRefusedError:
+            errors.append("refused")
+    other = peer("clients", "5560", "--count", "4")
+    try:  # no SYN gets through: the kernel gives up after one retransmit (about 3 s)
+        socket.create_connection(("127.0.0.1", 5559), timeout=30)
+    except OSError as exc:
+        errors.append(type(exc).__name__ + ":" + str(exc.errno))
+    finish(other)
+    finish(echo)
+    finish(other_echo)
+    settle()
+    return {"points": tel.points(), "mib": mib_delta(before, mib()), "errors": errors,
+            "ok": ok, "refused": refused, "other_connects": 4}
+
+
+@scenario
+def server_attempts() -> Dict[str, Any]:
+    """Accepted handshakes, and SYNs dropped by a full listen queue."""
+    setup_netns()
+    tel = Telemetry()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 5561))
+    srv.listen(64)
+    full = socket.socket()
+    full.bind(("127.0.0.1", 5562))
+    full.listen(1)  # never accepted
+    before = mib()
+
+    def accept_all() -> None:
+        for _ in range(5):
+            conn, _ = srv.accept()
+            drain_until_eof(conn)
+            conn.close()
+
+    acceptor = threading.Thread(target=accept_all)
+    acceptor.start()
+    finish(peer("clients", "5561", "--count", "5", "--rounds", "0"))
+    acceptor.join()
+    finish(peer("flood", "5562", "--count", "8", "--hold", "2.5"))
+    full.close()  # resets what its queue still holds
+    settle()
+    return {"points": tel.points(), "mib": mib_delta(before, mib())}
+
+
+@scenario
+def resets() -> Dict[str, Any]:
+    """RST received on connect, RST sent (SO_LINGER 0), RST received on an established connection."""
+    setup_netns()
+    rst_peer = peer("echo", "5563", "--count", "1", "--rst")
+    plain = peer("echo", "5565", "--count", "1")
+    tel = Telemetry()
+    before = mib()
+    try:
+        socket.create_connection(("127.0.0.1", 5564))
+    except ConnectionRefusedError:
+        pass
+    s = socket.create_connection(("127.0.0.1", 5565))
+    s.sendall(b"ping")
+    recv_exactly(s, 4)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    s = socket.create_connection(("127.0.0.1", 5563))
+    s.sendall(b"ping")
+    recv_exactly(s, 4)
+    try:
+        s.recv(10)
+    except ConnectionResetError:
+        pass
+    s.close()
+    finish(rst_peer)
+    finish(plain)
+    settle()
+    return {"points": tel.points(), "mib": mib_delta(before, mib())}
+
+
+@scenario
+def bytes_rtt_wscale() -> Dict[str, Any]:
+    """A live connection without window scaling: bytes and RTT samples against TCP_INFO."""
+    setup_netns({"net.ipv4.tcp_window_scaling": "0"})
+    echo = peer("echo", "5566", "--count", "1")
+    tel = Telemetry(sample_interval=0.5)
+    s = socket.create_connection(("127.0.0.1", 5566))
+    base = tcp_info(s)
+    sent = 0
+    for size in (100, 5000, 70000):
+        s.sendall(b"y" * size)
+        recv_exactly(s, size)
+        sent += size
+    time.sleep(1.2)  # idle: srtt no longer changes
+    first = tel.points()
+    time.sleep(1.5)
+    info = tcp_info(s)
+    second = tel.points()
+    s.close()
+    finish(echo)
+    return {"first": first, "second": second, "info": info, "base": base, "sent": sent}
+
+
+@scenario
+def zero_window() -> Dict[str, Any]:
+    """The peer stops reading (it advertises zero windows), then we do."""
+    setup_netns()
+    tel = Telemetry()
+    sink = peer("sink", "5567", "--rcvbuf", "4096", "--hold", "1.5")
+    before = mib()
+    s = socket.create_connection(("127.0.0.1", 5567))
+    s.sendall(b"z" * 400_000)
+    # Stay ESTABLISHED through the stall: the kernel's only per-segment receive
+    # tracepoint (tcp_probe) is on the ESTABLISHED path.
+    time.sleep(2.5)
+    s.shutdown(socket.SHUT_WR)
+    finish(sink)
+    s.close()
+    settle()
+    middle = mib()
+    rx_points = tel.points()
+
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    srv.bind(("127.0.0.1", 5568))
+    srv.listen(4)
+    sender = peer("send", "5568", "--size", "400000")
+    conn, _ = srv.accept()
+    time.sleep(1.5)
+    drain_until_eof(conn)
+    conn.close()
+    finish(sender)
+    settle()
+    return {"rx_points": rx_points, "rx_mib": mib_delta(before, middle),
+            "points": tel.points(), "tx_mib": mib_delta(middle, mib())}
+
+
+@scenario
+def durations_timeout() -> Dict[str, Any]:
+    """Two normal closes of known lifetime, and one connection that times out."""
+    setup_netns()
+    echo = peer("echo", "5569", "--count", "2")
+    victim = peer("echo", "5570", "--count", "1")
+    tel = Telemetry()
+    for hold in (0.3, 0.6):
+        s = socket.create_connection(("127.0.0.1", 5569))
+        s.sendall(b"hi")
+        recv_exactly(s, 2)
+        time.sleep(hold)
+        s.close()
+    s = socket.create_connection(("127.0.0.1", 5570))
+    s.sendall(b"hi")
+    recv_exactly(s, 2)
+    nft("add table inet f", "add chain inet f input { type filter hook input priority 0; }",
+        "add rule inet f input tcp dport 5570 drop", "add rule inet f input tcp sport 5570 drop")
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 500)
+    s.sendall(b"lost")
+    err = None
+    try:
+        s.recv(10)
+    except OSError as exc:
+        err = exc.errno
+    s.close()
+    nft("delete table inet f")
+    victim.kill()
+    victim.wait()
+    finish(echo)
+    settle()
+    return {"points": tel.points(), "timeout_errno": err}
+
+
+@scenario
+def preexisting() -> Dict[str, Any]:
+    """A connection opened before instrument() is still attributed."""
+    setup_netns()
+    echo = peer("echo", "5571", "--count", "1")
+    s = socket.create_connection(("127.0.0.1", 5571))
+    s.sendall(b"a" * 1000)
+    recv_exactly(s, 1000)
+    tel = Telemetry()
+    base = tcp_info(s)
+    for _ in range(3):
+        s.sendall(b"b" * 2000)
+        recv_exactly(s, 2000)
+    time.sleep(0.3)  # the connection stays open: no settle() here
+    info = tcp_info(s)
+    live = tel.points()
+    s.close()
+    finish(echo)
+    settle()
+    return {"live": live, "closed": tel.points(), "base": base, "info": info, "sent_after": 6000}
+
+
+if __name__ == "__main__":
+    emit(SCENARIOS[sys.argv[1]]())
