@@ -443,8 +443,8 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 			st = track(sk, &key, SF_LISTENER, now);
 			lk.netns = sk_netns(sk);
 			lk.port = key.port;
-			if (st)
-				bpf_map_update_elem(&listeners, &lk, &skp, BPF_ANY);
+			if (st && bpf_map_update_elem(&listeners, &lk, &skp, BPF_ANY))
+				stat_inc(STAT_LISTENERS_FULL);
 		} else if (newstate == TCP_SYN_RECV) {
 			/* An accepted socket is born in softirq: it is ours if its
 			 * listener is. */
@@ -701,7 +701,8 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 			st = track(sk, &key, SF_LISTENER, now);
 			if (!st)
 				return 0;
-			bpf_map_update_elem(&listeners, &lk, &skp, BPF_ANY);
+			if (bpf_map_update_elem(&listeners, &lk, &skp, BPF_ANY))
+				stat_inc(STAT_LISTENERS_FULL);
 			st->drops = sk->sk_drops.counter;
 			return 0;
 		}

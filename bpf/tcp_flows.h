@@ -84,7 +84,8 @@ enum probe_stat {
 	STAT_SOCKS_FULL = 1,		/* a connection could not be tracked: socks map full */
 	STAT_FLOWS_FOLDED = 2,		/* a counter went to the overflow key: flows map full */
 	STAT_SYN_WAIT_MISSED = 3,	/* a server handshake whose SYN time was not found */
-	STAT_MAX = 4,
+	STAT_LISTENERS_FULL = 4,	/* a listener could not be registered: its connections go unseen */
+	STAT_MAX = 5,
 };
 
 #endif /* __TCP_FLOWS_H */

@@ -43,6 +43,7 @@ HOOKS = (
     "probe",
 )
 ITERATOR = "sample_sockets"
+MAX_SEEDS = 4096  # the seeds map's size in tcp_flows.bpf.c
 
 
 def object_path(name: str = OBJECT_NAME) -> str:
@@ -242,9 +243,15 @@ class KernelSource:
         inodes = own_socket_inodes(self._pid if self._pid != os.getpid() else None)
         if not inodes:
             return
+        if len(inodes) > MAX_SEEDS:
+            _log.warning(
+                "otel-ebpf-flows: this process holds %d sockets; only %d of those opened before "
+                "instrument() are adopted (the rest are not observed until reopened)",
+                len(inodes), MAX_SEEDS,
+            )
         seeds = obj.map("seeds")
         one = ctypes.c_uint8(1)
-        for ino in inodes[:4096]:
+        for ino in inodes[:MAX_SEEDS]:
             seeds.update(ctypes.c_uint64(ino), one)
         control = obj.map("control")
         control.update(ctypes.c_uint32(0), ctypes.c_uint32(1))
@@ -253,7 +260,7 @@ class KernelSource:
                 self._on_event(event)
         finally:
             control.update(ctypes.c_uint32(0), ctypes.c_uint32(0))
-            for ino in inodes[:4096]:
+            for ino in inodes[:MAX_SEEDS]:
                 seeds.delete(ctypes.c_uint64(ino))
 
     def _on_record(self, data: bytes) -> None:
@@ -296,6 +303,7 @@ class KernelSource:
             map_evictions={
                 "tcp_flows.socks": vals[_records.STAT_SOCKS_FULL],
                 "tcp_flows.flows": vals[_records.STAT_FLOWS_FOLDED],
+                "tcp_flows.listeners": vals[_records.STAT_LISTENERS_FULL],
             },
         )
 
