@@ -10,6 +10,7 @@ logs one warning that names what is missing and how to fix it, and does nothing.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any, Collection, Dict, Optional, Tuple
 
@@ -87,3 +88,44 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 pipeline.stop()
             except Exception:
                 _log.warning("otel-ebpf-flows: error while detaching", exc_info=True)
+
+
+def _before_fork() -> None:
+    pipeline = EbpfFlowsInstrumentor._pipeline
+    if pipeline is not None:
+        pipeline.quiesce()
+
+
+def _after_fork_in_parent() -> None:
+    pipeline = EbpfFlowsInstrumentor._pipeline
+    if pipeline is not None:
+        pipeline.resume()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child must not report its parent's connections as its own.
+
+    The parent's probes follow the parent's pid and its reader thread does not
+    exist in the child, so the child drops the pipeline (its inherited copies of
+    the kernel objects close with the child) and reports no kernel TCP metrics
+    until it is instrumented itself (gunicorn: in ``post_fork``). The reader
+    was quiesced across the fork, so no lock it uses is inherited held.
+    """
+    pipeline = EbpfFlowsInstrumentor._pipeline
+    if pipeline is None:
+        return
+    pipeline.resume()
+    EbpfFlowsInstrumentor._pipeline = None
+    try:
+        # The instrumentor may be instrumented again in the child.
+        EbpfFlowsInstrumentor()._is_instrumented_by_opentelemetry = False
+    except Exception:  # pragma: no cover - never fail a fork
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )

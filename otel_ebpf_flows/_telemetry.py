@@ -270,6 +270,10 @@ class Pipeline:
         self._sample_interval = sample_interval
         self._stop = threading.Event()
         self._wanted = threading.Event()
+        # Held by the reader while it touches the source, the aggregator or the
+        # SDK's instruments, and by fork() (see quiesce): a child never inherits
+        # one of those mid-operation.
+        self._work = threading.Lock()
         self._sampled = threading.Condition()
         self._sampled_at = 0.0
         self._thread: Optional[threading.Thread] = None
@@ -298,10 +302,16 @@ class Pipeline:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.source.poll(self._poll_interval)
-                if self._wanted.is_set() or time.monotonic() - self._sampled_at >= self._sample_interval:
-                    self._wanted.clear()
-                    self._sample()
+                # Sleep with no lock held; records are never woken for, so
+                # waiting here loses nothing (the kernel wakes no one per record).
+                self._wanted.wait(self._poll_interval)
+                with self._work:
+                    if self._stop.is_set():
+                        break
+                    self.source.poll(0)
+                    if self._wanted.is_set() or time.monotonic() - self._sampled_at >= self._sample_interval:
+                        self._wanted.clear()
+                        self._sample()
                 self._errors = 0
             except Exception:
                 self._errors += 1
@@ -325,8 +335,18 @@ class Pipeline:
                     return
                 self._sampled.wait(left)
 
+    def quiesce(self) -> None:
+        """Wait until the reader is between iterations and hold it there (before fork)."""
+        self._work.acquire()
+
+    def resume(self) -> None:
+        """Undo :meth:`quiesce` (after fork, in the parent and in the child)."""
+        if self._work.locked():
+            self._work.release()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wanted.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)

@@ -345,5 +345,61 @@ def preexisting() -> Dict[str, Any]:
     return {"live": live, "closed": tel.points(), "base": base, "info": info, "sent_after": 6000}
 
 
+@scenario
+def fork_child() -> Dict[str, Any]:
+    """The parent makes connections, forks; the child reports none of them, then its own."""
+    import json
+    import os
+
+    from otel_ebpf_flows import EbpfFlowsInstrumentor
+
+    setup_netns()
+    echo = peer("echo", "5572", "--count", "5")
+
+    def connect(n: int) -> None:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", 5572))
+            s.sendall(b"f")
+            recv_exactly(s, 1)
+            s.close()
+
+    def attempts(rows: Any) -> int:
+        return sum(p["value"] for p in rows if p["name"] == "ebpf_flows.tcp.connection.attempts")
+
+    tel = Telemetry()
+    connect(3)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        import faulthandler
+
+        faulthandler.dump_traceback_later(20, exit=True)  # a hang shows where it is
+        try:
+            os.close(rfd)
+            out: Dict[str, Any] = {"pipeline": EbpfFlowsInstrumentor().pipeline is not None}
+            # a worker sets up its own SDK after the fork (gunicorn: post_fork)
+            child_tel = Telemetry()
+            out["attempts"] = attempts(child_tel.points())
+            out["instrumented_again"] = child_tel.instrumentor.pipeline is not None
+            connect(2)
+            settle()
+            out["attempts_after_reinstrument"] = attempts(child_tel.points())
+            os.write(wfd, json.dumps(out).encode())
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd) as f:
+        child = json.loads(f.read())
+    os.waitpid(pid, 0)
+    settle()
+    parent = {"attempts": attempts(tel.points())}
+    finish(echo)
+    return {"parent": parent, "child": child}
+
+
 if __name__ == "__main__":
     emit(SCENARIOS[sys.argv[1]]())
