@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from . import _libbpf, _records
 from ._config import Config
@@ -134,9 +134,14 @@ def own_socket_inodes(pid: Optional[int] = None) -> List[int]:
 class KernelSource:
     """Loads and reads the tcp_flows programs for one process (default: this one)."""
 
-    def __init__(self, config: Optional[Config] = None, pid: Optional[int] = None) -> None:
+    #: Program variants in the order they are tried.
+    VARIANTS = ("tp_btf", "raw_tp")
+
+    def __init__(self, config: Optional[Config] = None, pid: Optional[int] = None,
+                 variants: Tuple[str, ...] = VARIANTS) -> None:
         self._config = config or Config()
         self._pid = pid or os.getpid()
+        self._variants = variants
         self._obj: Optional[_libbpf.BpfObject] = None
         self._ring: Optional[_libbpf.RingBuffer] = None
         self._on_event: Callable[[FlowEvent], None] = lambda e: None
@@ -151,7 +156,7 @@ class KernelSource:
         self._on_event = on_event
         path = verify_object()
         err: Optional[BpfError] = None
-        for variant in ("tp_btf", "raw_tp"):
+        for variant in self._variants:
             try:
                 self._open(path, variant)
                 break

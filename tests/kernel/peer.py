@@ -17,12 +17,12 @@ import time
 from tests.kernel.harness import drain_until_eof, in_threads, recv_exactly, tcp_info
 
 
-def listener(port: int, backlog: int = 128, rcvbuf: int = 0) -> socket.socket:
+def listener(port: int, backlog: int = 128, rcvbuf: int = 0, host: str = "127.0.0.1") -> socket.socket:
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if rcvbuf:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.bind(("127.0.0.1", port))
+    s.bind((host, port))
     s.listen(backlog)
     return s
 
@@ -33,7 +33,7 @@ def ready() -> None:
 
 def echo(args: argparse.Namespace) -> object:
     """Echo every request; on EOF close. --rst: answer once then abort with RST."""
-    srv = listener(args.port)
+    srv = listener(args.port, host=args.host)
     ready()
     handled = 0
 
@@ -127,6 +127,7 @@ def main() -> None:
     p.add_argument("--rcvbuf", type=int, default=4096)
     p.add_argument("--hold", type=float, default=1.0)
     p.add_argument("--rst", action="store_true")
+    p.add_argument("--host", default="127.0.0.1")
     args = p.parse_args()
     result = {"echo": echo, "sink": sink, "clients": clients, "flood": flood, "send": send}[args.mode](args)
     print(json.dumps(result), flush=True)

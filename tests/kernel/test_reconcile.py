@@ -135,7 +135,7 @@ def test_durations_and_timeout_close(run_scenario):
     assert r["timeout_errno"] == 110
     d = points(rows, DURATION, network__peer__port=5569)[0]
     assert d["count"] == 2
-    assert 0.3 <= d["min"] < 0.35 and 0.6 <= d["max"] < 0.65
+    assert 0.3 <= d["min"] < 0.4 and 0.6 <= d["max"] < 0.7  # what the test held, plus the FIN exchange
     assert total(rows, CLOSES, network__peer__port=5569, ebpf_flows__tcp__close__reason="normal") == 2
     assert total(rows, CLOSES, network__peer__port=5570, ebpf_flows__tcp__close__reason="timeout") == 1
     assert total(rows, RETRANS, network__peer__port=5570) > 0
@@ -152,3 +152,25 @@ def test_connection_opened_before_instrument(run_scenario):
     assert total(r["live"], ACTIVE) == 1
     assert total(r["closed"], ACTIVE) == 0
     assert total(r["closed"], CLOSES, ebpf_flows__tcp__close__reason="normal") == 1
+
+
+def test_peers_beyond_the_kernel_map_fold_without_loss(run_scenario):
+    r = run_scenario("flows_overflow")
+    rows, mib = r["points"], r["mib"]
+    assert total(rows, ATTEMPTS) == r["peers"] == mib["Tcp.ActiveOpens"]
+    named = {p["attrs"]["network.peer.address"] for p in points(rows, ATTEMPTS)}
+    assert "_OTHER" in named and len(named) == 16 + 1  # what the map held, plus the overflow series
+    folded = [p for p in rows if p["name"] == "ebpf_flows.probe.map.evictions"
+              and p["attrs"]["ebpf_flows.probe.name"] == "tcp_flows.flows"]
+    assert folded and folded[0]["value"] > 0, "the overflow is not visible in self-telemetry"
+    assert total(rows, IO, network__io__direction="transmit") == r["peers"]
+
+
+def test_raw_tp_fallback_counts_the_same(run_scenario):
+    r = run_scenario("raw_tp_variant")
+    assert r["variant"] == "raw_tp" and all(name.startswith("raw_tp_") for name in r["attached"])
+    c = r["counters"]
+    assert c["client:5574"]["attempts_ok"] == 3 == c["client:5574"]["closed"]
+    assert c["client:5574"]["bytes_tx"] == sum(r["tcpi_bytes"]) == 15000
+    assert c["client:5575"]["refused"] == 1 == r["mib"]["Tcp.AttemptFails"]
+    assert r["mib"]["Tcp.ActiveOpens"] == 4

@@ -401,5 +401,58 @@ def fork_child() -> Dict[str, Any]:
     return {"parent": parent, "child": child}
 
 
+@scenario
+def flows_overflow() -> Dict[str, Any]:
+    """More peers than the kernel's flows map holds: nothing is lost, the overflow is counted."""
+    setup_netns()
+    peers = 30
+    echo = peer("echo", "5573", "--count", str(peers), "--host", "0.0.0.0")
+    tel = Telemetry(max_flows=16)
+    before = mib()
+    for i in range(peers):  # 127.0.0.1 .. 127.0.0.30: all loopback, 30 distinct peers
+        s = socket.create_connection((f"127.0.0.{i + 1}", 5573))
+        s.sendall(b"o")
+        recv_exactly(s, 1)
+        s.close()
+    finish(echo)
+    settle()
+    return {"points": tel.points(), "mib": mib_delta(before, mib()), "peers": peers}
+
+
+@scenario
+def raw_tp_variant() -> Dict[str, Any]:
+    """The raw_tp programs (loaded where tp_btf is refused) count what tp_btf counts."""
+    from otel_ebpf_flows._kernel import KernelSource
+
+    setup_netns()
+    echo = peer("echo", "5574", "--count", "3")
+    src = KernelSource(variants=("raw_tp",))
+    src.start(lambda event: None)
+    before = mib()
+    infos = []
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", 5574))
+        base = tcp_info(s)
+        s.sendall(b"r" * 5000)
+        recv_exactly(s, 5000)
+        info = tcp_info(s)
+        infos.append(info["bytes_acked"] - base["bytes_acked"])
+        s.close()
+    try:
+        socket.create_connection(("127.0.0.1", 5575))
+    except ConnectionRefusedError:
+        pass
+    finish(echo)
+    settle()
+    snap = src.sample()
+    variant, attached = src.variant, src.attached
+    src.close()
+    counters = {f"{k.role.value}:{k.port}": {"attempts_ok": v.attempts_ok, "refused": v.attempts_failed["refused"],
+                                             "bytes_tx": v.bytes_transmitted, "closed": v.closed}
+                for k, v in snap.counters.items() if k.address}
+    return {"variant": variant, "attached": attached, "counters": counters, "tcpi_bytes": infos,
+            "mib": mib_delta(before, mib())}
+
+
 if __name__ == "__main__":
     emit(SCENARIOS[sys.argv[1]]())
