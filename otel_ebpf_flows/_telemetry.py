@@ -176,13 +176,22 @@ class Aggregator:
                 for name, value in values.items():
                     seen[name] = max(seen.get(name, 0), int(value))
 
+    def all_observations(self) -> Dict[str, List[Tuple[int, Dict[str, Any]]]]:
+        """Every metric's rows, from one consistent state."""
+        with self._lock:
+            return {m: self._rows(m) for m in (*_FIELDS, ACTIVE, EVENTS_LOST, MAP_EVICTIONS)}
+
     def observations(self, metric: str) -> List[Tuple[int, Dict[str, Any]]]:
         with self._lock:
-            if metric == ACTIVE:
-                return [(v, dict(s)) for s, v in self._active.items()]
-            if metric in self._probes:
-                return [(v, {PROBE_NAME: n}) for n, v in sorted(self._probes[metric].items())]
-            return [(v, dict(s)) for s, v in self._totals[metric].items()]
+            return self._rows(metric)
+
+    def _rows(self, metric: str) -> List[Tuple[int, Dict[str, Any]]]:
+        # called with self._lock held
+        if metric == ACTIVE:
+            return [(v, dict(s)) for s, v in self._active.items()]
+        if metric in self._probes:
+            return [(v, {PROBE_NAME: n}) for n, v in sorted(self._probes[metric].items())]
+        return [(v, dict(s)) for s, v in self._totals[metric].items()]
 
 
 def _delta(now: int, before: Optional[int]) -> int:
@@ -223,6 +232,7 @@ class Instruments:
             (EVENTS_LOST, "{event}", "Kernel events that could not be handed to user space"),
             (MAP_EVICTIONS, "{entry}", "Kernel map entries that could not be kept apart"),
         ]
+        self._first = counters[0][0]  # its callback runs first in every collection
         for name, unit, description in counters:
             meter.create_observable_counter(name, [self._callback(name)], unit=unit, description=description)
         meter.create_observable_up_down_counter(
@@ -235,8 +245,7 @@ class Instruments:
             if pipeline is None:
                 return
             try:
-                pipeline.refresh()
-                rows = pipeline.aggregator.observations(metric)
+                rows = pipeline.observations(metric, first=metric == self._first)
             except Exception:  # a callback never raises into the SDK's export thread
                 _log.debug("collecting %s failed", metric, exc_info=True)
                 return
@@ -276,6 +285,11 @@ class Pipeline:
         self._work = threading.Lock()
         self._sampled = threading.Condition()
         self._sampled_at = 0.0
+        # One view per collection: every callback of a collection reads the same
+        # rows, so an export never mixes two kernel samples.
+        self._pin_lock = threading.Lock()
+        self._pinned: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {}
+        self._pinned_at = -1.0
         self._thread: Optional[threading.Thread] = None
         self._errors = 0
 
@@ -319,7 +333,22 @@ class Pipeline:
                     _log.warning("reading kernel TCP data failed; retrying", exc_info=True)
                 self._stop.wait(min(5.0, self._poll_interval * 2 ** min(self._errors, 6)))
 
-    def refresh(self, timeout: float = 0.5) -> None:
+    def observations(self, metric: str, first: bool = False) -> List[Tuple[int, Dict[str, Any]]]:
+        """Rows of ``metric`` from the view pinned for the current collection.
+
+        The SDK calls observable callbacks in registration order, so ``first``
+        (the first instrument's callback) starts a collection: it waits, bounded,
+        for a fresh sample and pins the aggregator's state. The collection's other
+        callbacks read that same state, so an export never mixes two samples.
+        """
+        with self._pin_lock:
+            if first or time.monotonic() - self._pinned_at >= self.FRESH_S:
+                self.refresh()
+                self._pinned = self.aggregator.all_observations()
+                self._pinned_at = time.monotonic()
+            return self._pinned.get(metric, [])
+
+    def refresh(self, timeout: float = 2.0) -> None:
         """Make the aggregator at most FRESH_S old (called by metric callbacks)."""
         thread = self._thread
         if thread is None or not thread.is_alive() or threading.current_thread() is thread:

@@ -666,7 +666,7 @@ def test_callbacks_swallow_errors_of_the_pipeline(run_pipeline, caplog, monkeypa
     def broken(*_args, **_kwargs):
         raise RuntimeError("scripted aggregator failure")
 
-    monkeypatch.setattr(harness.pipeline.aggregator, "observations", broken)
+    monkeypatch.setattr(harness.pipeline.aggregator, "all_observations", broken)
     exported = harness.collect()
     assert "ebpf_flows.tcp.retransmits" not in exported.metrics
     assert _sdk_errors(caplog) == []
