@@ -245,7 +245,7 @@ static __always_inline void submit(const struct sock_state *st, __u8 kind, __u8 
 				   __u64 now, __u64 duration_ns)
 {
 	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	__u64 flags;
+	__u64 flags, pending;
 
 	if (!e) {
 		stat_inc(STAT_EVENTS_LOST);
@@ -260,9 +260,10 @@ static __always_inline void submit(const struct sock_state *st, __u8 kind, __u8 
 	e->ts_ns = now;
 	e->duration_ns = duration_ns;
 	e->conn_id = st->conn_id;
-	/* Never wake user space per record: it polls, and is woken only if a
-	 * burst threatens to fill the buffer. */
-	flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes ?
+	/* Never wake user space per record: it polls, and is woken once when a
+	 * burst crosses wakeup_bytes (not again for every record above it). */
+	pending = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	flags = pending >= wakeup_bytes && pending < wakeup_bytes + sizeof(*e) ?
 			BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 	bpf_ringbuf_submit(e, flags);
 }

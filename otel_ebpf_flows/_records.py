@@ -10,6 +10,7 @@ what cannot be a record (wrong size, unknown kind, bad family) with
 from __future__ import annotations
 
 import ctypes
+import functools
 import ipaddress
 from typing import Dict, List, Tuple
 
@@ -124,23 +125,26 @@ def decode_key(raw: CFlowKey) -> FlowKey:
     else:
         raise RecordError(f"flow key with unknown role {raw.role}")
     addr = bytes(raw.addr)
+    if raw.family in (FLOW_FAMILY_IPV4, FLOW_FAMILY_IPV6):
+        return FlowKey(role=role, address=_address_text(raw.family, addr), port=raw.port,
+                       family="ipv4" if raw.family == FLOW_FAMILY_IPV4 else "ipv6")
     if raw.family == FLOW_FAMILY_OVERFLOW:
         if raw.port == 0:  # what no longer fitted in the kernel's map
             return FlowKey(role=role, address=None, port=0, family="")
         if role is not Role.SERVER or any(addr):
             raise RecordError("listener key with a peer address or a client role")
         return FlowKey(role=role, address="", port=raw.port, family="")
-    if raw.family == FLOW_FAMILY_IPV4:
+    raise RecordError(f"flow key with unknown family {raw.family}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_text(family: int, addr: bytes) -> str:
+    """Peer address as text; cached, since the same few peers recur in every record."""
+    if family == FLOW_FAMILY_IPV4:
         if not addr.startswith(_V4_PREFIX):
             raise RecordError("IPv4 flow key without an IPv4-mapped address")
-        text = str(ipaddress.IPv4Address(addr[12:]))
-        family = "ipv4"
-    elif raw.family == FLOW_FAMILY_IPV6:
-        text = str(ipaddress.IPv6Address(addr))
-        family = "ipv6"
-    else:
-        raise RecordError(f"flow key with unknown family {raw.family}")
-    return FlowKey(role=role, address=text, port=raw.port, family=family)
+        return str(ipaddress.IPv4Address(addr[12:]))
+    return str(ipaddress.IPv6Address(addr))
 
 
 def decode_counters(raw: CFlowCounters) -> Counters:
