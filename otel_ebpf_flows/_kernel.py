@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import _libbpf, _records
@@ -312,7 +311,3 @@ class KernelSource:
             },
         )
 
-
-def monotonic_ns() -> int:
-    """The clock of the kernel's timestamps (bpf_ktime_get_ns)."""
-    return time.monotonic_ns()

@@ -96,11 +96,17 @@ _lib_lock = threading.Lock()
 _print_cb = None  # keeps the ctypes callback alive for the process's lifetime
 
 
+_vsnprintf: Any = None  # libc's, resolved on the first libbpf log line
+
+
 def _format_libbpf(fmt: bytes, args: int) -> str:
-    libc = ctypes.CDLL(None)
+    global _vsnprintf
+    if _vsnprintf is None:
+        fn = ctypes.CDLL(None).vsnprintf
+        fn.argtypes = [_c_char_p, _c_size_t, _c_char_p, _c_void_p]
+        _vsnprintf = fn
     buf = ctypes.create_string_buffer(1024)
-    libc.vsnprintf.argtypes = [_c_char_p, _c_size_t, _c_char_p, _c_void_p]
-    libc.vsnprintf(buf, len(buf), fmt, args)
+    _vsnprintf(buf, len(buf), fmt, args)
     return buf.value.decode("utf-8", "replace").rstrip()
 
 

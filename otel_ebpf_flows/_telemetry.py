@@ -181,10 +181,6 @@ class Aggregator:
         with self._lock:
             return {m: self._rows(m) for m in (*_FIELDS, ACTIVE, EVENTS_LOST, MAP_EVICTIONS)}
 
-    def observations(self, metric: str) -> List[Tuple[int, Dict[str, Any]]]:
-        with self._lock:
-            return self._rows(metric)
-
     def _rows(self, metric: str) -> List[Tuple[int, Dict[str, Any]]]:
         # called with self._lock held
         if metric == ACTIVE:
