@@ -11,6 +11,8 @@
  *   tcp:tcp_receive_reset      RSTs we receive
  *   tcp:tcp_destroy_sock       final close reason, forgets the socket
  *   tcp:tcp_probe              zero-window transitions (per received segment)
+ *   sock:sock_send_length,     which thread used which connection when (span
+ *   sock:sock_recv_length      enrichment only; kernel 6.3+)
  *   iter/tcp                   bytes, RTT samples and listen drops of live
  *                              sockets, and adoption of sockets that existed
  *                              before load (run by the reader thread)
@@ -25,6 +27,9 @@
  *   stats      probe_stat -> count (self-telemetry)
  *   seeds      socket inode -> 1: this process's sockets at load, for adoption
  *   control    [0] = 1 while user space runs the adoption pass
+ *   conn_events  ring buffer of per-connection records for span enrichment
+ *              (connection, retransmit, reset, zero window, gone); never wakes
+ *   threads    tid -> the connections the thread used lately (span enrichment)
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -60,6 +65,7 @@ const volatile __u64 pidns_dev = 0;
 const volatile __u64 pidns_ino = 0;
 const volatile __u64 wakeup_bytes = 65536;
 const volatile __u64 rtt_sample_ns = 5000000000ULL;
+const volatile __u32 span_mode = 0;	/* 1: feed conn_events and threads */
 
 __u64 next_conn_id = 0;
 
@@ -79,7 +85,9 @@ struct sock_state {
 	__u64 retrans_segs;
 	__u64 last_rtt_ns;
 	__u32 srtt_us;
-	__u32 __pad1;
+	__u32 last_tid;		/* the thread that last sent or received on it */
+	__u16 peer_port;	/* the peer's actual port */
+	__u16 __pad1[3];
 };
 
 struct listener_key {
@@ -128,6 +136,18 @@ struct {
 	__type(value, __u8);
 } seeds SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} conn_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct thread_conns);
+} threads SEC(".maps");
+
 /* Keeps struct flow_event in the object's BTF (ring-buffer records are not
  * otherwise described) so tests can check user space's mirror against it. */
 struct flow_event *unused_flow_event __attribute__((unused));
@@ -141,6 +161,7 @@ struct {
 
 static const struct flow_counters zero_counters;
 static const struct sock_state zero_state;
+static const struct thread_conns zero_thread;
 
 static __always_inline void stat_inc(__u32 idx)
 {
@@ -237,8 +258,23 @@ static __always_inline struct sock_state *track(const struct sock *sk, const str
 	st->key = *key;
 	st->flags = flags;
 	st->start_ns = now;
+	st->peer_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	st->conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
 	return st;
+}
+
+static __always_inline void fill_event(struct flow_event *e, const struct sock_state *st, __u8 kind,
+				       __u8 reason, __u64 now, __u64 duration_ns)
+{
+	e->key = st->key;
+	e->kind = kind;
+	e->reason = reason;
+	e->peer_port = st->peer_port;
+	e->srtt_us = st->srtt_us;
+	e->tid = st->tid;
+	e->ts_ns = now;
+	e->duration_ns = duration_ns;
+	e->conn_id = st->conn_id;
 }
 
 static __always_inline void submit(const struct sock_state *st, __u8 kind, __u8 reason,
@@ -251,15 +287,7 @@ static __always_inline void submit(const struct sock_state *st, __u8 kind, __u8 
 		stat_inc(STAT_EVENTS_LOST);
 		return;
 	}
-	e->key = st->key;
-	e->kind = kind;
-	e->reason = reason;
-	e->__pad0 = 0;
-	e->srtt_us = st->srtt_us;
-	e->tid = st->tid;
-	e->ts_ns = now;
-	e->duration_ns = duration_ns;
-	e->conn_id = st->conn_id;
+	fill_event(e, st, kind, reason, now, duration_ns);
 	/* Never wake user space per record: it polls, and is woken once when a
 	 * burst crosses wakeup_bytes (not again for every record above it). */
 	pending = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
@@ -268,11 +296,62 @@ static __always_inline void submit(const struct sock_state *st, __u8 kind, __u8 
 	bpf_ringbuf_submit(e, flags);
 }
 
+/* A span-enrichment record: read when a span ends and on every poll, never
+ * woken for. */
+static __always_inline void conn_event(const struct sock_state *st, __u8 kind, __u8 reason,
+				       __u64 now, __u64 value)
+{
+	struct flow_event *e;
+
+	if (!span_mode)
+		return;
+	e = bpf_ringbuf_reserve(&conn_events, sizeof(*e), 0);
+	if (!e) {
+		stat_inc(STAT_CONN_EVENTS_LOST);
+		return;
+	}
+	fill_event(e, st, kind, reason, now, value);
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
 static __always_inline __u32 read_srtt_us(const struct sock *sk)
 {
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 
 	return BPF_CORE_READ(tp, srtt_us) >> 3;
+}
+
+/* Remember that thread `tid` used the connection now (span enrichment). */
+static __always_inline void note_use(__u32 tid, const struct sock_state *st, __u64 now)
+{
+	struct thread_conns *tc;
+	__u64 oldest = ~0ULL;
+	__u32 i, victim = 0;
+
+	if (!span_mode)
+		return;
+	tc = bpf_map_lookup_elem(&threads, &tid);
+	if (!tc) {
+		bpf_map_update_elem(&threads, &tid, &zero_thread, BPF_NOEXIST);
+		tc = bpf_map_lookup_elem(&threads, &tid);
+		if (!tc)
+			return;
+	}
+	for (i = 0; i < THREAD_SLOTS; i++) {
+		if (tc->slot[i].conn_id == st->conn_id) {
+			victim = i;
+			break;
+		}
+		if (tc->slot[i].last_ns < oldest) {
+			oldest = tc->slot[i].last_ns;
+			victim = i;
+		}
+	}
+	if (victim < THREAD_SLOTS) {
+		tc->slot[victim].conn_id = st->conn_id;
+		tc->slot[victim].last_ns = now;
+		tc->slot[victim].srtt_us = st->srtt_us;
+	}
 }
 
 /*
@@ -345,6 +424,7 @@ static __always_inline void on_established(const struct sock *sk, struct sock_st
 	}
 	if (handshake_ns)
 		submit(st, FLOW_EVENT_HANDSHAKE, 0, now, handshake_ns);
+	conn_event(st, FLOW_EVENT_CONN, 0, now, handshake_ns);
 }
 
 static __always_inline __u8 attempt_error(int err, const struct sock_state *st)
@@ -399,6 +479,8 @@ static __always_inline void forget(const struct sock *sk, struct sock_state *st)
 		struct listener_key lk = { .netns = sk_netns(sk), .port = st->key.port };
 
 		bpf_map_delete_elem(&listeners, &lk);
+	} else {
+		conn_event(st, FLOW_EVENT_GONE, 0, bpf_ktime_get_ns(), 0);
 	}
 	bpf_map_delete_elem(&socks, &skp);
 }
@@ -431,8 +513,11 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 				return 0;
 			peer_key(&key, &sk->__sk_common, FLOW_ROLE_CLIENT, 0);
 			st = track(sk, &key, 0, now);
-			if (st)
+			if (st) {
 				st->tid = (__u32)bpf_get_current_pid_tgid();
+				st->last_tid = st->tid;
+				note_use(st->tid, st, now);
+			}
 		} else if (newstate == TCP_LISTEN) {
 			struct listener_key lk = {};
 
@@ -539,6 +624,7 @@ static __always_inline int handle_retransmit(const struct sock *sk, const struct
 	segs = skb_segs(skb);
 	st->retrans_segs += segs;
 	COUNT(&st->key, retrans_segs, segs);
+	conn_event(st, FLOW_EVENT_RETRANSMIT, 0, bpf_ktime_get_ns(), segs);
 	return 0;
 }
 
@@ -571,6 +657,8 @@ static __always_inline int handle_reset(const struct sock *sk, __u8 flag)
 		COUNT(&st->key, resets_sent, 1);
 	else
 		COUNT(&st->key, resets_received, 1);
+	conn_event(st, FLOW_EVENT_RESET, flag == SF_RST_SENT ? FLOW_DIR_TRANSMIT : FLOW_DIR_RECEIVE,
+		   bpf_ktime_get_ns(), 1);
 	return 0;
 }
 
@@ -605,6 +693,7 @@ static __always_inline int handle_probe(const struct sock *sk, const struct sk_b
 			if (!(st->flags & SF_PEER_ZERO_WIN)) {
 				st->flags |= SF_PEER_ZERO_WIN;
 				COUNT(&st->key, zero_window_rx, 1);
+				conn_event(st, FLOW_EVENT_ZERO_WINDOW, FLOW_DIR_RECEIVE, bpf_ktime_get_ns(), 1);
 			}
 		} else {
 			st->flags &= ~SF_PEER_ZERO_WIN;
@@ -615,10 +704,31 @@ static __always_inline int handle_probe(const struct sock *sk, const struct sk_b
 		if (!(st->flags & SF_OUR_ZERO_WIN)) {
 			st->flags |= SF_OUR_ZERO_WIN;
 			COUNT(&st->key, zero_window_tx, 1);
+			conn_event(st, FLOW_EVENT_ZERO_WINDOW, FLOW_DIR_TRANSMIT, bpf_ktime_get_ns(), 1);
 		}
 	} else {
 		st->flags &= ~SF_OUR_ZERO_WIN;
 	}
+	return 0;
+}
+
+/* A send or receive by a thread of this process (process context): which
+ * connection the thread used, when, and its RTT then. */
+static __always_inline int handle_sock_io(const struct sock *sk)
+{
+	__u64 skp = (__u64)sk;
+	struct sock_state *st;
+	__u64 now;
+
+	if (!span_mode || !sk || !owned_by_target())
+		return 0;
+	st = bpf_map_lookup_elem(&socks, &skp);
+	if (!st || (st->flags & SF_LISTENER))
+		return 0;
+	now = bpf_ktime_get_ns();
+	st->last_tid = (__u32)bpf_get_current_pid_tgid();
+	st->srtt_us = read_srtt_us(sk);
+	note_use(st->last_tid, st, now);
 	return 0;
 }
 
@@ -649,7 +759,13 @@ int BPF_PROG(kind##_receive_reset, const struct sock *sk)                       
 { return handle_reset(sk, SF_RST_RECEIVED); }                                                 \
 SEC(#kind "/tcp_probe")                                                                        \
 int BPF_PROG(kind##_probe, const struct sock *sk, const struct sk_buff *skb)                   \
-{ return handle_probe(sk, skb); }
+{ return handle_probe(sk, skb); }                                                             \
+SEC(#kind "/sock_send_length")                                                                 \
+int BPF_PROG(kind##_send_length, const struct sock *sk, int ret, int flags)                    \
+{ return handle_sock_io(sk); }                                                                \
+SEC(#kind "/sock_recv_length")                                                                 \
+int BPF_PROG(kind##_recv_length, const struct sock *sk, int ret, int flags)                    \
+{ return handle_sock_io(sk); }
 
 HOOKS(tp_btf)
 HOOKS(raw_tp)
@@ -725,6 +841,7 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		st->bytes_received = tp->bytes_received;
 		st->srtt_us = tp->srtt_us >> 3;
 		COUNT(&key, adopted, 1);
+		conn_event(st, FLOW_EVENT_CONN, 1, now, 0);
 		return 0;
 	}
 
@@ -743,7 +860,8 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		e.key = st->key;
 		e.kind = FLOW_EVENT_RTT;
 		e.srtt_us = st->srtt_us;
-		e.tid = st->tid;
+		e.tid = st->last_tid;
+		e.peer_port = st->peer_port;
 		e.ts_ns = now;
 		e.conn_id = st->conn_id;
 		bpf_seq_write(seq, &e, sizeof(e));

@@ -64,16 +64,29 @@ enum flow_event_kind {
 	FLOW_EVENT_HANDSHAKE = 1,	/* duration_ns: SYN sent/received -> ESTABLISHED */
 	FLOW_EVENT_CLOSE = 2,		/* duration_ns: ESTABLISHED -> CLOSE; reason: enum close_reason */
 	FLOW_EVENT_RTT = 3,		/* a smoothed-RTT sample of a live connection */
+	/* Span enrichment (the conn_events ring; only when span_mode is set): */
+	FLOW_EVENT_CONN = 4,		/* established (reason 0) or adopted (reason 1); duration_ns:
+					 * the handshake, 0 when unknown */
+	FLOW_EVENT_RETRANSMIT = 5,	/* duration_ns: the number of segments */
+	FLOW_EVENT_RESET = 6,		/* reason: enum flow_direction */
+	FLOW_EVENT_ZERO_WINDOW = 7,	/* reason: enum flow_direction (receive: the peer's window) */
+	FLOW_EVENT_GONE = 8,		/* the socket is gone; its conn_id is never seen again */
+};
+
+enum flow_direction {
+	FLOW_DIR_TRANSMIT = 0,
+	FLOW_DIR_RECEIVE = 1,
 };
 
 /* A rare per-connection record (ring buffer, or the iterator's output). */
 struct flow_event {
 	struct flow_key key;
 	__u8 kind;		/* enum flow_event_kind */
-	__u8 reason;		/* enum close_reason, on FLOW_EVENT_CLOSE */
-	__u16 __pad0;
+	__u8 reason;		/* per kind, see enum flow_event_kind */
+	__u16 peer_port;	/* the peer's actual port (ephemeral for server connections) */
 	__u32 srtt_us;		/* smoothed RTT in microseconds, 0 if none yet */
-	__u32 tid;		/* thread that opened the connection (client), else 0 */
+	__u32 tid;		/* handshake: the thread that connected (client), else 0;
+				 * rtt: the thread that last sent or received on it */
 	__u64 ts_ns;		/* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
 	__u64 duration_ns;
 	__u64 conn_id;		/* per-load connection number, 1-based */
@@ -85,7 +98,23 @@ enum probe_stat {
 	STAT_FLOWS_FOLDED = 2,		/* a counter went to the overflow key: flows map full */
 	STAT_SYN_WAIT_MISSED = 3,	/* a server handshake whose SYN time was not found */
 	STAT_LISTENERS_FULL = 4,	/* a listener could not be registered: its connections go unseen */
-	STAT_MAX = 5,
+	STAT_CONN_EVENTS_LOST = 5,	/* conn_events ring full: a span-enrichment record was dropped */
+	STAT_MAX = 6,
+};
+
+/* Connections a thread used lately (span enrichment): the slot of a connection
+ * is refreshed on every send and receive; the least recently used slot goes. */
+#define THREAD_SLOTS 16
+
+struct thread_slot {
+	__u64 conn_id;
+	__u64 last_ns;		/* CLOCK_MONOTONIC of the latest send or receive */
+	__u32 srtt_us;		/* the connection's smoothed RTT then */
+	__u32 __pad0;
+};
+
+struct thread_conns {
+	struct thread_slot slot[THREAD_SLOTS];
 };
 
 #endif /* __TCP_FLOWS_H */

@@ -27,6 +27,14 @@ ENV_RING_BUFFER_BYTES = "OTEL_PYTHON_EBPF_FLOWS_RING_BUFFER_BYTES"
 ENV_POLL_INTERVAL = "OTEL_PYTHON_EBPF_FLOWS_POLL_INTERVAL"
 #: Seconds between samples of live connections (bytes, RTT); at most 10 (default 5).
 ENV_SAMPLE_INTERVAL = "OTEL_PYTHON_EBPF_FLOWS_SAMPLE_INTERVAL"
+#: Enrich spans with the kernel's TCP events: true or false (default true).
+ENV_SPAN_ENRICHMENT = "OTEL_PYTHON_EBPF_FLOWS_SPAN_ENRICHMENT"
+#: Span events (retransmit, reset, zero window) kept per span; more are counted (default 16).
+ENV_MAX_SPAN_EVENTS = "OTEL_PYTHON_EBPF_FLOWS_MAX_SPAN_EVENTS"
+#: A span whose new connection's handshake took at least this many seconds is degraded (default 0.5).
+ENV_DEGRADED_HANDSHAKE = "OTEL_PYTHON_EBPF_FLOWS_DEGRADED_HANDSHAKE_THRESHOLD"
+#: A span whose connection's smoothed RTT is at least this many seconds is degraded (default 0.25).
+ENV_DEGRADED_RTT = "OTEL_PYTHON_EBPF_FLOWS_DEGRADED_RTT_THRESHOLD"
 
 
 def _bound(x: float) -> str:
@@ -56,6 +64,11 @@ def _in_range(
     return check
 
 
+def _boolean(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{attribute.name}={value!r} is invalid: expected true or false")
+
+
 @attrs.frozen
 class Config:
     max_peers: int = attrs.field(default=200, validator=_in_range(1, 100_000, whole=True))
@@ -66,6 +79,10 @@ class Config:
     )
     poll_interval: float = attrs.field(default=0.1, validator=_in_range(0.01, 5))
     sample_interval: float = attrs.field(default=5.0, validator=_in_range(0.1, 10))
+    span_enrichment: bool = attrs.field(default=True, validator=_boolean)
+    max_span_events: int = attrs.field(default=16, validator=_in_range(0, 1024, whole=True))
+    degraded_handshake_threshold: float = attrs.field(default=0.5, validator=_in_range(0.000001, 3600))
+    degraded_rtt_threshold: float = attrs.field(default=0.25, validator=_in_range(0.000001, 3600))
 
 
 _ENV: Dict[str, str] = {
@@ -75,12 +92,25 @@ _ENV: Dict[str, str] = {
     "ring_buffer_bytes": ENV_RING_BUFFER_BYTES,
     "poll_interval": ENV_POLL_INTERVAL,
     "sample_interval": ENV_SAMPLE_INTERVAL,
+    "span_enrichment": ENV_SPAN_ENRICHMENT,
+    "max_span_events": ENV_MAX_SPAN_EVENTS,
+    "degraded_handshake_threshold": ENV_DEGRADED_HANDSHAKE,
+    "degraded_rtt_threshold": ENV_DEGRADED_RTT,
 }
-_INT_FIELDS = {"max_peers", "max_connections", "max_flows", "ring_buffer_bytes"}
+_INT_FIELDS = {"max_peers", "max_connections", "max_flows", "ring_buffer_bytes", "max_span_events"}
+_BOOL_FIELDS = {"span_enrichment"}
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
 
 
 def _parse(name: str, var: str, text: str) -> Any:
     text = text.strip()
+    if name in _BOOL_FIELDS:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigurationError(f"{var}={text!r} is invalid: expected true or false")
     try:
         return int(text) if name in _INT_FIELDS else float(text)
     except ValueError:

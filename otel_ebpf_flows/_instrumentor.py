@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Collection, Dict, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, Optional, Tuple
 
+from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.metrics import MeterProvider, get_meter
 
-from ._config import load_config
+from . import _spans
+from ._config import Config, load_config
 from ._kernel import KernelSource
 from ._telemetry import Instruments, Pipeline
 from .exceptions import EbpfFlowsError
@@ -55,7 +57,7 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         cls = type(self)
         try:
             meter_provider: Optional[MeterProvider] = kwargs.pop("meter_provider", None)
-            kwargs.pop("tracer_provider", None)  # span enrichment: not yet
+            tracer_provider: Optional[trace.TracerProvider] = kwargs.pop("tracer_provider", None)
             config = load_config(kwargs)
             meter = get_meter(SCOPE_NAME, __version__, meter_provider)
             with cls._lock:
@@ -65,15 +67,16 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 else:
                     instruments = Instruments(meter, lambda: cls._pipeline)
                     cls._instruments[id(meter)] = (meter, instruments)
+            source = KernelSource(config, span_mode=config.span_enrichment)
+            spans = _span_enrichment(source, config)
             pipeline = Pipeline(
-                KernelSource(config), instruments, config.max_peers,
+                source, instruments, config.max_peers,
                 config.poll_interval, config.sample_interval,
+                spans=spans, attach_spans=None if spans is None else _attacher(spans, tracer_provider),
             )
             pipeline.start()
             cls._pipeline = pipeline
-            source = pipeline.source
-            _log.info("otel-ebpf-flows: kernel TCP telemetry on (%s programs)",
-                      getattr(source, "variant", "?"))
+            _log.info("otel-ebpf-flows: kernel TCP telemetry on (%s programs)", getattr(source, "variant", "?"))
         except EbpfFlowsError as exc:
             _log.warning("otel-ebpf-flows: kernel TCP telemetry is off: %s", exc)
         except Exception:
@@ -88,6 +91,39 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 pipeline.stop()
             except Exception:
                 _log.warning("otel-ebpf-flows: error while detaching", exc_info=True)
+
+
+def _span_enrichment(source: KernelSource, config: Config) -> Optional[_spans.SpanEnrichment]:
+    if not config.span_enrichment:
+        return None
+    return _spans.SpanEnrichment(
+        source, capacity=2 * config.max_connections, max_events=config.max_span_events,
+        handshake_threshold=config.degraded_handshake_threshold,
+        rtt_threshold=config.degraded_rtt_threshold,
+    )
+
+
+def _attacher(spans: _spans.SpanEnrichment,
+              tracer_provider: Optional[trace.TracerProvider]) -> Callable[[], bool]:
+    """Hooks span enrichment into the tracer provider; True once done (or given up).
+
+    The global provider may be set after ``instrument()``: until then it is a
+    proxy, and the reader thread calls this again on every poll.
+    """
+    def attach() -> bool:
+        provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+        if _spans.attach(provider, spans):
+            _log.debug("otel-ebpf-flows: enriching the spans of %r", provider)
+            return True
+        if tracer_provider is None and isinstance(provider, trace.ProxyTracerProvider):
+            return False  # not set yet: try again later
+        _log.info("otel-ebpf-flows: span enrichment is off: the tracer provider %s is not the "
+                  "OpenTelemetry SDK's (pip install opentelemetry-sdk and set an SDK TracerProvider)",
+                  type(provider).__name__)
+        return True
+
+    attach()
+    return attach
 
 
 def _before_fork() -> None:

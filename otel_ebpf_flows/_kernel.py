@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import _libbpf, _records
@@ -41,6 +42,9 @@ HOOKS = (
     "receive_reset",
     "probe",
 )
+# Span enrichment: which thread used which connection (kernel 6.3+).
+THREAD_HOOKS = ("send_length", "recv_length")
+THREAD_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
 ITERATOR = "sample_sockets"
 MAX_SEEDS = 4096  # the seeds map's size in tcp_flows.bpf.c
 
@@ -137,12 +141,19 @@ class KernelSource:
     VARIANTS = ("tp_btf", "raw_tp")
 
     def __init__(self, config: Optional[Config] = None, pid: Optional[int] = None,
-                 variants: Tuple[str, ...] = VARIANTS) -> None:
+                 variants: Tuple[str, ...] = VARIANTS, span_mode: bool = False) -> None:
         self._config = config or Config()
         self._pid = pid or os.getpid()
         self._variants = variants
+        self._span_mode = span_mode
         self._obj: Optional[_libbpf.BpfObject] = None
         self._ring: Optional[_libbpf.RingBuffer] = None
+        # Span enrichment: read by the reader thread and by application threads
+        # ending spans; the lock also keeps close() from freeing them under a reader.
+        self._conn_lock = threading.Lock()
+        self._conn_ring: Optional[_libbpf.RingBuffer] = None
+        self._threads: Optional[_libbpf.Map] = None
+        self.tracks_threads = False
         self._on_event: Callable[[FlowEvent], None] = lambda e: None
         self._decode_errors = 0
         self.variant = ""
@@ -167,6 +178,11 @@ class KernelSource:
             assert err is not None
             raise err
         try:
+            if self._span_mode:
+                obj = self._require()
+                with self._conn_lock:
+                    self._conn_ring = obj.ring_buffer("conn_events", self._on_record)
+                    self._threads = obj.map("threads")
             self._seed_existing_sockets()
             self._ring = self._obj.ring_buffer("events", self._on_record)  # type: ignore[union-attr]
         except BaseException:
@@ -179,6 +195,21 @@ class KernelSource:
         if self._ring is not None:
             self._ring.poll(int(timeout_s * 1000))
             self._ring.consume()
+        self.drain_conn_events()
+
+    def drain_conn_events(self) -> None:
+        """Deliver every pending span-enrichment record (any thread; never blocks on I/O)."""
+        with self._conn_lock:
+            if self._conn_ring is not None:
+                self._conn_ring.consume()
+
+    def thread_connections(self, tid: int) -> List[Tuple[int, int, int]]:
+        """(conn_id, last use in CLOCK_MONOTONIC ns, srtt_us) of the connections thread ``tid`` used lately."""
+        value = _records.CThreadConns()
+        with self._conn_lock:
+            if self._threads is None or not self._threads.lookup(ctypes.c_uint32(tid), value):
+                return []
+        return [(s.conn_id, s.last_ns, s.srtt_us) for s in value.slot if s.conn_id]
 
     def sample(self) -> Snapshot:
         obj = self._require()
@@ -190,6 +221,9 @@ class KernelSource:
 
     def close(self) -> None:
         self._ring = None
+        with self._conn_lock:
+            self._conn_ring = None
+            self._threads = None
         if self._obj is not None:
             self._obj.close()
             self._obj = None
@@ -215,18 +249,29 @@ class KernelSource:
                 "pidns_ino": st.st_ino,
                 "wakeup_bytes": cfg.ring_buffer_bytes // 4,
                 "rtt_sample_ns": int(cfg.sample_interval * 1e9) - 50_000_000,
+                "span_mode": 1 if self._span_mode else 0,
             },
         )
         obj.map("socks").set_max_entries(cfg.max_connections)
         obj.map("flows").set_max_entries(cfg.max_flows + 2)  # + the two overflow keys
         obj.map("events").set_max_entries(cfg.ring_buffer_bytes)
+        obj.map("conn_events").set_max_entries(cfg.ring_buffer_bytes if self._span_mode else 4096)
+        if not self._span_mode:
+            obj.map("threads").set_max_entries(1)
         retransmit_has_err = _libbpf.vmlinux_tracepoint_arity("tcp_retransmit_skb") == 3
+        tracks_threads = self._span_mode and all(
+            _libbpf.vmlinux_tracepoint_arity(tp) is not None for tp in THREAD_TRACEPOINTS)
+        if self._span_mode and not tracks_threads:
+            _log.info("otel-ebpf-flows: this kernel has no sock:sock_send_length tracepoint (6.3+): "
+                      "spans find their connections by peer only")
         for kind in ("tp_btf", "raw_tp"):
             for hook in HOOKS:
                 obj.set_autoload(f"{kind}_{hook}", kind == variant)
             obj.set_autoload(f"{kind}_retransmit_skb_err", kind == variant and retransmit_has_err)
             if kind == variant and retransmit_has_err:
                 obj.set_autoload(f"{kind}_retransmit_skb", False)
+            for hook in THREAD_HOOKS:
+                obj.set_autoload(f"{kind}_{hook}", kind == variant and tracks_threads)
         obj.load()
         flows = obj.map("flows")
         for role in (_records.FLOW_ROLE_CLIENT, _records.FLOW_ROLE_SERVER):
@@ -238,6 +283,11 @@ class KernelSource:
                 name += "_err"
             obj.attach(name)
             attached.append(name)
+        if tracks_threads:
+            for hook in THREAD_HOOKS:
+                obj.attach(f"{variant}_{hook}")
+                attached.append(f"{variant}_{hook}")
+        self.tracks_threads = tracks_threads
         self.variant = variant
         self.attached = attached
 
@@ -302,6 +352,7 @@ class KernelSource:
             events_lost={
                 "tcp_flows.events": vals[_records.STAT_EVENTS_LOST],
                 "tcp_flows.syn_wait": vals[_records.STAT_SYN_WAIT_MISSED],
+                "tcp_flows.conn_events": vals[_records.STAT_CONN_EVENTS_LOST],
                 "tcp_flows.decode": self._decode_errors,
             },
             map_evictions={

@@ -36,13 +36,24 @@ CLOSE_MAX = 5
 FLOW_EVENT_HANDSHAKE = 1
 FLOW_EVENT_CLOSE = 2
 FLOW_EVENT_RTT = 3
+FLOW_EVENT_CONN = 4
+FLOW_EVENT_RETRANSMIT = 5
+FLOW_EVENT_RESET = 6
+FLOW_EVENT_ZERO_WINDOW = 7
+FLOW_EVENT_GONE = 8
+
+FLOW_DIR_TRANSMIT = 0
+FLOW_DIR_RECEIVE = 1
 
 STAT_EVENTS_LOST = 0
 STAT_SOCKS_FULL = 1
 STAT_FLOWS_FOLDED = 2
 STAT_SYN_WAIT_MISSED = 3
 STAT_LISTENERS_FULL = 4
-STAT_MAX = 5
+STAT_CONN_EVENTS_LOST = 5
+STAT_MAX = 6
+
+THREAD_SLOTS = 16
 
 _U64 = ctypes.c_uint64
 
@@ -84,7 +95,7 @@ class CFlowEvent(ctypes.Structure):
         ("key", CFlowKey),
         ("kind", ctypes.c_uint8),
         ("reason", ctypes.c_uint8),
-        ("__pad0", ctypes.c_uint16),
+        ("peer_port", ctypes.c_uint16),
         ("srtt_us", ctypes.c_uint32),
         ("tid", ctypes.c_uint32),
         ("ts_ns", _U64),
@@ -93,11 +104,26 @@ class CFlowEvent(ctypes.Structure):
     ]
 
 
+class CThreadSlot(ctypes.Structure):
+    _fields_ = [
+        ("conn_id", _U64),
+        ("last_ns", _U64),
+        ("srtt_us", ctypes.c_uint32),
+        ("__pad0", ctypes.c_uint32),
+    ]
+
+
+class CThreadConns(ctypes.Structure):
+    _fields_ = [("slot", CThreadSlot * THREAD_SLOTS)]
+
+
 # name -> (ctypes mirror, C struct name) for the BTF cross-check
 MIRRORS: Dict[str, Tuple[type, str]] = {
     "flow_key": (CFlowKey, "flow_key"),
     "flow_counters": (CFlowCounters, "flow_counters"),
     "flow_event": (CFlowEvent, "flow_event"),
+    "thread_slot": (CThreadSlot, "thread_slot"),
+    "thread_conns": (CThreadConns, "thread_conns"),
 }
 
 _V4_PREFIX = bytes(10) + b"\xff\xff"
@@ -106,7 +132,14 @@ _EVENT_KINDS = {
     FLOW_EVENT_HANDSHAKE: "handshake",
     FLOW_EVENT_CLOSE: "close",
     FLOW_EVENT_RTT: "rtt",
+    FLOW_EVENT_CONN: "conn",
+    FLOW_EVENT_RETRANSMIT: "retransmit",
+    FLOW_EVENT_RESET: "reset",
+    FLOW_EVENT_ZERO_WINDOW: "zero_window",
+    FLOW_EVENT_GONE: "gone",
 }
+_DIRECTIONS = {FLOW_DIR_TRANSMIT: "transmit", FLOW_DIR_RECEIVE: "receive"}
+_CONN_KINDS = frozenset({"conn", "retransmit", "reset", "zero_window", "gone"})
 
 
 def overflow_key(role: int) -> CFlowKey:
@@ -177,19 +210,41 @@ def decode_event(data: bytes) -> FlowEvent:
     if kind is None:
         raise RecordError(f"flow event of unknown kind {raw.kind}")
     reason = None
+    direction = None
+    count = 0
+    duration_s = raw.duration_ns / 1e9
     if kind == "close":
         if raw.reason >= len(CLOSE_REASONS):
             raise RecordError(f"close event with unknown reason {raw.reason}")
         reason = CLOSE_REASONS[raw.reason]
+    elif kind in ("reset", "zero_window"):
+        direction = _DIRECTIONS.get(raw.reason)
+        if direction is None:
+            raise RecordError(f"{kind} event with unknown direction {raw.reason}")
+        count = 1
+    elif kind == "retransmit":
+        count, duration_s = raw.duration_ns, 0.0
+        if not 0 < count < 1 << 16:
+            raise RecordError(f"retransmit event of {count} segments")
+    key = decode_key(raw.key)
+    if kind in _CONN_KINDS:
+        if not raw.conn_id:
+            raise RecordError(f"{kind} event without a connection id")
+        if not key.family:
+            raise RecordError(f"{kind} event without a peer")
     return FlowEvent(
         kind=kind,
-        key=decode_key(raw.key),
+        key=key,
         ts_ns=raw.ts_ns,
-        duration_s=raw.duration_ns / 1e9,
+        duration_s=duration_s,
         srtt_s=raw.srtt_us / 1e6 if raw.srtt_us else None,
         close_reason=reason,
         tid=raw.tid,
         conn_id=raw.conn_id,
+        peer_port=raw.peer_port,
+        direction=direction,
+        count=count,
+        adopted=kind == "conn" and raw.reason == 1,
     )
 
 

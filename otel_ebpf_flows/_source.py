@@ -69,14 +69,21 @@ class Counters:
 class FlowEvent:
     """A rare per-connection record."""
 
-    kind: str  # "handshake", "close" or "rtt"
+    #: "handshake", "close", "rtt" (metrics); "conn", "retransmit", "reset",
+    #: "zero_window", "gone" (span enrichment)
+    kind: str
     key: FlowKey
-    ts_ns: int
-    duration_s: float  # handshake: SYN -> ESTABLISHED; close: ESTABLISHED -> CLOSE
+    ts_ns: int  # CLOCK_MONOTONIC
+    #: handshake (and conn): SYN -> ESTABLISHED, 0 when unknown; close: ESTABLISHED -> CLOSE
+    duration_s: float
     srtt_s: Optional[float]
     close_reason: Optional[str] = None
     tid: int = 0
     conn_id: int = 0
+    peer_port: int = 0  # the peer's actual port (ephemeral for server connections)
+    direction: Optional[str] = None  # reset, zero_window: "transmit" or "receive"
+    count: int = 0  # retransmit: segments; reset, zero_window: 1
+    adopted: bool = False  # conn: found by the iterator, opened before instrument()
 
 
 @attrs.frozen

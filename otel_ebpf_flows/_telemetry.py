@@ -16,9 +16,11 @@ import threading
 import time
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
 
+from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from ._source import CLOSE_REASONS, CONNECT_ERRORS, Counters, FlowEvent, FlowKey, Role, Snapshot, Source
+from ._spans import CONN_EVENT_KINDS, SpanEnrichment, detach
 
 _log = logging.getLogger("otel_ebpf_flows")
 
@@ -250,15 +252,21 @@ class Instruments:
 
         return callback
 
-    def record(self, aggregator: Aggregator, event: FlowEvent) -> None:
+    def record(self, aggregator: Aggregator, event: FlowEvent,
+               exemplar: Callable[[int, int, FlowKey], Optional[Context]] = lambda tid, ts, key: None) -> None:
+        """Record a record's histogram points; ``exemplar(tid, ts, key)`` names the span current then."""
         if event.kind == "handshake":
-            self.handshake.record(event.duration_s, aggregator.attributes(HANDSHAKE, event.key))
+            # the span that connected: current on the connecting thread at SYN time
+            ctx = exemplar(event.tid, event.ts_ns - int(event.duration_s * 1e9), event.key)
+            self.handshake.record(event.duration_s, aggregator.attributes(HANDSHAKE, event.key), context=ctx)
         elif event.kind == "close":
             self.duration.record(event.duration_s, aggregator.attributes(DURATION, event.key))
             if event.srtt_s is not None:
                 self.rtt.record(event.srtt_s, aggregator.attributes(RTT, event.key))
         elif event.kind == "rtt" and event.srtt_s is not None:
-            self.rtt.record(event.srtt_s, aggregator.attributes(RTT, event.key))
+            # the span current on the thread that last used the connection
+            ctx = exemplar(event.tid, event.ts_ns, event.key)
+            self.rtt.record(event.srtt_s, aggregator.attributes(RTT, event.key), context=ctx)
 
 
 class Pipeline:
@@ -267,8 +275,14 @@ class Pipeline:
     FRESH_S = 0.2
 
     def __init__(self, source: Source, instruments: Instruments, max_peers: int,
-                 poll_interval: float, sample_interval: float) -> None:
+                 poll_interval: float, sample_interval: float,
+                 spans: Optional[SpanEnrichment] = None,
+                 attach_spans: Optional[Callable[[], bool]] = None) -> None:
         self.source = source
+        #: the span side (None: span enrichment off)
+        self.spans = spans
+        # called by the reader until it returns True (a global tracer provider set late)
+        self._attach_spans = attach_spans
         self.aggregator = Aggregator(max_peers)
         self._instruments = instruments
         self._poll_interval = poll_interval
@@ -300,7 +314,15 @@ class Pipeline:
         self._thread.start()
 
     def _on_event(self, event: FlowEvent) -> None:
-        self._instruments.record(self.aggregator, event)
+        if event.kind in CONN_EVENT_KINDS:
+            if self.spans is not None:
+                self.spans.on_conn_event(event)
+            return
+        spans = self.spans
+        if spans is None:
+            self._instruments.record(self.aggregator, event)
+        else:
+            self._instruments.record(self.aggregator, event, spans.registry.exemplar_context)
 
     def _sample(self) -> None:
         snapshot = self.source.sample()
@@ -322,6 +344,10 @@ class Pipeline:
                     if self._wanted.is_set() or time.monotonic() - self._sampled_at >= self._sample_interval:
                         self._wanted.clear()
                         self._sample()
+                        if self.spans is not None:
+                            self.spans.prune()
+                    if self._attach_spans is not None and self._attach_spans():
+                        self._attach_spans = None
                 self._errors = 0
             except Exception:
                 self._errors += 1
@@ -370,6 +396,9 @@ class Pipeline:
             self._work.release()
 
     def stop(self) -> None:
+        if self.spans is not None:
+            self.spans.enabled = False
+            detach(self.spans)
         self._stop.set()
         self._wanted.set()
         thread = self._thread

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional, Tuple
 
 from otel_ebpf_flows._source import Counters, FlowEvent, FlowKey, ProbeStats, Snapshot
 
@@ -61,6 +61,13 @@ class FakeSource:
                 self.failed_samples += 1
                 raise OSError("scripted sample failure")
             return self.snapshot
+
+    # span enrichment (ConnectionSource): no kernel, so no thread records
+    def drain_conn_events(self) -> None:
+        pass
+
+    def thread_connections(self, tid: int) -> List[Tuple[int, int, int]]:
+        return []
 
     def close(self) -> None:
         self.closed = True

@@ -47,8 +47,27 @@ SETTINGS = {
         [0.05, 10.5, -1.0],
         "0.1 to 10",
     ),
+    "span_enrichment": ("OTEL_PYTHON_EBPF_FLOWS_SPAN_ENRICHMENT", True, False, "false", ["maybe", "2"], "true or false"),
+    "max_span_events": ("OTEL_PYTHON_EBPF_FLOWS_MAX_SPAN_EVENTS", 16, 0, "0", [-1, 1025], "0 to 1024"),
+    "degraded_handshake_threshold": (
+        "OTEL_PYTHON_EBPF_FLOWS_DEGRADED_HANDSHAKE_THRESHOLD",
+        0.5,
+        1.5,
+        "1.5",
+        [0.0, -1.0, 4000.0],
+        "1e-06 to 3600",
+    ),
+    "degraded_rtt_threshold": (
+        "OTEL_PYTHON_EBPF_FLOWS_DEGRADED_RTT_THRESHOLD",
+        0.25,
+        0.05,
+        "0.05",
+        [0.0, 3601.0],
+        "1e-06 to 3600",
+    ),
 }
-INT_SETTINGS = ["max_peers", "max_connections", "max_flows", "ring_buffer_bytes"]
+INT_SETTINGS = ["max_peers", "max_connections", "max_flows", "ring_buffer_bytes", "max_span_events"]
+BOOL_SETTINGS = ["span_enrichment"]
 ENV_NAMES = [var for var, *_ in SETTINGS.values()]
 
 
@@ -85,7 +104,7 @@ def test_each_variable_sets_its_value(name):
     var, _default, value, text, _bad, _accepted = SETTINGS[name]
     config = load_config({}, environ={var: f"  {text}\n"})
     assert getattr(config, name) == value
-    assert type(getattr(config, name)) is (int if name in INT_SETTINGS else float)
+    assert type(getattr(config, name)) is (int if name in INT_SETTINGS else bool if name in BOOL_SETTINGS else float)
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
@@ -131,7 +150,8 @@ def test_unparsable_variable_names_variable_text_and_the_kind(name, text):
         load_config({}, environ={var: text})
     message = str(info.value)
     assert f"{var}={text!r}" in message
-    assert ("a whole number" if name in INT_SETTINGS else "a number") in message
+    kind = "a whole number" if name in INT_SETTINGS else "true or false" if name in BOOL_SETTINGS else "a number"
+    assert kind in message
 
 
 @pytest.mark.parametrize("name", INT_SETTINGS)

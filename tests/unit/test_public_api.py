@@ -119,7 +119,7 @@ def test_an_unsupported_environment_logs_one_warning_and_does_nothing(
     assert _warnings(caplog) == []
 
     # and it can be instrumented again, this time where the (fake) kernel works
-    monkeypatch.setattr(_instrumentor, "KernelSource", lambda config: FakeSource())
+    monkeypatch.setattr(_instrumentor, "KernelSource", lambda config, **_kw: FakeSource())
     instrumentor.instrument(meter_provider=provider, poll_interval=0.01)
     assert instrumentor.pipeline is not None and instrumentor.pipeline.source.started
     assert _warnings(caplog) == []
@@ -163,7 +163,7 @@ def test_an_invalid_variable_logs_one_warning_naming_it(instrumentor, provider, 
 
 
 def test_an_unexpected_error_is_one_warning_too(instrumentor, provider, caplog, monkeypatch):
-    def broken(config):
+    def broken(config, **_kw):
         raise KeyError("something nobody planned for")
 
     monkeypatch.setattr(_instrumentor, "KernelSource", broken)
@@ -179,7 +179,7 @@ def test_an_unexpected_error_is_one_warning_too(instrumentor, provider, caplog, 
 def test_a_source_failing_after_it_started_is_closed(instrumentor, provider, caplog, monkeypatch):
     sources: List[FakeSource] = []
 
-    def failing(config):
+    def failing(config, **_kw):
         sources.append(FakeSource())
         sources[-1].fail_first_sample = True
         return sources[-1]
@@ -195,7 +195,7 @@ def test_a_source_failing_after_it_started_is_closed(instrumentor, provider, cap
 
 
 def test_instrumenting_twice_is_harmless(instrumentor, provider, caplog, monkeypatch):
-    monkeypatch.setattr(_instrumentor, "KernelSource", lambda config: FakeSource())
+    monkeypatch.setattr(_instrumentor, "KernelSource", lambda config, **_kw: FakeSource())
     instrumentor.instrument(meter_provider=provider, poll_interval=0.01)
     first = instrumentor.pipeline
     EbpfFlowsInstrumentor().instrument(meter_provider=provider)  # the same singleton

@@ -59,8 +59,10 @@ def raw_event(
     ts_ns: int = 0,
     duration_ns: int = 0,
     conn_id: int = 0,
+    peer_port: int = 0,
 ) -> bytes:
     event = CFlowEvent()
+    event.peer_port = peer_port
     event.key = key if key is not None else raw_key(mapped("192.0.2.1"), 443, V4, CLIENT)
     event.kind, event.reason, event.srtt_us, event.tid = kind, reason, srtt_us, tid
     event.ts_ns, event.duration_ns, event.conn_id = ts_ns, duration_ns, conn_id
@@ -246,7 +248,7 @@ def test_events_of_the_wrong_size_raise(size):
         decode_event(bytes(size))
 
 
-@pytest.mark.parametrize("kind", [0, 4, 255])
+@pytest.mark.parametrize("kind", [0, 9, 255])
 def test_events_of_unknown_kind_raise(kind):
     with pytest.raises(RecordError, match="kind"):
         decode_event(raw_event(kind=kind))
@@ -306,7 +308,7 @@ def plausible_events(draw) -> bytes:
     )
     return raw_event(
         key=key,
-        kind=draw(st.sampled_from([0, 1, 2, 3, 4, 255])),
+        kind=draw(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 255])),
         reason=draw(st.integers(0, 255)),
         srtt_us=draw(st.integers(0, 2**32 - 1)),
         tid=draw(st.integers(0, 2**32 - 1)),
@@ -324,8 +326,13 @@ def test_plausible_records_decode_or_raise_record_error(records):
             event = decode_event(data)
         except RecordError:
             continue
-        assert event.kind in ("handshake", "close", "rtt")
+        assert event.kind in ("handshake", "close", "rtt", "conn", "retransmit", "reset", "zero_window", "gone")
         assert (event.close_reason is not None) == (event.kind == "close")
+        assert (event.direction is not None) == (event.kind in ("reset", "zero_window"))
+        if event.kind in ("conn", "retransmit", "reset", "zero_window", "gone"):
+            assert event.conn_id > 0 and event.key.family in ("ipv4", "ipv6")
+        if event.kind == "retransmit":
+            assert 0 < event.count < 1 << 16
         assert event.srtt_s is None or event.srtt_s > 0
         assert event.key.family in ("ipv4", "ipv6", "")
         if event.key.family:
@@ -483,3 +490,43 @@ def test_the_btf_parser_sees_nested_and_array_members():
     (counters,) = [t for t in types.values() if t.kind == "STRUCT" and t.name == "flow_counters"]
     sizes = {name: btf_size(types, tid) for name, tid, _b, _f in counters.members}
     assert sizes["attempts_failed"] == 8 * _records.CONN_ERR_MAX and sizes["closes"] == 8 * _records.CLOSE_MAX
+
+
+# -- span-enrichment records ------------------------------------------------------------------
+
+
+def test_a_retransmit_record_carries_its_segments_connection_and_peer_port():
+    e = decode_event(raw_event(kind=_records.FLOW_EVENT_RETRANSMIT, duration_ns=3, conn_id=9,
+                               ts_ns=123, peer_port=40000))
+    assert (e.kind, e.count, e.conn_id, e.ts_ns, e.peer_port, e.duration_s) == ("retransmit", 3, 9, 123, 40000, 0.0)
+
+
+@pytest.mark.parametrize(("kind", "name"), [(_records.FLOW_EVENT_RESET, "reset"),
+                                            (_records.FLOW_EVENT_ZERO_WINDOW, "zero_window")])
+@pytest.mark.parametrize(("reason", "direction"), [(0, "transmit"), (1, "receive")])
+def test_reset_and_zero_window_records_carry_a_direction(kind, name, reason, direction):
+    e = decode_event(raw_event(kind=kind, reason=reason, conn_id=1))
+    assert (e.kind, e.direction, e.count) == (name, direction, 1)
+    with pytest.raises(RecordError, match="direction"):
+        decode_event(raw_event(kind=kind, reason=2, conn_id=1))
+
+
+def test_a_conn_record_says_whether_it_was_adopted():
+    fresh = decode_event(raw_event(kind=_records.FLOW_EVENT_CONN, reason=0, conn_id=4, duration_ns=2_000_000))
+    adopted = decode_event(raw_event(kind=_records.FLOW_EVENT_CONN, reason=1, conn_id=5))
+    assert (fresh.adopted, fresh.duration_s) == (False, 0.002)
+    assert adopted.adopted is True
+
+
+@pytest.mark.parametrize("kind", [4, 5, 6, 7, 8])
+def test_span_records_without_a_connection_or_a_peer_are_rejected(kind):
+    with pytest.raises(RecordError, match="connection id"):
+        decode_event(raw_event(kind=kind, duration_ns=1, conn_id=0))
+    with pytest.raises(RecordError, match="peer"):
+        decode_event(raw_event(key=_records.overflow_key(CLIENT), kind=kind, duration_ns=1, conn_id=3))
+
+
+@pytest.mark.parametrize("segments", [0, 1 << 16])
+def test_a_retransmit_record_of_implausible_size_is_rejected(segments):
+    with pytest.raises(RecordError, match="segments"):
+        decode_event(raw_event(kind=_records.FLOW_EVENT_RETRANSMIT, duration_ns=segments, conn_id=1))

@@ -344,7 +344,7 @@ def test_points_carry_the_providers_resource_and_the_package_scope(run_pipeline,
     # the instrumentor's own wiring, with the kernel source replaced by the fake
     sources: List[FakeSource] = []
 
-    def fake_kernel_source(config):
+    def fake_kernel_source(config, **_kw):
         sources.append(FakeSource())
         return sources[-1]
 
@@ -370,7 +370,7 @@ def test_points_carry_the_providers_resource_and_the_package_scope(run_pipeline,
 
 def test_instruments_follow_a_new_meter_provider(make_provider, monkeypatch):
     """Instrumenting again on another provider exports there, even when its meter reuses a freed id."""
-    monkeypatch.setattr(_instrumentor, "KernelSource", lambda config: FakeSource())
+    monkeypatch.setattr(_instrumentor, "KernelSource", lambda config, **_kw: FakeSource())
     monkeypatch.setattr(_instrumentor, "id", lambda _obj: 1, raising=False)  # every meter: the same id
     instrumentor = otel_ebpf_flows.EbpfFlowsInstrumentor()
     for _ in range(3):
