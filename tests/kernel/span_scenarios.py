@@ -43,10 +43,15 @@ def scenario(fn: Callable[[], Dict[str, Any]]) -> Callable[[], Dict[str, Any]]:
     return fn
 
 
-def lossy_path(port: int, percent: int = 5) -> None:
-    """Loopback at an Ethernet MTU (so requests are several segments) with random loss."""
+def ethernet_loopback() -> None:
+    """Loopback at an Ethernet MTU, one segment per packet (no GSO super-packets), so a
+    request is many segments and random loss hits it as it would on a real path."""
     setup_netns()
-    subprocess.run(["ip", "link", "set", "lo", "mtu", "1500"], check=True)
+    subprocess.run(["ip", "link", "set", "lo", "mtu", "1500", "gso_max_segs", "1"], check=True)
+
+
+def lossy_path(port: int, percent: int = 5) -> None:
+    ethernet_loopback()
     random_loss(port, percent)
 
 
@@ -188,10 +193,9 @@ def httpx_async() -> Dict[str, Any]:
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
     ports, rounds, size = (5572, 5574), 30, 20000
-    setup_netns()
-    subprocess.run(["ip", "link", "set", "lo", "mtu", "1500"], check=True)
-    random_loss(ports[0], 8)
-    random_loss_table(ports[1], 3, "loss2")
+    ethernet_loopback()
+    random_loss(ports[0], 5)
+    random_loss_table(ports[1], 2, "loss2")
     servers = [peer_module("tests.kernel.http_peer", "server", str(p)) for p in ports]
     spans = Spans()
     tel = Telemetry(sample_interval=0.5)

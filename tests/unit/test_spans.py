@@ -1,0 +1,250 @@
+"""Span enrichment's matching, attributes and SDK hook, on a real SDK TracerProvider.
+
+The kernel side is scripted here (which thread used which connection, and the kernel's
+per-connection records); tests/kernel/test_spans.py checks the same against the kernel.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Dict, List, Tuple
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from otel_ebpf_flows import _spans
+from otel_ebpf_flows._source import FlowEvent, FlowKey, Role
+from otel_ebpf_flows._spans import SpanEnrichment, peer_of
+
+CLIENT = FlowKey(role=Role.CLIENT, address="192.0.2.10", port=443, family="ipv4")
+OTHER = FlowKey(role=Role.CLIENT, address="192.0.2.20", port=8080, family="ipv4")
+SERVER = FlowKey(role=Role.SERVER, address="198.51.100.7", port=8000, family="ipv4")
+
+
+class ScriptedKernel:
+    """Per thread, the connections it used (conn_id, last use, srtt_us); records to deliver."""
+
+    def __init__(self) -> None:
+        self.threads: Dict[int, List[Tuple[int, int, int]]] = {}
+        self.pending: List[FlowEvent] = []
+        self.deliver = lambda e: None
+        self.drains = 0
+
+    def drain_conn_events(self) -> None:
+        self.drains += 1
+        pending, self.pending = self.pending, []
+        for e in pending:
+            self.deliver(e)
+
+    def thread_connections(self, tid: int) -> List[Tuple[int, int, int]]:
+        return list(self.threads.get(tid, []))
+
+    def use(self, conn_id: int, srtt_us: int = 1000, tid: int = 0) -> None:
+        tid = tid or threading.get_native_id()
+        slots = [s for s in self.threads.get(tid, []) if s[0] != conn_id]
+        self.threads[tid] = slots + [(conn_id, time.monotonic_ns(), srtt_us)]
+
+
+def event(kind: str, conn_id: int, key: FlowKey = CLIENT, **kw) -> FlowEvent:
+    fields = dict(kind=kind, key=key, ts_ns=time.monotonic_ns(), duration_s=0.0, srtt_s=None, conn_id=conn_id)
+    fields.update(kw)
+    return FlowEvent(**fields)
+
+
+@pytest.fixture
+def rig():
+    kernel = ScriptedKernel()
+    spans = SpanEnrichment(kernel, capacity=100, max_events=4, handshake_threshold=0.5, rtt_threshold=0.25)
+    kernel.deliver = spans.on_conn_event
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert _spans.attach(provider, spans)
+    yield kernel, spans, provider, exporter
+    _spans.detach(spans)
+
+
+def finished(exporter: InMemorySpanExporter) -> Dict[str, dict]:
+    return {s.name: dict(s.attributes) for s in exporter.get_finished_spans()}
+
+
+def test_a_span_gets_its_threads_connection_and_the_events_during_it(rig):
+    kernel, spans, provider, exporter = rig
+    tracer = provider.get_tracer("t")
+    kernel.pending.append(event("conn", 1, duration_s=0.002, peer_port=443))
+    kernel.drain_conn_events()
+    kernel.use(1)
+    kernel.pending.append(event("retransmit", 1, count=2))  # before the span: not its own
+    with tracer.start_as_current_span("GET", kind=trace.SpanKind.CLIENT,
+                                      attributes={"server.address": "192.0.2.10", "server.port": 443}):
+        kernel.use(1, srtt_us=3000)
+        kernel.pending.append(event("retransmit", 1, count=3))
+        kernel.pending.append(event("reset", 1, direction="receive", count=1))
+    span = exporter.get_finished_spans()[0]
+    a = dict(span.attributes)
+    assert a["ebpf_flows.tcp.retransmits"] == 3
+    assert a["ebpf_flows.tcp.rtt"] == 0.003
+    assert a["ebpf_flows.tcp.connection.reused"] is True
+    assert "ebpf_flows.tcp.handshake.duration" not in a
+    assert a["ebpf_flows.tcp.degraded"] is True
+    assert [e.name for e in span.events] == ["ebpf_flows.tcp.retransmit", "ebpf_flows.tcp.reset"]
+    assert dict(span.events[0].attributes) == {
+        "network.peer.address": "192.0.2.10", "network.peer.port": 443, "ebpf_flows.tcp.segments": 3}
+    assert span.start_time <= span.events[0].timestamp <= span.end_time
+    # the span's own attributes are kept, and the live span was not touched
+    assert a["server.address"] == "192.0.2.10"
+
+
+def test_a_span_that_connects_gets_the_handshake_and_is_not_reused(rig):
+    kernel, _spans_, provider, exporter = rig
+    with provider.get_tracer("t").start_as_current_span("connect"):
+        # established 0.7 s after the SYN, which this span sent
+        kernel.pending.append(event("conn", 2, ts_ns=time.monotonic_ns() + 700_000_000, duration_s=0.7,
+                                    peer_port=443))
+        kernel.use(2)
+    a = finished(exporter)["connect"]
+    assert a["ebpf_flows.tcp.handshake.duration"] == 0.7
+    assert a["ebpf_flows.tcp.connection.reused"] is False
+    assert a["ebpf_flows.tcp.degraded"] is True  # 0.7 s >= the 0.5 s threshold
+    assert a["ebpf_flows.tcp.retransmits"] == 0
+
+
+def test_rtt_above_the_threshold_is_degraded_and_below_is_not(rig):
+    kernel, _s, provider, exporter = rig
+    kernel.pending.append(event("conn", 3, peer_port=443))
+    tracer = provider.get_tracer("t")
+    with tracer.start_as_current_span("slow"):
+        kernel.use(3, srtt_us=300_000)
+    with tracer.start_as_current_span("fast"):
+        kernel.use(3, srtt_us=1_000)
+    spans = finished(exporter)
+    assert spans["slow"]["ebpf_flows.tcp.degraded"] is True
+    assert spans["fast"]["ebpf_flows.tcp.degraded"] is False
+
+
+def test_a_span_that_used_no_connection_is_left_alone(rig):
+    _kernel, _s, provider, exporter = rig
+    with provider.get_tracer("t").start_as_current_span("compute"):
+        pass
+    assert not any(k.startswith("ebpf_flows") for k in finished(exporter)["compute"])
+
+
+def test_spans_on_one_thread_are_told_apart_by_peer(rig):
+    """asyncio: two requests interleave on one thread; each gets its own peer's connection."""
+    kernel, _s, provider, exporter = rig
+    kernel.pending += [event("conn", 10, peer_port=443), event("conn", 11, key=OTHER, peer_port=8080)]
+    tracer = provider.get_tracer("t")
+    a = tracer.start_span("to-a", kind=trace.SpanKind.CLIENT, attributes={"url.full": "https://192.0.2.10/x"})
+    b = tracer.start_span("to-b", kind=trace.SpanKind.CLIENT,
+                          attributes={"http.url": "http://192.0.2.20:8080/y"})
+    kernel.use(10)
+    kernel.use(11)
+    kernel.pending += [event("retransmit", 11, key=OTHER, count=5)]
+    a.end()
+    b.end()
+    spans = finished(exporter)
+    assert spans["to-a"]["ebpf_flows.tcp.retransmits"] == 0
+    assert spans["to-b"]["ebpf_flows.tcp.retransmits"] == 5
+
+
+def test_a_hostname_matches_the_connection_its_thread_made_to_that_port(rig):
+    kernel, _s, provider, exporter = rig
+    kernel.pending += [event("conn", 20, peer_port=443), event("conn", 21, key=OTHER, peer_port=8080)]
+    tracer = provider.get_tracer("t")
+    with tracer.start_as_current_span("api", kind=trace.SpanKind.CLIENT,
+                                      attributes={"server.address": "api.example", "server.port": 443}):
+        kernel.use(20)
+        kernel.use(21)  # another peer used on the same thread during the span
+        kernel.pending.append(event("retransmit", 21, key=OTHER, count=1))
+    assert finished(exporter)["api"]["ebpf_flows.tcp.retransmits"] == 0
+    # learned: a span on a thread that did not do the I/O finds it by the name
+    other_thread = threading.Thread(target=lambda: None)
+    other_thread.start()
+    other_thread.join()
+    assert spans_learned(rig) == {"192.0.2.10"}
+
+
+def spans_learned(rig) -> set:
+    _kernel, spans, _p, _e = rig
+    return spans.enricher._learned("api.example")
+
+
+def test_a_server_span_gets_the_accepted_connection_of_its_client_port(rig):
+    kernel, _s, provider, exporter = rig
+    kernel.pending += [event("conn", 30, key=SERVER, peer_port=50001, duration_s=0.001),
+                       event("conn", 31, key=SERVER, peer_port=50002)]
+    tracer = provider.get_tracer("t")
+    for name in ("first", "second"):
+        with tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER, attributes={
+                "client.address": "198.51.100.7", "client.port": 50001, "server.port": 8000}):
+            kernel.use(30)
+            kernel.use(31)
+    spans = finished(exporter)
+    assert spans["first"]["ebpf_flows.tcp.connection.reused"] is False
+    assert spans["first"]["ebpf_flows.tcp.handshake.duration"] == 0.001
+    assert spans["second"]["ebpf_flows.tcp.connection.reused"] is True
+    assert "ebpf_flows.tcp.handshake.duration" not in spans["second"]
+
+
+def test_span_events_are_capped_and_the_rest_counted(rig):
+    kernel, _s, provider, exporter = rig
+    kernel.pending.append(event("conn", 40, peer_port=443))
+    with provider.get_tracer("t").start_as_current_span("lossy"):
+        kernel.use(40)
+        kernel.pending += [event("retransmit", 40, count=1) for _ in range(7)]
+    span = exporter.get_finished_spans()[0]
+    assert len(span.events) == 4
+    assert span.attributes["ebpf_flows.tcp.retransmits"] == 7
+    assert span.attributes["ebpf_flows.tcp.events.dropped"] == 3
+
+
+def test_the_hook_covers_processors_added_later_and_is_removed_on_detach(rig):
+    kernel, spans, provider, exporter = rig
+    late = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(late))
+    kernel.pending.append(event("conn", 50, peer_port=443))
+    with provider.get_tracer("t").start_as_current_span("s"):
+        kernel.use(50)
+    assert late.get_finished_spans()[0].attributes["ebpf_flows.tcp.retransmits"] == 0
+    processor = provider._active_span_processor
+    _spans.detach(spans)
+    assert "on_end" not in vars(processor) and "on_start" not in vars(processor)
+    with provider.get_tracer("t").start_as_current_span("after"):
+        kernel.use(50)
+    assert "ebpf_flows.tcp.retransmits" not in late.get_finished_spans()[-1].attributes
+
+
+def test_a_failing_kernel_read_never_reaches_the_application(rig, caplog):
+    kernel, _s, provider, exporter = rig
+
+    def broken(_tid):
+        raise OSError("map gone")
+
+    kernel.thread_connections = broken
+    with provider.get_tracer("t").start_as_current_span("s"):
+        pass
+    with provider.get_tracer("t").start_as_current_span("s2"):
+        pass
+    assert [s.name for s in exporter.get_finished_spans()] == ["s", "s2"]
+    assert len([r for r in caplog.records if "enriching a span failed" in r.message]) == 1
+
+
+def test_a_non_sdk_provider_is_not_hooked():
+    assert _spans.attach(trace.NoOpTracerProvider(), None) is False  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kind", "attributes", "expected"), [
+    (trace.SpanKind.CLIENT, {"server.address": "db", "server.port": 5432}, ("db", 5432, None)),
+    (trace.SpanKind.CLIENT, {"net.peer.name": "::ffff:10.0.0.1", "net.peer.port": "80"}, ("10.0.0.1", 80, None)),
+    (trace.SpanKind.CLIENT, {"url.full": "https://[2001:db8::1]/p"}, ("2001:db8::1", 443, None)),
+    (trace.SpanKind.SERVER, {"net.peer.ip": "10.1.2.3", "net.peer.port": 5555, "net.host.port": 80},
+     ("10.1.2.3", 5555, 80)),
+    (trace.SpanKind.INTERNAL, {"http.route": "/x"}, None),
+])
+def test_the_peer_a_span_names(kind, attributes, expected):
+    spec = peer_of(kind, attributes)
+    assert (None if spec is None else (spec.address, spec.port, spec.local_port)) == expected
