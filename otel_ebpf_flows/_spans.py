@@ -390,8 +390,8 @@ class Enricher:
             self._learn(spec.address, addresses)
         return by_port
 
-    def connections(self, tids: Iterable[int], start_ns: int, end_ns: int,
-                    spec: Optional[PeerSpec]) -> Tuple[List[Conn], Dict[int, Tuple[int, float]]]:
+    def connections(self, tids: Iterable[int], start_ns: int, end_ns: int, spec: Optional[PeerSpec],
+                    role: Optional[Role] = None) -> Tuple[List[Conn], Dict[int, Tuple[int, float]]]:
         """The span's connections, and per conn_id (last use, srtt) on the span's thread."""
         used: Dict[int, Tuple[int, float]] = {}
         for tid in tids:
@@ -403,18 +403,22 @@ class Enricher:
         thread_conns = [c for c in (self._table.get(cid) for cid in used) if c is not None]
         if spec is None:
             return thread_conns, used
+        # A span that names a peer is about connections of its own side: a SERVER span
+        # about accepted ones, any other about the ones this process opened.
+        thread_conns = [c for c in thread_conns if c.role is role]
         matched = self._match(thread_conns, spec, from_thread=True)
         if matched:
             return matched, used
         # The I/O ran on another thread: the connections to the peer open during the span.
-        return self._match(self._table.open_during(start_ns, end_ns), spec, from_thread=False), used
+        others = [c for c in self._table.open_during(start_ns, end_ns) if c.role is role]
+        return self._match(others, spec, from_thread=False), used
 
     # -- attributes -------------------------------------------------------------------
 
     def enrich(self, tids: Iterable[int], start_ns: int, end_ns: int,
                spec: Optional[PeerSpec], is_server: bool) -> Optional[Enrichment]:
         self._source.drain_conn_events()
-        conns, used = self.connections(tids, start_ns, end_ns, spec)
+        conns, used = self.connections(tids, start_ns, end_ns, spec, Role.SERVER if is_server else Role.CLIENT)
         if not conns:
             return None
         retransmits = resets = zero_windows = 0
