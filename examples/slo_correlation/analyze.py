@@ -47,7 +47,8 @@ def analyze(directory: str) -> Dict[str, Any]:
         if s["kind"] != "SpanKind.SERVER":
             continue
         duration = _ts(s["end_time"]) - _ts(s["start_time"])
-        rows.append({"span_id": s["context"]["span_id"], "target": s["attributes"].get("http.target") or s["attributes"].get("http.url"),
+        target = s["attributes"].get("http.target") or s["attributes"].get("http.url")
+        rows.append({"span_id": s["context"]["span_id"], "target": target,
                      "duration_s": round(duration, 4), "violates": duration > SLO_S,
                      "network": degraded(s), "retransmits": retransmits(s)})
     violating = [r for r in rows if r["violates"]]
