@@ -7,7 +7,10 @@ connect to a closed port (``error.type=refused``), one connection closed with
 ``SO_LINGER`` 0 (an RST), and one bulk send to a reader that stalls (zero
 window). The points are read with an ``InMemoryMetricReader`` on an SDK
 ``MeterProvider`` whose Resource says ``service.name=otel-ebpf-flows-demo``, and
-printed as a table, or as JSON with ``--json``. No collector is needed.
+printed as a table, or as JSON with ``--json``. Each request, the abortive close
+and the bulk send run in a CLIENT span on an SDK ``TracerProvider``; a sample of
+the finished spans is printed with the TCP attributes and events the kernel added.
+No collector is needed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, TextIO, Tuple
 
 import attrs
+from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     Gauge,
@@ -34,6 +38,9 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from . import _kernel
 from . import _telemetry as T
@@ -122,8 +129,9 @@ def _request(conn: socket.socket, reader: Any, payload: bytes) -> None:
 class DemoTraffic:
     """Loopback servers and clients; :meth:`run` generates traffic for ``duration`` seconds."""
 
-    def __init__(self, duration: float) -> None:
+    def __init__(self, duration: float, tracer: Optional[trace.Tracer] = None) -> None:
         self.duration = duration
+        self.tracer = tracer or trace.NoOpTracer()
         self.traffic = Traffic()
         self.echo = _EchoServer(("127.0.0.1", 0), _Echo)
         self.echo_port = int(self.echo.server_address[1])
@@ -184,12 +192,17 @@ class DemoTraffic:
                 with socket.create_connection(address, timeout=5) as conn, conn.makefile("rb") as reader:
                     self.traffic.add(connections=1, connections_ipv6=int(ipv6))
                     for _ in range(REQUESTS_PER_CONNECTION):
-                        _request(conn, reader, b"x" * rng.randint(16, 16384))
+                        with self._span("echo request", address):
+                            _request(conn, reader, b"x" * rng.randint(16, 16384))
                         self.traffic.add(requests=1)
                         time.sleep(rng.uniform(0.005, 0.03))
             except OSError as exc:
                 self.traffic.error(f"client to {address[0]}", exc)
                 return
+
+    def _span(self, name: str, address: Tuple[str, int]) -> Any:
+        return self.tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT, attributes={
+            "server.address": address[0], "server.port": address[1]})
 
     def _refused(self) -> None:
         try:
@@ -202,7 +215,8 @@ class DemoTraffic:
 
     def _reset(self) -> None:
         try:
-            with socket.create_connection(("127.0.0.1", self.echo_port), timeout=5) as conn, \
+            with self._span("request, then abort", ("127.0.0.1", self.echo_port)), \
+                    socket.create_connection(("127.0.0.1", self.echo_port), timeout=5) as conn, \
                     conn.makefile("rb") as reader:
                 self.traffic.add(connections=1)
                 _request(conn, reader, b"one request, then an abortive close")
@@ -216,7 +230,8 @@ class DemoTraffic:
     def _bulk(self) -> None:
         def send() -> None:
             try:
-                with socket.create_connection(("127.0.0.1", self.slow_port), timeout=30) as conn:
+                with self._span("bulk upload", ("127.0.0.1", self.slow_port)), \
+                        socket.create_connection(("127.0.0.1", self.slow_port), timeout=30) as conn:
                     # Small buffers at both ends make the stall visible from both sides
                     # on loopback: the receiver advertises a zero window, the sender meets it.
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -450,9 +465,13 @@ def run_demo(duration: float = 3.0, as_json: bool = False, out: Optional[TextIO]
         return _unavailable(exc, err)
 
     reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader], resource=Resource.create({SERVICE_NAME: SERVICE}))
+    resource = Resource.create({SERVICE_NAME: SERVICE})
+    provider = MeterProvider(metric_readers=[reader], resource=resource)
+    span_exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
     instrumentor = EbpfFlowsInstrumentor()
-    instrumentor.instrument(meter_provider=provider)
+    instrumentor.instrument(meter_provider=provider, tracer_provider=tracer_provider)
     try:
         pipeline = instrumentor.pipeline
         if pipeline is None:
@@ -461,7 +480,7 @@ def run_demo(duration: float = 3.0, as_json: bool = False, out: Optional[TextIO]
             return 1
         variant = getattr(pipeline.source, "variant", "?")
         try:
-            demo = DemoTraffic(duration)
+            demo = DemoTraffic(duration, tracer_provider.get_tracer("otel-ebpf-flows-demo"))
         except OSError as exc:
             print(f"otel-ebpf-flows demo: cannot set up the loopback servers: {exc}", file=err)
             return 1
@@ -477,17 +496,19 @@ def run_demo(duration: float = 3.0, as_json: bool = False, out: Optional[TextIO]
             demo.close()
         time.sleep(SETTLE_S)
         data = reader.get_metrics_data()
+        spans = list(span_exporter.get_finished_spans())
     finally:
         instrumentor.uninstrument()
         provider.shutdown()
+        tracer_provider.shutdown()
 
     pts = points(data) if data is not None else []
-    resource = dict(data.resource_metrics[0].resource.attributes) if data and data.resource_metrics else {}
+    resource_attrs = dict(data.resource_metrics[0].resource.attributes) if data and data.resource_metrics else {}
     for problem in traffic.errors:
         print(f"  demo traffic problem: {problem}", file=err)
     if as_json:
-        json.dump({"resource": resource, "traffic": traffic.as_dict(), "points": pts}, out, indent=2,
-                  default=str)
+        json.dump({"resource": resource_attrs, "traffic": traffic.as_dict(), "points": pts,
+                   "spans": [span_dict(sp) for sp in spans]}, out, indent=2, default=str)
         out.write("\n")
         return 0
     print(f"\nWhat the demo did: {traffic.connections} connections ({traffic.connections_ipv6} over IPv6) "
@@ -495,10 +516,49 @@ def run_demo(duration: float = 3.0, as_json: bool = False, out: Optional[TextIO]
           f"{traffic.resets_sent} abortive close (SO_LINGER 0), {fmt_bytes(traffic.bulk_bytes)} to a "
           "stalled reader.", file=out)
     print(f"\nMetric points on the application's MeterProvider (resource service.name="
-          f"{resource.get(SERVICE_NAME)}; every TCP point also has network.transport=tcp):\n", file=out)
+          f"{resource_attrs.get(SERVICE_NAME)}; every TCP point also has network.transport=tcp):\n", file=out)
     for line in format_table(pts):
         print(line, file=out)
     print("What the kernel saw (this process's connections only):", file=out)
     for line in summarize(pts, traffic):
         print(f"  {line}", file=out)
+    print(f"\nSpans, as exported ({len(spans)} finished; a sample, the kernel's additions shown):", file=out)
+    for line in format_spans(spans):
+        print(f"  {line}", file=out)
     return 0
+
+
+# --- spans ------------------------------------------------------------------------------------
+
+
+def span_dict(span: ReadableSpan) -> Dict[str, Any]:
+    return {
+        "name": span.name,
+        "duration_s": ((span.end_time or 0) - (span.start_time or 0)) / 1e9,
+        "attributes": dict(span.attributes or {}),
+        "events": [{"name": e.name, "attributes": dict(e.attributes or {})} for e in span.events],
+    }
+
+
+def format_spans(spans: List[ReadableSpan], per_name: int = 2) -> List[str]:
+    """A few spans of each name, those the kernel flagged first."""
+    by_name: Dict[str, List[ReadableSpan]] = {}
+    for sp in spans:
+        by_name.setdefault(sp.name, []).append(sp)
+    lines = []
+    for name, group in by_name.items():
+        group.sort(key=lambda sp: (not (sp.attributes or {}).get("ebpf_flows.tcp.degraded"),
+                                   (sp.attributes or {}).get("ebpf_flows.tcp.connection.reused", True)))
+        for sp in group[:per_name]:
+            d = span_dict(sp)
+            ours = {k.replace("ebpf_flows.tcp.", ""): v for k, v in d["attributes"].items()
+                    if k.startswith("ebpf_flows.")}
+            shown = ", ".join(f"{k}={fmt_seconds(v) if k in ('rtt', 'handshake.duration') else v}"
+                              for k, v in ours.items()) or "(no TCP connection used)"
+            lines.append(f"{name} ({d['duration_s'] * 1000:.1f} ms): {shown}")
+            events: Dict[str, int] = {}
+            for e in d["events"]:
+                events[e["name"]] = events.get(e["name"], 0) + 1
+            if events:
+                lines.append("    events: " + ", ".join(f"{k} x{v}" for k, v in events.items()))
+    return lines
