@@ -3,9 +3,9 @@
 The receiver is rotel (PyPI ``rotel``: a Rust OpenTelemetry collector whose wheel
 ships the ``rotel-agent`` binary), listening on 127.0.0.1 for OTLP/gRPC and
 OTLP/HTTP (protobuf). It decodes what arrives with its own OTLP implementation
-and hands each ResourceMetrics to a Python processor (tests/otlp/rotel_sink.py,
-run in rotel's embedded interpreter, the system libpython) that appends it to a
-JSON-lines file; its exporter is ``blackhole``.
+and hands each ResourceMetrics and ResourceSpans to a Python processor
+(tests/otlp/rotel_sink.py, run in rotel's embedded interpreter, the system
+libpython) that appends it to a JSON-lines file; its exporter is ``blackhole``.
 
 The workload (tests/otlp/workload.py) runs under ``opentelemetry-instrument``
 in the root network namespace, configured by the standard OTEL_* variables
@@ -278,7 +278,8 @@ def receiver(receiver_down: Receiver) -> Receiver:
 
 
 class Workload:
-    """``opentelemetry-instrument python -m tests.otlp.workload MODE``, configured by OTEL_* only."""
+    """``opentelemetry-instrument python -m MODULE MODE ARGS...`` (by default
+    tests.otlp.workload), configured by OTEL_* only: ``otel_env`` overrides the defaults."""
 
     def __init__(self, mode: str, service: str, protocol: str, endpoint: str, stderr_path: str,
                  module: str = "tests.otlp.workload", args: Sequence[str] = (),
