@@ -3,9 +3,9 @@
 The receiver is rotel (PyPI ``rotel``: a Rust OpenTelemetry collector whose wheel
 ships the ``rotel-agent`` binary), listening on 127.0.0.1 for OTLP/gRPC and
 OTLP/HTTP (protobuf). It decodes what arrives with its own OTLP implementation
-and hands each ResourceMetrics to a Python processor (tests/otlp/rotel_sink.py,
-run in rotel's embedded interpreter, the system libpython) that appends it to a
-JSON-lines file; its exporter is ``blackhole``.
+and hands each ResourceMetrics and ResourceSpans to a Python processor
+(tests/otlp/rotel_sink.py, run in rotel's embedded interpreter, the system
+libpython) that appends it to a JSON-lines file; its exporter is ``blackhole``.
 
 The workload (tests/otlp/workload.py) runs under ``opentelemetry-instrument``
 in the root network namespace, configured by the standard OTEL_* variables
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -150,6 +150,7 @@ class Receiver:
             "--otlp-grpc-endpoint", f"127.0.0.1:{self.grpc_port}",
             "--otlp-http-endpoint", f"127.0.0.1:{self.http_port}",
             "--otlp-with-metrics-processor", SINK,
+            "--otlp-with-trace-processor", SINK,
             "--pid-file", os.path.join(self.workdir, "rotel.pid"),
             "--log-file", self.log_path,
         ]
@@ -215,12 +216,32 @@ class Receiver:
         return [r for r in self.records()
                 if r.get("kind") == "metrics" and (r["resource"] or {}).get("service.name") == ["str", service]]
 
+    def spans(self, service: str) -> List[Dict[str, Any]]:
+        """Every received span whose resource has ``service.name`` == ``service``, each with its
+        ``resource`` and ``scope`` (name, version) added."""
+        out = []
+        for r in self.records():
+            if r.get("kind") != "spans" or (r["resource"] or {}).get("service.name") != ["str", service]:
+                continue
+            for ss in r["scopes"]:
+                for span in ss["spans"]:
+                    out.append(dict(span, resource=r["resource"],
+                                    scope={"name": ss["name"], "version": ss["version"]}))
+        return out
+
+    def wait_for_spans(self, service: str, done: Callable[[List[Dict[str, Any]]], bool],
+                       timeout: float = 30.0) -> List[Dict[str, Any]]:
+        """Poll the received spans of ``service`` until ``done(spans)``; bounded."""
+        return self.wait_for(service, done, timeout, received=self.spans)
+
     def wait_for(self, service: str, done: Callable[[List[Dict[str, Any]]], bool],
-                 timeout: float = 30.0) -> List[Dict[str, Any]]:
-        """Poll the received batches of ``service`` until ``done(batches)``; bounded."""
+                 timeout: float = 30.0,
+                 received: Optional[Callable[[str], List[Dict[str, Any]]]] = None) -> List[Dict[str, Any]]:
+        """Poll the received batches of ``service`` (or what ``received`` returns) until
+        ``done(batches)``; bounded."""
         deadline = time.monotonic() + timeout
         while True:
-            batches = self.batches(service)
+            batches = (received or self.batches)(service)
             if done(batches):
                 return batches
             if self.proc is None or self.proc.poll() is not None:
@@ -257,9 +278,12 @@ def receiver(receiver_down: Receiver) -> Receiver:
 
 
 class Workload:
-    """``opentelemetry-instrument python -m tests.otlp.workload MODE``, configured by OTEL_* only."""
+    """``opentelemetry-instrument python -m MODULE MODE ARGS...`` (by default
+    tests.otlp.workload), configured by OTEL_* only: ``otel_env`` overrides the defaults."""
 
-    def __init__(self, mode: str, service: str, protocol: str, endpoint: str, stderr_path: str) -> None:
+    def __init__(self, mode: str, service: str, protocol: str, endpoint: str, stderr_path: str,
+                 module: str = "tests.otlp.workload", args: Sequence[str] = (),
+                 otel_env: Optional[Dict[str, str]] = None) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env.update(
             OTEL_SERVICE_NAME=service,
@@ -270,12 +294,15 @@ class Workload:
             OTEL_TRACES_EXPORTER="none",
             OTEL_LOGS_EXPORTER="none",
         )
+        for key, val in (otel_env or {}).items():
+            assert key.startswith("OTEL_"), f"{key}: the workload is configured by OTEL_* variables only"
+            env[key] = val
         script = opentelemetry_instrument()
         assert script is not None
         self.stderr = open(stderr_path, "w+")
         self._errors: Optional[str] = None
         self.proc = subprocess.Popen(
-            [script, sys.executable, "-m", "tests.otlp.workload", mode],
+            [script, sys.executable, "-m", module, mode, *args],
             cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
         )
         self._lines: queue.Queue[Optional[str]] = queue.Queue()
@@ -355,8 +382,9 @@ def start_workload(tmp_path: Any) -> Iterator[Callable[..., Workload]]:
     """Starts workloads (their standard error kept in the test's tmp_path); kills any left."""
     started: List[Workload] = []
 
-    def start(mode: str, service: str, protocol: str, endpoint: str) -> Workload:
-        w = Workload(mode, service, protocol, endpoint, str(tmp_path / f"workload-{len(started)}.err"))
+    def start(mode: str, service: str, protocol: str, endpoint: str, **kwargs: Any) -> Workload:
+        w = Workload(mode, service, protocol, endpoint, str(tmp_path / f"workload-{len(started)}.err"),
+                     **kwargs)
         started.append(w)
         return w
 
