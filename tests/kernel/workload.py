@@ -347,7 +347,10 @@ def preexisting() -> Dict[str, Any]:
 
 @scenario
 def fork_child() -> Dict[str, Any]:
-    """The parent makes connections, forks; the child reports none of them, then its own."""
+    """The parent makes connections and forks; the child restarts the probes for itself.
+
+    Parent and child then both accept on the listener they share: each counts
+    exactly the connections it accepted, never the other's, never its parent's."""
     import json
     import os
 
@@ -355,6 +358,10 @@ def fork_child() -> Dict[str, Any]:
 
     setup_netns()
     echo = peer("echo", "5572", "--count", "5")
+    shared = socket.socket()
+    shared.bind(("127.0.0.1", 5576))
+    shared.listen(64)
+    clients_n = 8
 
     def connect(n: int) -> None:
         for _ in range(n):
@@ -363,27 +370,55 @@ def fork_child() -> Dict[str, Any]:
             recv_exactly(s, 1)
             s.close()
 
-    def attempts(rows: Any) -> int:
-        return sum(p["value"] for p in rows if p["name"] == "ebpf_flows.tcp.connection.attempts")
+    def serve(idle_s: float) -> int:
+        """Accept and echo on the shared listener until it is idle for idle_s."""
+        served = 0
+        shared.settimeout(idle_s)
+        while True:
+            try:
+                conn, _ = shared.accept()
+            except socket.timeout:
+                return served
+            conn.settimeout(30)
+            with conn:
+                data = conn.recv(65536)
+                while data:
+                    conn.sendall(data)
+                    data = conn.recv(65536)
+            served += 1
+
+    def by_role(rows: Any) -> Dict[str, int]:
+        out = {"client": 0, "server": 0}
+        for p in rows:
+            if p["name"] == "ebpf_flows.tcp.connection.attempts" and "error.type" not in p["attrs"]:
+                out[p["attrs"]["ebpf_flows.tcp.role"]] += p["value"]
+        return out
 
     tel = Telemetry()
     connect(3)
+    before = mib()
     rfd, wfd = os.pipe()
+    go_r, go_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child
+    if pid == 0:  # the child: no code of its own to instrument it
         import faulthandler
 
-        faulthandler.dump_traceback_later(20, exit=True)  # a hang shows where it is
+        faulthandler.dump_traceback_later(60, exit=True)  # a hang shows where it is
         try:
             os.close(rfd)
-            out: Dict[str, Any] = {"pipeline": EbpfFlowsInstrumentor().pipeline is not None}
-            # a worker sets up its own SDK after the fork (gunicorn: post_fork)
-            child_tel = Telemetry()
-            out["attempts"] = attempts(child_tel.points())
-            out["instrumented_again"] = child_tel.instrumentor.pipeline is not None
+            os.close(go_w)
+            deadline = time.monotonic() + 20
+            while EbpfFlowsInstrumentor().pipeline is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            out: Dict[str, Any] = {"restarted": EbpfFlowsInstrumentor().pipeline is not None,
+                                   "claiming": getattr(EbpfFlowsInstrumentor().pipeline.source, "claiming", None)
+                                   if EbpfFlowsInstrumentor().pipeline else None}
+            out["at_start"] = by_role(tel.points())
+            os.read(go_r, 1)  # the parent started the clients
+            out["served"] = serve(2.0)
             connect(2)
             settle()
-            out["attempts_after_reinstrument"] = attempts(child_tel.points())
+            out["own"] = by_role(tel.points())
             os.write(wfd, json.dumps(out).encode())
         except BaseException:
             import traceback
@@ -392,13 +427,19 @@ def fork_child() -> Dict[str, Any]:
         finally:
             os._exit(0)
     os.close(wfd)
+    os.close(go_r)
+    clients = peer("clients", "5576", "--count", str(clients_n), "--rounds", "1")
+    os.write(go_w, b"g")
+    served = serve(2.0)
+    finish(clients, timeout=60)
     with os.fdopen(rfd) as f:
         child = json.loads(f.read())
     os.waitpid(pid, 0)
     settle()
-    parent = {"attempts": attempts(tel.points())}
+    parent = {"own": by_role(tel.points()), "served": served,
+              "claiming": getattr(EbpfFlowsInstrumentor().pipeline.source, "claiming", None)}
     finish(echo)
-    return {"parent": parent, "child": child}
+    return {"parent": parent, "child": child, "clients": clients_n, "mib": mib_delta(before, mib())}
 
 
 @scenario
