@@ -443,6 +443,65 @@ def fork_child() -> Dict[str, Any]:
 
 
 @scenario
+def gunicorn_workers() -> Dict[str, Any]:
+    """examples/gunicorn with 3 workers: each worker's metrics against what it served and opened."""
+    import glob
+    import json
+    import os
+    import signal
+    import subprocess
+    import tempfile
+
+    setup_netns()
+    n, workers, port = 36, 3, 8000
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    echo = peer("echo", "5581", "--count", str(n))
+    out = tempfile.mkdtemp(prefix="otel-ebpf-flows-gunicorn-")
+    env = dict(os.environ, EXAMPLE_UPSTREAM="127.0.0.1:5581", EXAMPLE_BIND=f"127.0.0.1:{port}",
+               EXAMPLE_WORKERS=str(workers), OTEL_EBPF_FLOWS_TEST_DIR=out)
+    stderr = open(os.path.join(out, "gunicorn.err"), "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "python:tests.kernel.gunicorn_conf",
+         "--pythonpath", f"{root},{os.path.join(root, 'examples', 'gunicorn')}", "app:app"],
+        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+    )
+    deadline = time.monotonic() + 60
+    while len(glob.glob(os.path.join(out, "ready-*"))) < workers:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stderr.seek(0)
+            raise RuntimeError(f"gunicorn did not start its workers:\n{stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    ready = [json.load(open(p)) for p in glob.glob(os.path.join(out, "ready-*"))]
+    before = mib()
+
+    def request(_i: int) -> str:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            return drain_all(s).decode().rsplit(" ", 1)[-1].strip()
+
+    def drain_all(s: socket.socket) -> bytes:
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+    answered_by = [pid for batch in in_threads(lambda i: [request(i) for _ in range(n // 6)], 6) for pid in batch]
+    finish(echo)
+    settle()
+    after = mib()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    stderr.seek(0)
+    errors = stderr.read()
+    results = [json.load(open(p)) for p in glob.glob(os.path.join(out, "worker-*.json"))]
+    master = json.load(open(os.path.join(out, "master.json")))
+    return {"workers": results, "master": master, "ready": ready, "answered_by": answered_by,
+            "mib": mib_delta(before, after), "requests": n, "stderr": errors[-4000:], "status": proc.returncode}
+
+
+@scenario
 def flows_overflow() -> Dict[str, Any]:
     """More peers than the kernel's flows map holds: nothing is lost, the overflow is counted."""
     setup_netns()
