@@ -501,6 +501,182 @@ def gunicorn_workers() -> Dict[str, Any]:
             "mib": mib_delta(before, after), "requests": n, "stderr": errors[-4000:], "status": proc.returncode}
 
 
+def bpf_fds() -> Dict[str, int]:
+    """This process's BPF file descriptors by kind (prog, map, link), and all its fds."""
+    import os
+
+    out = {"prog": 0, "map": 0, "link": 0, "fds": 0}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        out["fds"] += 1
+        for kind, label in (("prog", "bpf-prog"), ("map", "bpf-map"), ("link", "bpf_link")):
+            if target == f"anon_inode:{label}":
+                out[kind] += 1
+    return out
+
+
+def private_mounts() -> None:
+    """A mount namespace of this process's own (its mounts no longer touch the host's)."""
+    import ctypes
+    import subprocess
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x00020000):  # CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+
+
+def process_state() -> Dict[str, Any]:
+    import os
+
+    # a joined thread can stay a kernel task for a moment while it exits: give it that moment
+    deadline = time.monotonic() + 2
+    while len(os.listdir("/proc/self/task")) > threading.active_count() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    return {**bpf_fds(), "threads": len(os.listdir("/proc/self/task")),
+            "py_threads": threading.active_count(), "rss_kb": int(status["VmRSS"].split()[0])}
+
+
+def listening() -> Any:
+    """(local address, port) of the listening TCP sockets in this namespace."""
+    out = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6", "/proc/net/udp", "/proc/net/udp6"):
+        with open(path) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == "0A" or "udp" in path:
+                    out.add((path, fields[1]))
+    return sorted(out)
+
+
+def bpffs_entries() -> Any:
+    import os
+
+    return sorted(os.path.join(d, n) for d, dirs, files in os.walk("/sys/fs/bpf") for n in dirs + files)
+
+
+@scenario
+def lifecycle() -> Dict[str, Any]:
+    """instrument()/uninstrument() many times on one MeterProvider: nothing leaks, nothing is left open.
+
+    In a mount namespace of its own with a fresh bpffs at /sys/fs/bpf, so any pin would show."""
+    import gc
+    import subprocess
+    import tracemalloc
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from otel_ebpf_flows import EbpfFlowsInstrumentor
+
+    setup_netns()
+    private_mounts()
+    subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)
+    cycles, warmup = 25, 5
+    echo = peer("echo", "5582", "--count", str(cycles + warmup + 1))  # + 1: the last one ends it
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    inst = EbpfFlowsInstrumentor()
+    base = process_state()
+    listen_before, pins_before = listening(), bpffs_entries()
+    states, during, attempts = [], [], []
+    tracemalloc.start()
+    traced = []
+    for i in range(cycles + warmup):
+        inst.instrument(meter_provider=provider)
+        assert inst.pipeline is not None
+        if i == 0:
+            during = {"listening": listening(), "pins": bpffs_entries(), **process_state()}
+        s = socket.create_connection(("127.0.0.1", 5582))
+        s.sendall(b"l")
+        recv_exactly(s, 1)
+        s.close()
+        settle()  # more than Pipeline.FRESH_S: the collection below takes a fresh sample
+        attempts.append(sum(p.value for rm in reader.get_metrics_data().resource_metrics
+                            for sm in rm.scope_metrics for m in sm.metrics
+                            if m.name == "ebpf_flows.tcp.connection.attempts" for p in m.data.data_points))
+        inst.uninstrument()
+        gc.collect()
+        states.append(process_state())
+        traced.append(tracemalloc.get_traced_memory()[0])
+    tracemalloc.stop()
+    listen_after = listening()  # the echo peer's listener is still there, as before
+    socket.create_connection(("127.0.0.1", 5582)).close()
+    finish(echo)
+    return {"base": base, "during": during, "states": states, "warmup": warmup, "traced": traced,
+            "listen_before": listen_before, "pins_before": pins_before, "attempts": attempts,
+            "listen_after": listen_after, "pins_after": bpffs_entries()}
+
+
+@scenario
+def tampered_object() -> Dict[str, Any]:
+    """A modified copy of the shipped object is refused before anything is loaded."""
+    import logging
+    import os
+    import shutil
+    import tempfile
+
+    from otel_ebpf_flows import EbpfFlowsInstrumentor, _kernel
+
+    setup_netns()
+    copy = tempfile.mkdtemp(prefix="otel-ebpf-flows-tamper-")
+    for name in os.listdir(_kernel.BPF_DIR):
+        shutil.copy(os.path.join(_kernel.BPF_DIR, name), copy)
+    path = os.path.join(copy, _kernel.OBJECT_NAME)
+    with open(path, "r+b") as f:  # flip one byte in the middle of the object
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    _kernel.BPF_DIR = copy
+    records: list = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append((record.levelname, record.getMessage()))
+
+    logging.getLogger("otel_ebpf_flows").addHandler(Keep())
+    before = bpf_fds()
+    tel_error = None
+    try:
+        Telemetry()
+    except RuntimeError as exc:
+        tel_error = str(exc)
+    return {"records": records, "error": tel_error, "before": before, "after": bpf_fds(),
+            "pipeline": EbpfFlowsInstrumentor().pipeline is not None, "path": path}
+
+
+@scenario
+def no_tracefs() -> Dict[str, Any]:
+    """tracefs (and debugfs) not mounted: the probes load and count all the same."""
+    import os
+    import subprocess
+
+    setup_netns()
+    private_mounts()
+    for where in ("/sys/kernel/debug/tracing", "/sys/kernel/tracing", "/sys/kernel/debug"):
+        subprocess.run(["umount", "-l", where], capture_output=True)
+    mounted = [line.split()[1:3] for line in open("/proc/mounts") if line.split()[2] in ("tracefs", "debugfs")]
+    echo = peer("echo", "5583", "--count", "3")
+    tel = Telemetry()
+    before = mib()
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", 5583))
+        s.sendall(b"t")
+        recv_exactly(s, 1)
+        s.close()
+    finish(echo)
+    settle()
+    return {"mounted": mounted, "points": tel.points(), "mib": mib_delta(before, mib()),
+            "tracefs_dir": os.listdir("/sys/kernel/tracing") if os.path.isdir("/sys/kernel/tracing") else None}
+
+
 @scenario
 def flows_overflow() -> Dict[str, Any]:
     """More peers than the kernel's flows map holds: nothing is lost, the overflow is counted."""
