@@ -677,6 +677,75 @@ def no_tracefs() -> Dict[str, Any]:
             "tracefs_dir": os.listdir("/sys/kernel/tracing") if os.path.isdir("/sys/kernel/tracing") else None}
 
 
+def _hist_counts(rows: Any) -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    for r in rows:
+        if "count" in r:
+            out[r["name"]] = out.get(r["name"], 0) + r["count"]
+    return out
+
+
+def _pressure_round(tel: Telemetry, port: int, concurrent: int, churn: int) -> Dict[str, Any]:
+    """``concurrent`` connections to this process's own listener held open at once, then ``churn``
+    connect/request/close in a row; collections taken along the way."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(4096)
+    accepted: list = []
+
+    def accept_all(n: int) -> None:
+        for _ in range(n):
+            conn, _ = srv.accept()
+            accepted.append(conn)
+
+    before = mib()
+    collections = [tel.points()]
+    t = threading.Thread(target=accept_all, args=(concurrent,))
+    t.start()
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(concurrent)]
+    t.join()
+    for c in held:
+        c.sendall(b"p")
+    for a in accepted:
+        recv_exactly(a, 1)
+    collections.append(tel.points())
+    for c in held:
+        c.close()
+    for a in accepted:
+        a.close()
+    accepted.clear()
+    for _ in range(churn):
+        c = socket.create_connection(("127.0.0.1", port))
+        a, _ = srv.accept()
+        c.sendall(b"q")
+        recv_exactly(a, 1)
+        c.close()
+        a.close()
+    srv.close()
+    settle(0.5)
+    collections.append(tel.points())
+    return {"collections": collections, "mib": mib_delta(before, mib()), "connections": concurrent + churn}
+
+
+@scenario
+def pressure() -> Dict[str, Any]:
+    """Thousands of concurrent connections and churn, then the same into small kernel maps and a
+    4 KiB ring buffer: bounded maps, every eviction and lost record counted."""
+    import resource
+
+    setup_netns()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
+    tel = Telemetry()
+    roomy = _pressure_round(tel, 5584, concurrent=2000, churn=2000)
+    tel.close()
+    tight_config = {"max_connections": 256, "ring_buffer_bytes": 4096, "max_flows": 16}
+    tel = Telemetry(**tight_config)
+    tight = _pressure_round(tel, 5585, concurrent=600, churn=400)
+    tel.close()
+    return {"roomy": roomy, "tight": tight, "tight_config": tight_config}
+
+
 @scenario
 def flows_overflow() -> Dict[str, Any]:
     """More peers than the kernel's flows map holds: nothing is lost, the overflow is counted."""
