@@ -483,3 +483,45 @@ def test_the_btf_parser_sees_nested_and_array_members():
     (counters,) = [t for t in types.values() if t.kind == "STRUCT" and t.name == "flow_counters"]
     sizes = {name: btf_size(types, tid) for name, tid, _b, _f in counters.members}
     assert sizes["attempts_failed"] == 8 * _records.CONN_ERR_MAX and sizes["closes"] == 8 * _records.CLOSE_MAX
+
+
+# -- the reader's side: a bad record is counted and logged once, never raised -------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(max_size=2 * EVENT_SIZE),  # garbage, of any length
+    st.builds(lambda cut: raw_event()[:cut], st.integers(0, EVENT_SIZE - 1)),  # truncated
+    plausible_events(),
+), max_size=6))
+def test_bad_ring_buffer_records_are_counted_not_raised(records):
+    import logging
+
+    from otel_ebpf_flows._kernel import KernelSource
+
+    source = KernelSource()
+    delivered = []
+    source._on_event = delivered.append
+    logger = logging.getLogger("otel_ebpf_flows")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    handler = Keep(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        for data in records:
+            source._on_record(data)  # what libbpf's callback calls for each record
+    finally:
+        logger.removeHandler(handler)
+    bad = 0
+    for data in records:
+        try:
+            decode_event(data)
+        except RecordError:
+            bad += 1
+    assert source._decode_errors == bad  # exported as ebpf_flows.probe.events.lost{tcp_flows.decode}
+    assert len(delivered) == len(records) - bad
+    assert len(seen) == (1 if bad else 0)  # one warning, however many
