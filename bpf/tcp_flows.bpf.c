@@ -16,6 +16,10 @@
  *   iter/tcp                   bytes, RTT samples and listen drops of live
  *                              sockets, and adoption of sockets that existed
  *                              before load (run by the reader thread)
+ *   sock:sock_recv_length,     claim mode only (attached by user space once a
+ *   sock:sock_send_length      listener is shared with another process, after
+ *                              fork): the first process to read or write an
+ *                              accepted socket owns it (Linux 6.3+)
  * Minimum kernel: 5.8 (tp_btf, ring buffer, iter/tcp, ns pid helper).
  *
  * Maps:
@@ -26,7 +30,11 @@
  *   events     ring buffer of flow_event, woken only past wakeup_bytes
  *   stats      probe_stat -> count (self-telemetry)
  *   seeds      socket inode -> 1: this process's sockets at load, for adoption
- *   control    [0] = 1 while user space runs the adoption pass
+ *   control    [0] = 1 while user space runs the adoption pass;
+ *              [1] = 1 in claim mode: a socket accepted on one of our listeners
+ *              is counted only once this process reads or writes it, since a
+ *              listener shared by several processes (a pre-fork server) says
+ *              nothing about which of them will accept the connection
  *   conn_events  ring buffer of per-connection records for span enrichment
  *              (connection, retransmit, reset, zero window, gone); never wakes
  *   threads    tid -> the connections the thread used lately (span enrichment)
@@ -58,6 +66,8 @@
 #define SF_CLOSED (1 << 6)
 #define SF_FINAL (1 << 7)
 #define SF_FIN_SENT (1 << 8)
+#define SF_PENDING (1 << 9)	/* claim mode: accepted, not yet used by this process */
+#define SF_NO_WSCALE (1 << 10)
 
 /* Set by user space before load. */
 const volatile __u32 target_tgid = 0;	/* in the pid namespace below; 0: every process */
@@ -86,6 +96,7 @@ struct sock_state {
 	__u64 last_rtt_ns;
 	__u32 srtt_us;
 	__u32 last_tid;		/* the thread that last sent or received on it */
+	__u64 handshake_ns;	/* server in claim mode: reported once claimed */
 	__u16 peer_port;	/* the peer's actual port */
 	__u16 __pad1[3];
 };
@@ -154,12 +165,22 @@ struct flow_event *unused_flow_event __attribute__((unused));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u32);
 } control SEC(".maps");
 
+#define CONTROL_SEEDING 0
+#define CONTROL_CLAIM 1
+
 static const struct flow_counters zero_counters;
+
+static __always_inline bool control_on(__u32 idx)
+{
+	__u32 *v = bpf_map_lookup_elem(&control, &idx);
+
+	return v && *v;
+}
 static const struct sock_state zero_state;
 static const struct thread_conns zero_thread;
 
@@ -243,7 +264,7 @@ static __always_inline void peer_key(struct flow_key *k, const struct sock_commo
 }
 
 static __always_inline struct sock_state *track(const struct sock *sk, const struct flow_key *key,
-						__u8 flags, __u64 now)
+						__u16 flags, __u64 now)
 {
 	__u64 skp = (__u64)sk;
 	struct sock_state *st;
@@ -303,7 +324,7 @@ static __always_inline void conn_event(const struct sock_state *st, __u8 kind, _
 {
 	struct flow_event *e;
 
-	if (!span_mode)
+	if (!span_mode || (st->flags & SF_PENDING))	/* pending: maybe another process's */
 		return;
 	e = bpf_ringbuf_reserve(&conn_events, sizeof(*e), 0);
 	if (!e) {
@@ -382,6 +403,18 @@ static __always_inline void account_bytes(struct sock_state *st, const struct tc
 	}
 }
 
+/* What ESTABLISHED counts; deferred to the claim for a pending socket. */
+static __always_inline void count_established(struct sock_state *st)
+{
+	COUNT(&st->key, attempts_ok, 1);
+	if (st->flags & SF_NO_WSCALE)
+		COUNT(&st->key, wscale_disabled, 1);
+	if (st->handshake_ns)
+		submit(st, FLOW_EVENT_HANDSHAKE, 0, st->established_ns, st->handshake_ns);
+	else if (st->key.role == FLOW_ROLE_SERVER)
+		stat_inc(STAT_SYN_WAIT_MISSED);
+}
+
 static __always_inline void on_established(const struct sock *sk, struct sock_state *st, __u64 now)
 {
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
@@ -393,9 +426,8 @@ static __always_inline void on_established(const struct sock *sk, struct sock_st
 	st->srtt_us = read_srtt_us(sk);
 	st->bytes_acked = BPF_CORE_READ(tp, bytes_acked);	/* the SYN */
 	st->bytes_received = BPF_CORE_READ(tp, bytes_received);
-	COUNT(&st->key, attempts_ok, 1);
 	if (!BPF_CORE_READ_BITFIELD_PROBED(opt, wscale_ok))
-		COUNT(&st->key, wscale_disabled, 1);
+		st->flags |= SF_NO_WSCALE;
 
 	if (st->key.role == FLOW_ROLE_CLIENT) {
 		handshake_ns = now - st->start_ns;
@@ -419,12 +451,12 @@ static __always_inline void on_established(const struct sock *sk, struct sock_st
 		}
 		if (child == sk && snt_synack_us && now / 1000 >= snt_synack_us)
 			handshake_ns = now - snt_synack_us * 1000;
-		else
-			stat_inc(STAT_SYN_WAIT_MISSED);
 	}
-	if (handshake_ns)
-		submit(st, FLOW_EVENT_HANDSHAKE, 0, now, handshake_ns);
-	conn_event(st, FLOW_EVENT_CONN, 0, now, handshake_ns);
+	st->handshake_ns = handshake_ns;
+	if (!(st->flags & SF_PENDING)) {
+		count_established(st);
+		conn_event(st, FLOW_EVENT_CONN, 0, now, handshake_ns);
+	}
 }
 
 static __always_inline __u8 attempt_error(int err, const struct sock_state *st)
@@ -449,7 +481,7 @@ static __always_inline __u8 attempt_error(int err, const struct sock_state *st)
 	}
 }
 
-static __always_inline __u8 close_reason(int err, __u8 flags)
+static __always_inline __u8 close_reason(int err, __u16 flags)
 {
 	if (flags & SF_RST_RECEIVED)
 		return CLOSE_RESET_RECEIVED;
@@ -493,6 +525,17 @@ static __always_inline void listener_drops(const struct sock *sk, struct sock_st
 		COUNT(&st->key, listen_overflows, drops - st->drops);
 		st->drops = drops;
 	}
+}
+
+static __always_inline void count_closed(const struct sock *sk, struct sock_state *st)
+{
+	account_bytes(st, (const struct tcp_sock *)sk);
+	COUNT(&st->key, closed, 1);
+	/* A reason already certain is final now; an apparently normal close may
+	 * still be followed by our RST (unread data, SO_LINGER 0), so it is
+	 * settled when the socket is destroyed. */
+	if (close_reason(st->err, st->flags) != CLOSE_NORMAL)
+		finalize_close(st);
 }
 
 static __always_inline int handle_set_state(const struct sock *sk, int oldstate, int newstate)
@@ -542,7 +585,7 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 			if (!bpf_map_lookup_elem(&listeners, &lk))
 				return 0;
 			peer_key(&key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
-			track(sk, &key, 0, now);
+			track(sk, &key, control_on(CONTROL_CLAIM) ? SF_PENDING : 0, now);
 		}
 		return 0;
 	}
@@ -576,13 +619,9 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 		forget(sk, st);
 		return 0;
 	}
-	account_bytes(st, (const struct tcp_sock *)sk);
-	COUNT(&st->key, closed, 1);
-	/* A reason already certain is final now; an apparently normal close may
-	 * still be followed by our RST (unread data, SO_LINGER 0), so it is
-	 * settled when the socket is destroyed. */
-	if (close_reason(st->err, st->flags) != CLOSE_NORMAL)
-		finalize_close(st);
+	if (st->flags & SF_PENDING)
+		return 0;	/* counted if this process claims it before it is destroyed */
+	count_closed(sk, st);
 	return 0;
 }
 
@@ -593,7 +632,7 @@ static __always_inline int handle_destroy(const struct sock *sk)
 
 	if (!st)
 		return 0;
-	if ((st->flags & SF_CLOSED) && !(st->flags & SF_FINAL))
+	if ((st->flags & SF_CLOSED) && !(st->flags & (SF_FINAL | SF_PENDING)))
 		finalize_close(st);
 	forget(sk, st);
 	return 0;
@@ -619,7 +658,7 @@ static __always_inline int handle_retransmit(const struct sock *sk, const struct
 	if (err == -EBUSY)
 		return 0;
 	st = bpf_map_lookup_elem(&socks, &skp);
-	if (!st)
+	if (!st || (st->flags & SF_PENDING))	/* a claim takes tcp_sock.total_retrans */
 		return 0;
 	segs = skb_segs(skb);
 	st->retrans_segs += segs;
@@ -637,6 +676,9 @@ static __always_inline int handle_retransmit_synack(const struct sock *listener,
 
 	if (!st || !(st->flags & SF_LISTENER))
 		return 0;
+	/* Claim mode: the accepted socket inherits these in total_retrans. */
+	if (control_on(CONTROL_CLAIM))
+		return 0;
 	peer_key(&key, &req->__req_common, FLOW_ROLE_SERVER, st->key.port);
 	COUNT(&key, retrans_segs, 1);
 	return 0;
@@ -653,6 +695,8 @@ static __always_inline int handle_reset(const struct sock *sk, __u8 flag)
 	if (!st || (st->flags & SF_LISTENER))
 		return 0;
 	st->flags |= flag;
+	if (st->flags & SF_PENDING)	/* counted at the claim */
+		return 0;
 	if (flag == SF_RST_SENT)
 		COUNT(&st->key, resets_sent, 1);
 	else
@@ -681,7 +725,7 @@ static __always_inline int handle_probe(const struct sock *sk, const struct sk_b
 	unsigned char *data;
 	__u32 rcv_wnd;
 
-	if (!st)
+	if (!st || (st->flags & SF_PENDING))
 		return 0;
 	data = BPF_CORE_READ(skb, data);
 	if (bpf_probe_read_kernel(&th, sizeof(th), data))
@@ -732,6 +776,39 @@ static __always_inline int handle_sock_io(const struct sock *sk)
 	return 0;
 }
 
+/*
+ * Claim mode: this process reads or writes an accepted socket still pending,
+ * so it is the one that accepted it. What happened before is counted now.
+ */
+static __always_inline int handle_claim(const struct sock *sk)
+{
+	__u64 skp = (__u64)sk;
+	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
+	__u32 retrans;
+
+	if (!st || !(st->flags & SF_PENDING) || !owned_by_target())
+		return 0;
+	st->flags &= ~SF_PENDING;
+	st->tid = (__u32)bpf_get_current_pid_tgid();
+	if (!(st->flags & SF_ESTABLISHED))
+		return 0;
+	count_established(st);
+	conn_event(st, FLOW_EVENT_CONN, 0, st->established_ns, st->handshake_ns);
+	/* SYN-ACK retransmits of its request included, as the kernel counts them */
+	retrans = BPF_CORE_READ((const struct tcp_sock *)sk, total_retrans);
+	if (retrans) {
+		st->retrans_segs = retrans;
+		COUNT(&st->key, retrans_segs, retrans);
+	}
+	if (st->flags & SF_RST_SENT)
+		COUNT(&st->key, resets_sent, 1);
+	if (st->flags & SF_RST_RECEIVED)
+		COUNT(&st->key, resets_received, 1);
+	if (st->flags & SF_CLOSED)
+		count_closed(sk, st);
+	return 0;
+}
+
 /* --- attach points: tp_btf, and raw_tp copies loaded only where tp_btf is not --- */
 
 #define HOOKS(kind)                                                                             \
@@ -765,7 +842,13 @@ int BPF_PROG(kind##_send_length, const struct sock *sk, int ret, int flags)     
 { return handle_sock_io(sk); }                                                                \
 SEC(#kind "/sock_recv_length")                                                                 \
 int BPF_PROG(kind##_recv_length, const struct sock *sk, int ret, int flags)                    \
-{ return handle_sock_io(sk); }
+{ return handle_sock_io(sk); }                                                             \
+SEC(#kind "/sock_recv_length")                                                                 \
+int BPF_PROG(kind##_claim_recv, const struct sock *sk, int ret, int flags)                      \
+{ return handle_claim(sk); }                                                                  \
+SEC(#kind "/sock_send_length")                                                                 \
+int BPF_PROG(kind##_claim_send, const struct sock *sk, int ret, int flags)                      \
+{ return handle_claim(sk); }
 
 HOOKS(tp_btf)
 HOOKS(raw_tp)
@@ -798,10 +881,7 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		struct flow_key key;
 		int state;
 
-		__u32 zero = 0;
-		__u32 *seeding = bpf_map_lookup_elem(&control, &zero);
-
-		if (!seeding || !*seeding)
+		if (!control_on(CONTROL_SEEDING))
 			return 0;
 		sock = sk->sk_socket;
 		if (sock && sock->file && sock->file->f_inode)
@@ -849,7 +929,7 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		listener_drops(sk, st);
 		return 0;
 	}
-	if (!(st->flags & SF_ESTABLISHED) || (st->flags & SF_CLOSED))
+	if (!(st->flags & SF_ESTABLISHED) || (st->flags & (SF_CLOSED | SF_PENDING)))
 		return 0;
 	account_bytes(st, tp);
 	st->srtt_us = tp->srtt_us >> 3;

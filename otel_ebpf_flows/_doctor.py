@@ -276,6 +276,17 @@ def _load_and_attach(config: Config, verbose: bool) -> List[Check]:
             ))
         for name in source.attached:
             checks.append(Check(f"attach {name}", True, "attached"))
+        if source.can_claim:
+            checks.append(Check("shared listeners", True,
+                                "sock_recv_length/sock_send_length programs loaded: after fork, each "
+                                "process counts the connections it accepts on a shared listener"))
+        else:
+            checks.append(Check(
+                "shared listeners", None,
+                "this kernel lacks sock:sock_recv_length/sock_send_length (Linux 6.3+): after fork, "
+                "connections accepted on a shared listener are counted by the process that opened it",
+                "a 6.3+ kernel for per-worker counts in pre-fork servers (gunicorn, uWSGI), or open "
+                "the listeners in each worker"))
         source.sample()
         checks.append(Check("iterator", True,
                             f"{_kernel.ITERATOR} (iter/tcp) ran and the counter maps were read"))

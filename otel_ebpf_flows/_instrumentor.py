@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Callable, Collection, Dict, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, FrozenSet, Optional, Tuple
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
@@ -20,7 +20,7 @@ from opentelemetry.metrics import MeterProvider, get_meter
 
 from . import _spans
 from ._config import Config, load_config
-from ._kernel import KernelSource
+from ._kernel import KernelSource, own_socket_inodes
 from ._telemetry import Instruments, Pipeline
 from .exceptions import EbpfFlowsError
 from .version import __version__
@@ -44,6 +44,8 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     # id(meter) -> (meter, its instruments); the meter is held so that its id
     # cannot be reused by another provider's meter while the entry exists
     _instruments: Dict[int, Tuple[Any, Instruments]] = {}
+    # What a forked child restarts with (see _after_fork_in_child); None when not instrumented.
+    _setup: Optional[Tuple[Config, Instruments, Optional[trace.TracerProvider]]] = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ()
@@ -67,15 +69,11 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 else:
                     instruments = Instruments(meter, lambda: cls._pipeline)
                     cls._instruments[id(meter)] = (meter, instruments)
-            source = KernelSource(config, span_mode=config.span_enrichment)
-            spans = _span_enrichment(source, config)
-            pipeline = Pipeline(
-                source, instruments, config.max_peers,
-                config.poll_interval, config.sample_interval,
-                spans=spans, attach_spans=None if spans is None else _attacher(spans, tracer_provider),
-            )
-            pipeline.start()
-            cls._pipeline = pipeline
+            pipeline = _make_pipeline(config, instruments, tracer_provider)
+            source = pipeline.source
+            with cls._lock:
+                cls._pipeline = pipeline
+                cls._setup = (config, instruments, tracer_provider)
             _log.info("otel-ebpf-flows: kernel TCP telemetry on (%s programs)", getattr(source, "variant", "?"))
         except EbpfFlowsError as exc:
             _log.warning("otel-ebpf-flows: kernel TCP telemetry is off: %s", exc)
@@ -85,12 +83,32 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _uninstrument(self, **kwargs: Any) -> None:
         cls = type(self)
-        pipeline, cls._pipeline = cls._pipeline, None
+        with cls._lock:
+            pipeline, cls._pipeline = cls._pipeline, None
+            cls._setup = None
         if pipeline is not None:
             try:
                 pipeline.stop()
             except Exception:
                 _log.warning("otel-ebpf-flows: error while detaching", exc_info=True)
+
+
+def _make_pipeline(config: Config, instruments: Instruments, tracer_provider: Optional[trace.TracerProvider],
+                   inherited: Optional[FrozenSet[int]] = None) -> Pipeline:
+    """Load the probes for this process and start its reader (and span enrichment)."""
+    source = KernelSource(config, span_mode=config.span_enrichment, inherited=inherited)
+    spans = _span_enrichment(source, config)
+    pipeline = Pipeline(
+        source, instruments, config.max_peers, config.poll_interval, config.sample_interval,
+        spans=spans, attach_spans=None if spans is None else _attacher(spans, tracer_provider),
+    )
+    try:
+        pipeline.start()
+    except BaseException:
+        if spans is not None:
+            _spans.detach(spans)
+        raise
+    return pipeline
 
 
 def _span_enrichment(source: KernelSource, config: Config) -> Optional[_spans.SpanEnrichment]:
@@ -127,9 +145,23 @@ def _attacher(spans: _spans.SpanEnrichment,
 
 
 def _before_fork() -> None:
+    """Hold the reader between iterations; share our listeners safely with the child.
+
+    After the fork both processes hold every listening socket, and either may
+    accept a given connection: claim mode makes each count only the
+    connections it then reads or writes (see ``KernelSource.enable_claim``).
+    Turned on before the fork, so no connection falls between the two.
+    """
     pipeline = EbpfFlowsInstrumentor._pipeline
-    if pipeline is not None:
-        pipeline.quiesce()
+    if pipeline is None:
+        return
+    pipeline.quiesce()
+    source = pipeline.source
+    try:
+        if isinstance(source, KernelSource) and not source.claiming and source.has_listeners():
+            source.enable_claim()
+    except Exception:  # never fail a fork
+        _log.debug("otel-ebpf-flows: could not turn on claim mode before fork", exc_info=True)
 
 
 def _after_fork_in_parent() -> None:
@@ -139,24 +171,66 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    """A forked child must not report its parent's connections as its own.
+    """A forked child reports its own connections, never its parent's.
 
     The parent's probes follow the parent's pid and its reader thread does not
-    exist in the child, so the child drops the pipeline (its inherited copies of
-    the kernel objects close with the child) and reports no kernel TCP metrics
-    until it is instrumented itself (gunicorn: in ``post_fork``). The reader
-    was quiesced across the fork, so no lock it uses is inherited held.
+    exist here: the child closes its copies of the parent's kernel objects
+    (the parent's probes stay attached for the parent) and, in a thread of its
+    own so that the fork returns at once, loads the probes for itself on the
+    same instruments, hence the same MeterProvider. Sockets it inherited stay
+    counted by the parent, except listeners, which both share in claim mode.
+    The reader was quiesced across the fork, so no lock it uses is inherited
+    held.
     """
-    pipeline = EbpfFlowsInstrumentor._pipeline
+    cls = EbpfFlowsInstrumentor
+    pipeline, setup = cls._pipeline, cls._setup
     if pipeline is None:
         return
-    pipeline.resume()
-    EbpfFlowsInstrumentor._pipeline = None
+    cls._pipeline = None
+    cls._lock = threading.Lock()  # in case another thread held it at fork
+    _spans.after_fork_in_child()
     try:
-        # The instrumentor may be instrumented again in the child.
-        EbpfFlowsInstrumentor()._is_instrumented_by_opentelemetry = False
+        getattr(pipeline.source, "after_fork_in_child", lambda: None)()
+        pipeline.resume()
+        pipeline.source.close()
     except Exception:  # pragma: no cover - never fail a fork
         pass
+    if setup is None:
+        cls._setup = None
+        try:
+            cls()._is_instrumented_by_opentelemetry = False
+        except Exception:  # pragma: no cover
+            pass
+        return
+    try:
+        inherited = frozenset(own_socket_inodes())
+        threading.Thread(target=_restart_in_child, args=(setup, inherited),
+                         name="otel-ebpf-flows-restart", daemon=True).start()
+    except Exception:  # pragma: no cover - never fail a fork
+        _log.warning("otel-ebpf-flows: kernel TCP telemetry is off in forked process %d: the restart "
+                     "failed", os.getpid(), exc_info=True)
+
+
+def _restart_in_child(setup: Tuple[Config, Instruments, Optional[trace.TracerProvider]],
+                      inherited: FrozenSet[int]) -> None:
+    cls = EbpfFlowsInstrumentor
+    config, instruments, tracer_provider = setup
+    try:
+        pipeline = _make_pipeline(config, instruments, tracer_provider, inherited)
+    except EbpfFlowsError as exc:
+        _log.warning("otel-ebpf-flows: kernel TCP telemetry is off in forked process %d: %s", os.getpid(), exc)
+        return
+    except Exception:
+        _log.warning("otel-ebpf-flows: kernel TCP telemetry is off in forked process %d after an "
+                     "unexpected error", os.getpid(), exc_info=True)
+        return
+    with cls._lock:
+        # uninstrument(), or instrument() anew, while this ran: theirs wins
+        current = cls._setup is setup and cls._pipeline is None
+        if current:
+            cls._pipeline = pipeline
+    if not current:
+        pipeline.stop()
 
 
 if hasattr(os, "register_at_fork"):

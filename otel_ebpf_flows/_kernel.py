@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import threading
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Collection, Dict, FrozenSet, List, Optional, Tuple
 
 from . import _libbpf, _records
 from ._config import Config
@@ -46,7 +46,14 @@ HOOKS = (
 THREAD_HOOKS = ("send_length", "recv_length")
 THREAD_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
 ITERATOR = "sample_sockets"
+# Claim mode (a listener shared with other processes after fork): the first
+# process to read or write an accepted socket owns it. Attached on demand.
+CLAIM_HOOKS = ("claim_recv", "claim_send")
+CLAIM_TRACEPOINTS = ("sock_recv_length", "sock_send_length")  # Linux 6.3+
+CONTROL_SEEDING = 0
+CONTROL_CLAIM = 1
 MAX_SEEDS = 4096  # the seeds map's size in tcp_flows.bpf.c
+TCP_LISTEN_HEX = "0A"
 
 
 def object_path(name: str = OBJECT_NAME) -> str:
@@ -134,18 +141,46 @@ def own_socket_inodes(pid: Optional[int] = None) -> List[int]:
     return inodes
 
 
+def listening_socket_inodes() -> FrozenSet[int]:
+    """Inodes of the listening TCP sockets of this network namespace (/proc/net/tcp, tcp6)."""
+    out = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path, encoding="ascii") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == TCP_LISTEN_HEX:
+                        out.add(int(fields[9]))
+        except (OSError, ValueError):
+            continue
+    return frozenset(out)
+
+
 class KernelSource:
-    """Loads and reads the tcp_flows programs for one process (default: this one)."""
+    """Loads and reads the tcp_flows programs for one process (default: this one).
+
+    ``inherited``: the socket inodes a forked child got from its parent. The
+    parent's instrumentation goes on counting those connections, so the child
+    does not adopt them; it adopts inherited listeners in claim mode (see
+    :meth:`enable_claim`), where it counts only the connections it accepts.
+    """
 
     #: Program variants in the order they are tried.
     VARIANTS = ("tp_btf", "raw_tp")
 
     def __init__(self, config: Optional[Config] = None, pid: Optional[int] = None,
-                 variants: Tuple[str, ...] = VARIANTS, span_mode: bool = False) -> None:
+                 variants: Tuple[str, ...] = VARIANTS, span_mode: bool = False,
+                 inherited: Optional[Collection[int]] = None) -> None:
         self._config = config or Config()
         self._pid = pid or os.getpid()
         self._variants = variants
         self._span_mode = span_mode
+        self._inherited = None if inherited is None else frozenset(inherited)
+        #: Whether this kernel has the claim hooks (sock_recv_length, sock_send_length).
+        self.can_claim = False
+        #: Whether claim mode is on (accepted sockets count once this process uses them).
+        self.claiming = False
         self._obj: Optional[_libbpf.BpfObject] = None
         self._ring: Optional[_libbpf.RingBuffer] = None
         # Span enrichment: read by the reader thread and by application threads
@@ -183,6 +218,8 @@ class KernelSource:
                 with self._conn_lock:
                     self._conn_ring = obj.ring_buffer("conn_events", self._on_record)
                     self._threads = obj.map("threads")
+            if self._inherited is not None and self._inherited & listening_socket_inodes():
+                self.enable_claim()
             self._seed_existing_sockets()
             self._ring = self._obj.ring_buffer("events", self._on_record)  # type: ignore[union-attr]
         except BaseException:
@@ -196,6 +233,10 @@ class KernelSource:
             self._ring.poll(int(timeout_s * 1000))
             self._ring.consume()
         self.drain_conn_events()
+
+    def after_fork_in_child(self) -> None:
+        """Only the forking thread exists in the child: a lock another thread held stays held."""
+        self._conn_lock = threading.Lock()
 
     def drain_conn_events(self) -> None:
         """Deliver every pending span-enrichment record (any thread; never blocks on I/O)."""
@@ -228,6 +269,40 @@ class KernelSource:
             self._obj.close()
             self._obj = None
         self.attached = []
+        self.claiming = False
+
+    def has_listeners(self) -> bool:
+        """Whether this process has a listening socket the probes know of."""
+        obj = self._require()
+        # listener_key (netns, port: 8 bytes) -> the listening sock
+        return any(True for _ in obj.map("listeners").items(ctypes.c_uint64, ctypes.c_uint64))
+
+    def enable_claim(self) -> bool:
+        """Count a socket accepted on one of our listeners only once this process uses it.
+
+        Called when a listener becomes shared with another process (after
+        fork): any of them may accept a given connection, and only the one
+        that then reads or writes it counts it. Idempotent; False (and one
+        warning) where the kernel lacks the hooks, and nothing changes.
+        """
+        if self.claiming:
+            return True
+        obj = self._require()
+        if not self.can_claim:
+            _log.warning(
+                "otel-ebpf-flows: a listening socket is shared with another process (fork) and this "
+                "kernel lacks the sock:sock_recv_length/sock_send_length tracepoints (Linux 6.3+) that "
+                "tell which process accepts a connection; connections accepted on it are counted by "
+                "the process that created the listener only. Fix: a 6.3+ kernel, or open listeners "
+                "in each worker")
+            return False
+        obj.map("control").update(ctypes.c_uint32(CONTROL_CLAIM), ctypes.c_uint32(1))
+        for hook in CLAIM_HOOKS:
+            name = f"{self.variant}_{hook}"
+            obj.attach(name)
+            self.attached.append(name)
+        self.claiming = True
+        return True
 
     # -- internals ---------------------------------------------------------------
 
@@ -264,9 +339,12 @@ class KernelSource:
         if self._span_mode and not tracks_threads:
             _log.info("otel-ebpf-flows: this kernel has no sock:sock_send_length tracepoint (6.3+): "
                       "spans find their connections by peer only")
+        can_claim = all(_libbpf.vmlinux_tracepoint_arity(tp) is not None for tp in CLAIM_TRACEPOINTS)
         for kind in ("tp_btf", "raw_tp"):
             for hook in HOOKS:
                 obj.set_autoload(f"{kind}_{hook}", kind == variant)
+            for hook in CLAIM_HOOKS:
+                obj.set_autoload(f"{kind}_{hook}", kind == variant and can_claim)
             obj.set_autoload(f"{kind}_retransmit_skb_err", kind == variant and retransmit_has_err)
             if kind == variant and retransmit_has_err:
                 obj.set_autoload(f"{kind}_retransmit_skb", False)
@@ -290,11 +368,17 @@ class KernelSource:
         self.tracks_threads = tracks_threads
         self.variant = variant
         self.attached = attached
+        self.can_claim = can_claim
 
     def _seed_existing_sockets(self) -> None:
         """Adopt the sockets this process already had when the probes attached."""
         obj = self._require()
         inodes = own_socket_inodes(self._pid if self._pid != os.getpid() else None)
+        if self._inherited is not None:
+            # A forked child: what it inherited stays counted by its parent,
+            # but for listeners, which claim mode makes safe to share.
+            shared = self._inherited & listening_socket_inodes() if self.claiming else frozenset()
+            inodes = [i for i in inodes if i not in self._inherited or i in shared]
         if not inodes:
             return
         if len(inodes) > MAX_SEEDS:
@@ -308,12 +392,12 @@ class KernelSource:
         for ino in inodes[:MAX_SEEDS]:
             seeds.update(ctypes.c_uint64(ino), one)
         control = obj.map("control")
-        control.update(ctypes.c_uint32(0), ctypes.c_uint32(1))
+        control.update(ctypes.c_uint32(CONTROL_SEEDING), ctypes.c_uint32(1))
         try:  # the pass also samples sockets already tracked: keep those samples
             for event in _records.decode_events(obj.run_iterator(ITERATOR)):
                 self._on_event(event)
         finally:
-            control.update(ctypes.c_uint32(0), ctypes.c_uint32(0))
+            control.update(ctypes.c_uint32(CONTROL_SEEDING), ctypes.c_uint32(0))
             for ino in inodes[:MAX_SEEDS]:
                 seeds.delete(ctypes.c_uint64(ino))
 

@@ -652,6 +652,12 @@ def attach(provider: Any, target: SpanEnrichment) -> bool:
     return True
 
 
+def after_fork_in_child() -> None:
+    """A lock another thread held at fork() is held forever in the child: start afresh."""
+    global _hooks_lock
+    _hooks_lock = threading.Lock()
+
+
 def detach(target: SpanEnrichment) -> None:
     """Stop routing spans to ``target`` and unwrap every processor it was on."""
     with _hooks_lock:

@@ -1,12 +1,21 @@
-"""A forked child never reports its parent's connections as its own."""
+"""Fork: a child restarts the probes for itself; parent and child each count only their own."""
 
 from __future__ import annotations
 
 
-def test_forked_child_reports_no_parent_traffic(run_scenario):
+def test_forked_child_restarts_and_counts_only_its_own(run_scenario):
     r = run_scenario("fork_child")
     parent, child = r["parent"], r["child"]
-    assert parent["attempts"] == 3, r  # the parent's own connections, counted once
-    assert child["attempts"] == 0 and child["pipeline"] is False, r
-    assert child["instrumented_again"] is True
-    assert child["attempts_after_reinstrument"] == 2  # the child's own, after instrumenting itself
+    assert child["restarted"] is True, r  # no instrument() call in the child
+    assert child["at_start"] == {"client": 0, "server": 0}, r  # none of its parent's connections
+    assert child["own"]["client"] == 2, r  # the child's own connects, after the fork
+    assert parent["own"]["client"] == 3, r  # the parent's, counted once, not the child's
+    # Both accept on the listener they share: each counts exactly what it accepted.
+    assert parent["claiming"] is True and child["claiming"] is True, r
+    assert parent["served"] + child["served"] == r["clients"], r
+    assert parent["own"]["server"] == parent["served"], r
+    assert child["own"]["server"] == child["served"], r
+    # ... and together exactly what the kernel accepted in the namespace (after the fork: the
+    # peer's clients, and the child's 2 connects, which the uninstrumented echo peer accepted)
+    assert r["mib"]["Tcp.ActiveOpens"] == r["clients"] + 2, r
+    assert r["mib"]["Tcp.PassiveOpens"] - 2 == parent["own"]["server"] + child["own"]["server"], r

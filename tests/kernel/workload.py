@@ -347,7 +347,10 @@ def preexisting() -> Dict[str, Any]:
 
 @scenario
 def fork_child() -> Dict[str, Any]:
-    """The parent makes connections, forks; the child reports none of them, then its own."""
+    """The parent makes connections and forks; the child restarts the probes for itself.
+
+    Parent and child then both accept on the listener they share: each counts
+    exactly the connections it accepted, never the other's, never its parent's."""
     import json
     import os
 
@@ -355,6 +358,10 @@ def fork_child() -> Dict[str, Any]:
 
     setup_netns()
     echo = peer("echo", "5572", "--count", "5")
+    shared = socket.socket()
+    shared.bind(("127.0.0.1", 5576))
+    shared.listen(64)
+    clients_n = 8
 
     def connect(n: int) -> None:
         for _ in range(n):
@@ -363,27 +370,55 @@ def fork_child() -> Dict[str, Any]:
             recv_exactly(s, 1)
             s.close()
 
-    def attempts(rows: Any) -> int:
-        return sum(p["value"] for p in rows if p["name"] == "ebpf_flows.tcp.connection.attempts")
+    def serve(idle_s: float) -> int:
+        """Accept and echo on the shared listener until it is idle for idle_s."""
+        served = 0
+        shared.settimeout(idle_s)
+        while True:
+            try:
+                conn, _ = shared.accept()
+            except socket.timeout:
+                return served
+            conn.settimeout(30)
+            with conn:
+                data = conn.recv(65536)
+                while data:
+                    conn.sendall(data)
+                    data = conn.recv(65536)
+            served += 1
+
+    def by_role(rows: Any) -> Dict[str, int]:
+        out = {"client": 0, "server": 0}
+        for p in rows:
+            if p["name"] == "ebpf_flows.tcp.connection.attempts" and "error.type" not in p["attrs"]:
+                out[p["attrs"]["ebpf_flows.tcp.role"]] += p["value"]
+        return out
 
     tel = Telemetry()
     connect(3)
+    before = mib()
     rfd, wfd = os.pipe()
+    go_r, go_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child
+    if pid == 0:  # the child: no code of its own to instrument it
         import faulthandler
 
-        faulthandler.dump_traceback_later(20, exit=True)  # a hang shows where it is
+        faulthandler.dump_traceback_later(60, exit=True)  # a hang shows where it is
         try:
             os.close(rfd)
-            out: Dict[str, Any] = {"pipeline": EbpfFlowsInstrumentor().pipeline is not None}
-            # a worker sets up its own SDK after the fork (gunicorn: post_fork)
-            child_tel = Telemetry()
-            out["attempts"] = attempts(child_tel.points())
-            out["instrumented_again"] = child_tel.instrumentor.pipeline is not None
+            os.close(go_w)
+            deadline = time.monotonic() + 20
+            while EbpfFlowsInstrumentor().pipeline is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            out: Dict[str, Any] = {"restarted": EbpfFlowsInstrumentor().pipeline is not None,
+                                   "claiming": getattr(EbpfFlowsInstrumentor().pipeline.source, "claiming", None)
+                                   if EbpfFlowsInstrumentor().pipeline else None}
+            out["at_start"] = by_role(tel.points())
+            os.read(go_r, 1)  # the parent started the clients
+            out["served"] = serve(2.0)
             connect(2)
             settle()
-            out["attempts_after_reinstrument"] = attempts(child_tel.points())
+            out["own"] = by_role(tel.points())
             os.write(wfd, json.dumps(out).encode())
         except BaseException:
             import traceback
@@ -392,13 +427,323 @@ def fork_child() -> Dict[str, Any]:
         finally:
             os._exit(0)
     os.close(wfd)
+    os.close(go_r)
+    clients = peer("clients", "5576", "--count", str(clients_n), "--rounds", "1")
+    os.write(go_w, b"g")
+    served = serve(2.0)
+    finish(clients, timeout=60)
     with os.fdopen(rfd) as f:
         child = json.loads(f.read())
     os.waitpid(pid, 0)
     settle()
-    parent = {"attempts": attempts(tel.points())}
+    parent = {"own": by_role(tel.points()), "served": served,
+              "claiming": getattr(EbpfFlowsInstrumentor().pipeline.source, "claiming", None)}
     finish(echo)
-    return {"parent": parent, "child": child}
+    return {"parent": parent, "child": child, "clients": clients_n, "mib": mib_delta(before, mib())}
+
+
+@scenario
+def gunicorn_workers() -> Dict[str, Any]:
+    """examples/gunicorn with 3 workers: each worker's metrics against what it served and opened."""
+    import glob
+    import json
+    import os
+    import signal
+    import subprocess
+    import tempfile
+
+    setup_netns()
+    n, workers, port = 36, 3, 8000
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    echo = peer("echo", "5581", "--count", str(n))
+    out = tempfile.mkdtemp(prefix="otel-ebpf-flows-gunicorn-")
+    env = dict(os.environ, EXAMPLE_UPSTREAM="127.0.0.1:5581", EXAMPLE_BIND=f"127.0.0.1:{port}",
+               EXAMPLE_WORKERS=str(workers), OTEL_EBPF_FLOWS_TEST_DIR=out)
+    stderr = open(os.path.join(out, "gunicorn.err"), "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "python:tests.kernel.gunicorn_conf",
+         "--pythonpath", f"{root},{os.path.join(root, 'examples', 'gunicorn')}", "app:app"],
+        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+    )
+    deadline = time.monotonic() + 60
+    while len(glob.glob(os.path.join(out, "ready-*"))) < workers:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stderr.seek(0)
+            raise RuntimeError(f"gunicorn did not start its workers:\n{stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    ready = [json.load(open(p)) for p in glob.glob(os.path.join(out, "ready-*"))]
+    before = mib()
+
+    def request(_i: int) -> str:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            return drain_all(s).decode().rsplit(" ", 1)[-1].strip()
+
+    def drain_all(s: socket.socket) -> bytes:
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+    answered_by = [pid for batch in in_threads(lambda i: [request(i) for _ in range(n // 6)], 6) for pid in batch]
+    finish(echo)
+    settle()
+    after = mib()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    stderr.seek(0)
+    errors = stderr.read()
+    results = [json.load(open(p)) for p in glob.glob(os.path.join(out, "worker-*.json"))]
+    master = json.load(open(os.path.join(out, "master.json")))
+    return {"workers": results, "master": master, "ready": ready, "answered_by": answered_by,
+            "mib": mib_delta(before, after), "requests": n, "stderr": errors[-4000:], "status": proc.returncode}
+
+
+def bpf_fds() -> Dict[str, int]:
+    """This process's BPF file descriptors by kind (prog, map, link), and all its fds."""
+    import os
+
+    out = {"prog": 0, "map": 0, "link": 0, "fds": 0}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        out["fds"] += 1
+        for kind, label in (("prog", "bpf-prog"), ("map", "bpf-map"), ("link", "bpf_link")):
+            if target == f"anon_inode:{label}":
+                out[kind] += 1
+    return out
+
+
+def private_mounts() -> None:
+    """A mount namespace of this process's own (its mounts no longer touch the host's)."""
+    import ctypes
+    import subprocess
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x00020000):  # CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+
+
+def process_state() -> Dict[str, Any]:
+    import os
+
+    # a joined thread can stay a kernel task for a moment while it exits: give it that moment
+    deadline = time.monotonic() + 2
+    while len(os.listdir("/proc/self/task")) > threading.active_count() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    return {**bpf_fds(), "threads": len(os.listdir("/proc/self/task")),
+            "py_threads": threading.active_count(), "rss_kb": int(status["VmRSS"].split()[0])}
+
+
+def listening() -> Any:
+    """(local address, port) of the listening TCP sockets in this namespace."""
+    out = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6", "/proc/net/udp", "/proc/net/udp6"):
+        with open(path) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == "0A" or "udp" in path:
+                    out.add((path, fields[1]))
+    return sorted(out)
+
+
+def bpffs_entries() -> Any:
+    import os
+
+    return sorted(os.path.join(d, n) for d, dirs, files in os.walk("/sys/fs/bpf") for n in dirs + files)
+
+
+@scenario
+def lifecycle() -> Dict[str, Any]:
+    """instrument()/uninstrument() many times on one MeterProvider: nothing leaks, nothing is left open.
+
+    In a mount namespace of its own with a fresh bpffs at /sys/fs/bpf, so any pin would show."""
+    import gc
+    import subprocess
+    import tracemalloc
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from otel_ebpf_flows import EbpfFlowsInstrumentor
+
+    setup_netns()
+    private_mounts()
+    subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)
+    cycles, warmup = 25, 5
+    echo = peer("echo", "5582", "--count", str(cycles + warmup + 1))  # + 1: the last one ends it
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    inst = EbpfFlowsInstrumentor()
+    base = process_state()
+    listen_before, pins_before = listening(), bpffs_entries()
+    states, during, attempts = [], [], []
+    tracemalloc.start()
+    traced = []
+    for i in range(cycles + warmup):
+        inst.instrument(meter_provider=provider)
+        assert inst.pipeline is not None
+        if i == 0:
+            during = {"listening": listening(), "pins": bpffs_entries(), **process_state()}
+        s = socket.create_connection(("127.0.0.1", 5582))
+        s.sendall(b"l")
+        recv_exactly(s, 1)
+        s.close()
+        settle()  # more than Pipeline.FRESH_S: the collection below takes a fresh sample
+        attempts.append(sum(p.value for rm in reader.get_metrics_data().resource_metrics
+                            for sm in rm.scope_metrics for m in sm.metrics
+                            if m.name == "ebpf_flows.tcp.connection.attempts" for p in m.data.data_points))
+        inst.uninstrument()
+        gc.collect()
+        states.append(process_state())
+        traced.append(tracemalloc.get_traced_memory()[0])
+    tracemalloc.stop()
+    listen_after = listening()  # the echo peer's listener is still there, as before
+    socket.create_connection(("127.0.0.1", 5582)).close()
+    finish(echo)
+    return {"base": base, "during": during, "states": states, "warmup": warmup, "traced": traced,
+            "listen_before": listen_before, "pins_before": pins_before, "attempts": attempts,
+            "listen_after": listen_after, "pins_after": bpffs_entries()}
+
+
+@scenario
+def tampered_object() -> Dict[str, Any]:
+    """A modified copy of the shipped object is refused before anything is loaded."""
+    import logging
+    import os
+    import shutil
+    import tempfile
+
+    from otel_ebpf_flows import EbpfFlowsInstrumentor, _kernel
+
+    setup_netns()
+    copy = tempfile.mkdtemp(prefix="otel-ebpf-flows-tamper-")
+    for name in os.listdir(_kernel.BPF_DIR):
+        shutil.copy(os.path.join(_kernel.BPF_DIR, name), copy)
+    path = os.path.join(copy, _kernel.OBJECT_NAME)
+    with open(path, "r+b") as f:  # flip one byte in the middle of the object
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    _kernel.BPF_DIR = copy
+    records: list = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append((record.levelname, record.getMessage()))
+
+    logging.getLogger("otel_ebpf_flows").addHandler(Keep())
+    before = bpf_fds()
+    tel_error = None
+    try:
+        Telemetry()
+    except RuntimeError as exc:
+        tel_error = str(exc)
+    return {"records": records, "error": tel_error, "before": before, "after": bpf_fds(),
+            "pipeline": EbpfFlowsInstrumentor().pipeline is not None, "path": path}
+
+
+@scenario
+def no_tracefs() -> Dict[str, Any]:
+    """tracefs (and debugfs) not mounted: the probes load and count all the same."""
+    import os
+    import subprocess
+
+    setup_netns()
+    private_mounts()
+    for where in ("/sys/kernel/debug/tracing", "/sys/kernel/tracing", "/sys/kernel/debug"):
+        subprocess.run(["umount", "-l", where], capture_output=True)
+    mounted = [line.split()[1:3] for line in open("/proc/mounts") if line.split()[2] in ("tracefs", "debugfs")]
+    echo = peer("echo", "5583", "--count", "3")
+    tel = Telemetry()
+    before = mib()
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", 5583))
+        s.sendall(b"t")
+        recv_exactly(s, 1)
+        s.close()
+    finish(echo)
+    settle()
+    return {"mounted": mounted, "points": tel.points(), "mib": mib_delta(before, mib()),
+            "tracefs_dir": os.listdir("/sys/kernel/tracing") if os.path.isdir("/sys/kernel/tracing") else None}
+
+
+def _hist_counts(rows: Any) -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    for r in rows:
+        if "count" in r:
+            out[r["name"]] = out.get(r["name"], 0) + r["count"]
+    return out
+
+
+def _pressure_round(tel: Telemetry, port: int, concurrent: int, churn: int) -> Dict[str, Any]:
+    """``concurrent`` connections to this process's own listener held open at once, then ``churn``
+    connect/request/close in a row; collections taken along the way."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(4096)
+    accepted: list = []
+
+    def accept_all(n: int) -> None:
+        for _ in range(n):
+            conn, _ = srv.accept()
+            accepted.append(conn)
+
+    before = mib()
+    collections = [tel.points()]
+    t = threading.Thread(target=accept_all, args=(concurrent,))
+    t.start()
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(concurrent)]
+    t.join()
+    for c in held:
+        c.sendall(b"p")
+    for a in accepted:
+        recv_exactly(a, 1)
+    collections.append(tel.points())
+    for c in held:
+        c.close()
+    for a in accepted:
+        a.close()
+    accepted.clear()
+    for _ in range(churn):
+        c = socket.create_connection(("127.0.0.1", port))
+        a, _ = srv.accept()
+        c.sendall(b"q")
+        recv_exactly(a, 1)
+        c.close()
+        a.close()
+    srv.close()
+    settle(0.5)
+    collections.append(tel.points())
+    return {"collections": collections, "mib": mib_delta(before, mib()), "connections": concurrent + churn}
+
+
+@scenario
+def pressure() -> Dict[str, Any]:
+    """Thousands of concurrent connections and churn, then the same into small kernel maps and a
+    4 KiB ring buffer: bounded maps, every eviction and lost record counted."""
+    import resource
+
+    setup_netns()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
+    tel = Telemetry()
+    roomy = _pressure_round(tel, 5584, concurrent=2000, churn=2000)
+    tel.close()
+    tight_config = {"max_connections": 256, "ring_buffer_bytes": 4096, "max_flows": 16}
+    tel = Telemetry(**tight_config)
+    tight = _pressure_round(tel, 5585, concurrent=600, churn=400)
+    tel.close()
+    return {"roomy": roomy, "tight": tight, "tight_config": tight_config}
 
 
 @scenario

@@ -530,3 +530,45 @@ def test_span_records_without_a_connection_or_a_peer_are_rejected(kind):
 def test_a_retransmit_record_of_implausible_size_is_rejected(segments):
     with pytest.raises(RecordError, match="segments"):
         decode_event(raw_event(kind=_records.FLOW_EVENT_RETRANSMIT, duration_ns=segments, conn_id=1))
+
+
+# -- the reader's side: a bad record is counted and logged once, never raised -------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(max_size=2 * EVENT_SIZE),  # garbage, of any length
+    st.builds(lambda cut: raw_event()[:cut], st.integers(0, EVENT_SIZE - 1)),  # truncated
+    plausible_events(),
+), max_size=6))
+def test_bad_ring_buffer_records_are_counted_not_raised(records):
+    import logging
+
+    from otel_ebpf_flows._kernel import KernelSource
+
+    source = KernelSource()
+    delivered = []
+    source._on_event = delivered.append
+    logger = logging.getLogger("otel_ebpf_flows")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    handler = Keep(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        for data in records:
+            source._on_record(data)  # what libbpf's callback calls for each record
+    finally:
+        logger.removeHandler(handler)
+    bad = 0
+    for data in records:
+        try:
+            decode_event(data)
+        except RecordError:
+            bad += 1
+    assert source._decode_errors == bad  # exported as ebpf_flows.probe.events.lost{tcp_flows.decode}
+    assert len(delivered) == len(records) - bad
+    assert len(seen) == (1 if bad else 0)  # one warning, however many

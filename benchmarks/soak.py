@@ -1,0 +1,181 @@
+"""Soak: an instrumented process under mixed lossy traffic for a long time; memory flat, totals exact.
+
+    unshare --net .venv/bin/python benchmarks/soak.py [--duration 600] [--loss 2]
+
+As root, in a private network namespace (the command above). The process is both
+client and server (so every connection in the namespace is its own, both ends),
+and, for --duration seconds, 4 threads make connections to its own listener
+through a path that drops --loss % of segments (nftables), with every 10th
+connection closed by an RST (SO_LINGER 0), every 25th connect refused (a closed
+port) and payloads from 100 B to 200 KB. Every 30 s it records RSS, Python's
+traced memory, file descriptors and threads; at the end it waits until every
+connection has closed and compares the exported totals with the namespace's MIB
+counters. Prints one JSON line; benchmarks/README.md has the last result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import socket
+import struct
+import sys
+import threading
+import time
+import tracemalloc
+from typing import Any, Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.kernel.harness import (  # noqa: E402
+    Telemetry,
+    mib,
+    mib_delta,
+    random_loss,
+    recv_exactly,
+    settle,
+    setup_netns,
+)
+
+PORT, CLOSED_PORT = 5600, 5601
+
+
+def state() -> Dict[str, Any]:
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    return {"rss_kb": int(status["VmRSS"].split()[0]), "traced_kb": tracemalloc.get_traced_memory()[0] // 1024,
+            "fds": len(os.listdir("/proc/self/fd")), "threads": len(os.listdir("/proc/self/task"))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--duration", type=float, default=600)
+    p.add_argument("--loss", type=int, default=2)
+    p.add_argument("--threads", type=int, default=4)
+    args = p.parse_args()
+
+    setup_netns()
+    tracemalloc.start()
+    tel = Telemetry()
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", PORT))
+    srv.listen(512)
+    random_loss(PORT, args.loss)
+    stop = threading.Event()
+    stop_accepting = threading.Event()  # only once every client is done: none waits in the backlog
+    done = {"ok": 0, "rst": 0, "refused": 0, "errors": 0}
+    lock = threading.Lock()
+
+    def serve(conn: socket.socket) -> None:
+        try:
+            with conn:
+                conn.settimeout(120)
+                while True:
+                    head = conn.recv(4)
+                    if not head:
+                        return
+                    if len(head) < 4:
+                        head += recv_exactly(conn, 4 - len(head))
+                    conn.sendall(recv_exactly(conn, struct.unpack("!I", head)[0]))
+        except OSError:
+            pass
+
+    def accept_loop() -> None:
+        srv.settimeout(0.5)
+        while not stop_accepting.is_set():
+            try:
+                conn, _ = srv.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    def client(seed: int) -> None:
+        rnd = random.Random(seed)
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                if i % 25 == 0:
+                    try:
+                        socket.create_connection(("127.0.0.1", CLOSED_PORT), timeout=30).close()
+                    except ConnectionRefusedError:
+                        with lock:
+                            done["refused"] += 1
+                    continue
+                s = socket.create_connection(("127.0.0.1", PORT), timeout=60)
+                for _ in range(rnd.randint(1, 4)):
+                    size = rnd.choice((100, 1000, 20_000, 200_000))
+                    s.sendall(struct.pack("!I", size) + b"s" * size)
+                    recv_exactly(s, size)
+                if i % 10 == 0:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    key = "rst"
+                else:
+                    key = "ok"
+                s.close()
+                with lock:
+                    done[key] += 1
+            except OSError:
+                with lock:
+                    done["errors"] += 1
+
+    before = mib()
+    start = time.monotonic()
+    threads = [threading.Thread(target=accept_loop)] + [
+        threading.Thread(target=client, args=(n,)) for n in range(args.threads)]
+    for t in threads:
+        t.start()
+    samples: List[Dict[str, Any]] = []
+    while time.monotonic() - start < args.duration:
+        time.sleep(min(30.0, max(0.0, args.duration - (time.monotonic() - start))))
+        tel.points()  # an export, as a periodic reader would do
+        gc.collect()
+        samples.append({"t": round(time.monotonic() - start), **state()})
+    stop.set()
+    for t in threads[1:]:
+        t.join()
+    stop_accepting.set()
+    threads[0].join()
+    srv.close()
+    settle(1.0, timeout=300)
+    delta = mib_delta(before, mib())
+    points = tel.points()
+
+    def total(name: str, **attrs: str) -> int:
+        want = {k.replace("__", "."): v for k, v in attrs.items()}
+        return sum(p["value"] for p in points
+                   if p["name"] == name and all(p["attrs"].get(k) == v for k, v in want.items()))
+
+    exported = {
+        "attempts.client": total("ebpf_flows.tcp.connection.attempts", ebpf_flows__tcp__role="client"),
+        "attempts.server": total("ebpf_flows.tcp.connection.attempts", ebpf_flows__tcp__role="server"),
+        "retransmits": total("ebpf_flows.tcp.retransmits"),
+        "resets.transmit": total("ebpf_flows.tcp.resets", network__io__direction="transmit"),
+        "closes": total("ebpf_flows.tcp.connection.closes"),
+        "active": total("ebpf_flows.tcp.connections.active"),
+        "events.lost": total("ebpf_flows.probe.events.lost"),
+        "map.evictions": total("ebpf_flows.probe.map.evictions"),
+    }
+    kernel = {
+        "attempts.client": delta["Tcp.ActiveOpens"],
+        "attempts.server": delta["Tcp.PassiveOpens"],
+        "retransmits": delta["Tcp.RetransSegs"],
+    }
+    result = {
+        "duration_s": round(time.monotonic() - start), "loss_percent": args.loss, "done": done,
+        "exported": exported, "kernel": kernel,
+        "reconciled": {k: exported[k] == v for k, v in kernel.items()},
+        "samples": samples,
+    }
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Run by tests/kernel/test_degradation.py under a degraded condition (no privilege, no libbpf, ...).
+
+python tests/kernel/degraded.py [--simulate tp_btf_refused|not_linux]
+
+In a network namespace whose loopback the caller brought up. Instruments this
+process on a real SDK MeterProvider, makes 3 connections to its own listener,
+and prints one JSON line: whether the instrumentation is on, every log record
+of otel_ebpf_flows at WARNING or above, the exported attempts, the namespace's
+MIB counters, and what ``doctor`` says. Nothing here needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--simulate", choices=["tp_btf_refused", "not_linux"])
+    args = p.parse_args()
+    if args.simulate == "not_linux":
+        sys.platform = "darwin"  # before the package is imported: what it sees on macOS
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append({"level": record.levelname, "logger": record.name, "message": record.getMessage()})
+
+    logging.getLogger().addHandler(Keep(logging.WARNING))
+
+    from otel_ebpf_flows import EbpfFlowsInstrumentor, _doctor, _libbpf
+    from otel_ebpf_flows.exceptions import BpfError
+
+    if args.simulate == "tp_btf_refused":  # the kernel refuses the first load (tp_btf), as old kernels do
+        real_load = _libbpf.BpfObject.load
+        calls = []
+
+        def load(self: _libbpf.BpfObject) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise BpfError("the kernel refused to load tcp_flows.bpf.o (simulated: tp_btf)", 22)
+            real_load(self)
+
+        _libbpf.BpfObject.load = load  # type: ignore[method-assign]
+
+    from tests.kernel.harness import Telemetry, mib, mib_delta, settle
+
+    try:
+        tel = Telemetry()
+    except RuntimeError:
+        tel = None
+    pipeline = EbpfFlowsInstrumentor().pipeline
+    before = mib()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        for _ in range(3):
+            conn, _ = srv.accept()
+            with conn:
+                conn.sendall(conn.recv(16))
+
+    t = threading.Thread(target=serve)
+    t.start()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(b"degraded")
+            c.recv(16)
+    t.join()
+    srv.close()
+    settle()
+    points = tel.points() if tel is not None else []
+    attempts = {"client": 0, "server": 0}
+    for pt in points:
+        if pt["name"] == "ebpf_flows.tcp.connection.attempts" and "error.type" not in pt["attrs"]:
+            attempts[pt["attrs"]["ebpf_flows.tcp.role"]] += pt["value"]
+    logging.getLogger().handlers.clear()
+    checks = _doctor.run_checks(load=True)
+    print(json.dumps({
+        "on": pipeline is not None,
+        "variant": getattr(getattr(pipeline, "source", None), "variant", None),
+        "records": records,
+        "attempts": attempts,
+        "mib": mib_delta(before, mib()),
+        "doctor": {"will_work": _doctor.will_work(checks),
+                   "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "fix": c.fix} for c in checks]},
+        "uid": os.geteuid(),
+    }))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
