@@ -3,7 +3,9 @@
 :func:`check_environment` says, before anything is loaded, what is missing and
 how to fix it. :class:`KernelSource` loads ``tcp_flows.bpf.o`` for one process
 (tp_btf programs, raw_tp where tp_btf is refused), attaches it, adopts the
-process's existing sockets, and reads what the kernel aggregated.
+process's existing sockets, and reads what the kernel aggregated. With
+``host_wide=True`` it counts every process's connections (``otel-ebpf-flows
+watch``) and adopts the sockets every process holds.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ HOOKS = (
 )
 ITERATOR = "sample_sockets"
 MAX_SEEDS = 4096  # the seeds map's size in tcp_flows.bpf.c
+MAX_HOST_SEEDS = 1 << 20  # host-wide: the seeds map is resized to fit every socket, up to this
 
 
 def object_path(name: str = OBJECT_NAME) -> str:
@@ -130,16 +133,38 @@ def own_socket_inodes(pid: Optional[int] = None) -> List[int]:
     return inodes
 
 
+def all_socket_inodes() -> List[int]:
+    """Inodes of the sockets every process holds (those whose /proc/PID/fd can be read)."""
+    inodes = set()
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        inodes.update(own_socket_inodes(pid))
+    return sorted(inodes)
+
+
 class KernelSource:
-    """Loads and reads the tcp_flows programs for one process (default: this one)."""
+    """Loads and reads the tcp_flows programs for one process (default: this one).
+
+    ``host_wide=True`` counts the connections of every process on the host instead
+    (``pid`` must then be None). Sockets that existed at start are adopted only in
+    this process's network namespace (the socket iterator walks that one), and
+    listeners there are found as well, so connections later accepted on them count.
+    """
 
     #: Program variants in the order they are tried.
     VARIANTS = ("tp_btf", "raw_tp")
 
     def __init__(self, config: Optional[Config] = None, pid: Optional[int] = None,
-                 variants: Tuple[str, ...] = VARIANTS) -> None:
+                 variants: Tuple[str, ...] = VARIANTS, host_wide: bool = False) -> None:
+        if host_wide and pid:
+            raise ValueError("a host-wide KernelSource observes every process: pass no pid")
         self._config = config or Config()
         self._pid = pid or os.getpid()
+        self._host_wide = host_wide
+        self._max_seeds = MAX_SEEDS
         self._variants = variants
         self._obj: Optional[_libbpf.BpfObject] = None
         self._ring: Optional[_libbpf.RingBuffer] = None
@@ -154,6 +179,8 @@ class KernelSource:
         check_environment()
         self._on_event = on_event
         path = verify_object()
+        if self._host_wide:  # room for every socket now open (and some that open meanwhile)
+            self._max_seeds = max(MAX_SEEDS, min(MAX_HOST_SEEDS, 2 * len(all_socket_inodes())))
         err: Optional[BpfError] = None
         for variant in self._variants:
             try:
@@ -210,7 +237,7 @@ class KernelSource:
         obj.set_globals(
             ".rodata",
             {
-                "target_tgid": self._pid,
+                "target_tgid": 0 if self._host_wide else self._pid,  # 0: every process
                 "pidns_dev": st.st_dev,
                 "pidns_ino": st.st_ino,
                 "wakeup_bytes": cfg.ring_buffer_bytes // 4,
@@ -220,6 +247,8 @@ class KernelSource:
         obj.map("socks").set_max_entries(cfg.max_connections)
         obj.map("flows").set_max_entries(cfg.max_flows + 2)  # + the two overflow keys
         obj.map("events").set_max_entries(cfg.ring_buffer_bytes)
+        if self._max_seeds != MAX_SEEDS:
+            obj.map("seeds").set_max_entries(self._max_seeds)
         retransmit_has_err = _libbpf.vmlinux_tracepoint_arity("tcp_retransmit_skb") == 3
         for kind in ("tp_btf", "raw_tp"):
             for hook in HOOKS:
@@ -242,20 +271,24 @@ class KernelSource:
         self.attached = attached
 
     def _seed_existing_sockets(self) -> None:
-        """Adopt the sockets this process already had when the probes attached."""
+        """Adopt the sockets this process (host-wide: every process) already had when the probes attached."""
         obj = self._require()
-        inodes = own_socket_inodes(self._pid if self._pid != os.getpid() else None)
+        if self._host_wide:
+            inodes = all_socket_inodes()
+        else:
+            inodes = own_socket_inodes(self._pid if self._pid != os.getpid() else None)
         if not inodes:
             return
-        if len(inodes) > MAX_SEEDS:
+        limit = self._max_seeds
+        if len(inodes) > limit:
             _log.warning(
-                "otel-ebpf-flows: this process holds %d sockets; only %d of those opened before "
-                "instrument() are adopted (the rest are not observed until reopened)",
-                len(inodes), MAX_SEEDS,
+                "otel-ebpf-flows: %s %d sockets; only %d of those opened before the probes "
+                "attached are adopted (the rest are not observed until reopened)",
+                "processes hold" if self._host_wide else "this process holds", len(inodes), limit,
             )
         seeds = obj.map("seeds")
         one = ctypes.c_uint8(1)
-        for ino in inodes[:MAX_SEEDS]:
+        for ino in inodes[:limit]:
             seeds.update(ctypes.c_uint64(ino), one)
         control = obj.map("control")
         control.update(ctypes.c_uint32(0), ctypes.c_uint32(1))
@@ -264,7 +297,7 @@ class KernelSource:
                 self._on_event(event)
         finally:
             control.update(ctypes.c_uint32(0), ctypes.c_uint32(0))
-            for ino in inodes[:MAX_SEEDS]:
+            for ino in inodes[:limit]:
                 seeds.delete(ctypes.c_uint64(ino))
 
     def _on_record(self, data: bytes) -> None:
