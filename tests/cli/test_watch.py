@@ -82,6 +82,9 @@ def assert_reconciles(rows: Dict[RowKey, Dict[str, str]], r: Dict[str, Any], por
     assert set(rows) == want, sorted(rows)
     total = lambda col, role=None: sum(int(v[col]) for k, v in rows.items() if role in (None, k[0]))  # noqa: E731
     assert mib["Tcp.RetransSegs"] > 0, "5 % loss made no retransmit: no test"
+    tcpi = r["tcpi_total_retrans"]  # each end of each lossy connection, read once it had closed
+    shown = {role: rows[(role, peer, port)]["RETRANS"] for role, peer in (("client", SERVER), ("server", CLIENT))}
+    assert shown == {"client": str(sum(tcpi["client"])), "server": str(sum(tcpi["server"]))}, (tcpi, mib)
     assert total("RETRANS") == mib["Tcp.RetransSegs"]
     assert total("CONNS", "client") == mib["Tcp.ActiveOpens"] == r["connections"] + r["aborts"] + r["refused"]
     assert total("FAILED", "client") == mib["Tcp.AttemptFails"] == r["refused"]
@@ -251,6 +254,9 @@ def test_json_snapshots_reconcile_exactly(kernel_ok: None) -> None:
     rows = {(x["role"], x["address"], x["port"]): x for x in snap["rows"]}
     mib = r["mib"]
     assert mib["Tcp.RetransSegs"] > 0, "5 % loss made no retransmit: no test"
+    tcpi = r["tcpi_total_retrans"]
+    assert rows[("client", SERVER, port)]["retransmits"] == sum(tcpi["client"]), (tcpi, rows)
+    assert rows[("server", CLIENT, port)]["retransmits"] == sum(tcpi["server"]), (tcpi, rows)
     assert sum(x["retransmits"] for x in rows.values()) == mib["Tcp.RetransSegs"], (rows, mib)
     assert snap["totals"]["retransmits"] == mib["Tcp.RetransSegs"]
     assert snap["totals"]["attempts"] == mib["Tcp.ActiveOpens"] + mib["Tcp.PassiveOpens"]

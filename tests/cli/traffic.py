@@ -23,7 +23,18 @@ import sys
 import threading
 from typing import Any, Dict, List
 
-from tests.kernel.harness import emit, in_threads, mib, mib_delta, random_loss, recv_exactly, settle, setup_netns
+from tests.kernel.harness import (
+    drain_until_eof,
+    emit,
+    in_threads,
+    mib,
+    mib_delta,
+    random_loss,
+    recv_exactly,
+    settle,
+    setup_netns,
+)
+from tests.kernel.workload import wait_closed
 
 SERVER = "127.77.0.2"
 CLIENT = "127.77.0.3"
@@ -34,12 +45,14 @@ ABORTS = 2
 REFUSED = 3
 
 
-def serve(srv: socket.socket, count: int, abort: bool) -> threading.Thread:
+def serve(srv: socket.socket, count: int, abort: bool, retrans: List[int]) -> threading.Thread:
     def handle(conn: socket.socket) -> None:
         with conn:
             while True:
                 data = conn.recv(65536)
                 if not data:
+                    conn.shutdown(socket.SHUT_WR)
+                    retrans.append(wait_closed(conn)["total_retrans"])  # nothing of ours in flight
                     return
                 conn.sendall(data)
                 if abort:  # answer once, then close with an RST
@@ -80,17 +93,22 @@ def main(port: int) -> Dict[str, Any]:
         listeners.append(srv)
     random_loss(port, 5)
     before = mib()
-    echo = serve(listeners[0], CONNECTIONS, abort=False)
-    aborting = serve(listeners[1], ABORTS, abort=True)
+    server_retrans: List[int] = []
+    echo = serve(listeners[0], CONNECTIONS, abort=False, retrans=server_retrans)
+    aborting = serve(listeners[1], ABORTS, abort=True, retrans=[])
 
-    def exchange(_i: int) -> None:
+    def exchange(_i: int) -> int:
         s = connect(port)
         for _ in range(ROUNDS):
             s.sendall(b"w" * SIZE)
             recv_exactly(s, SIZE)
+        s.shutdown(socket.SHUT_WR)
+        drain_until_eof(s)
+        total: int = wait_closed(s)["total_retrans"]
         s.close()
+        return total
 
-    in_threads(exchange, CONNECTIONS)
+    client_retrans = in_threads(exchange, CONNECTIONS)
     for _ in range(ABORTS):
         s = connect(port + 1)
         s.sendall(b"ping")
@@ -113,7 +131,8 @@ def main(port: int) -> Dict[str, Any]:
     settle()  # every connection has reached CLOSE: the counts are final
     tcp = {k: v for k, v in mib_delta(before, mib()).items() if k.startswith(("Tcp.", "TcpExt."))}
     return {"mib": tcp, "payload": CONNECTIONS * ROUNDS * SIZE,
-            "connections": CONNECTIONS, "aborts": ABORTS, "refused": refused}
+            "connections": CONNECTIONS, "aborts": ABORTS, "refused": refused,
+            "tcpi_total_retrans": {"client": client_retrans, "server": server_retrans}}
 
 
 if __name__ == "__main__":
