@@ -7,8 +7,9 @@
     runs a small instrumented client and server in this process and prints the
     metrics they produced; no collector needed.
 ``watch``
-    a live view of the host's TCP flows: not available yet (it needs a host-wide
-    mode; in-process mode only sees its own process).
+    a live view of this host's TCP flows, per peer (see :mod:`otel_ebpf_flows._watch`);
+    snapshots as text or JSON lines when the output is not a terminal. Exit status
+    0 on a clean exit (q, Ctrl-C, SIGTERM), 1 if the probes cannot load.
 """
 
 from __future__ import annotations
@@ -51,11 +52,51 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(duration=args.duration, as_json=args.json)
 
 
-def _watch(_args: argparse.Namespace) -> int:
-    print("otel-ebpf-flows watch is not available yet: it needs a host-wide mode (in-process mode "
-          "only sees its own process's connections). Use `otel-ebpf-flows demo` to see the metrics.",
-          file=sys.stderr)
-    return EXIT_UNAVAILABLE
+def _watch(args: argparse.Namespace) -> int:
+    from ._watch import Filter, View, run_watch
+
+    view = View(sort=args.sort, reverse=args.reverse, limit=args.limit,
+                keep=Filter(ports=tuple(args.port), networks=tuple(args.peer), role=args.role))
+    return run_watch(interval=args.interval, view=view, count=args.count, batch=args.batch, as_json=args.json)
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.2 <= value <= 3600:
+        raise argparse.ArgumentTypeError("expected from 0.2 to 3600 seconds")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("expected 1 or more")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError("expected a port from 1 to 65535")
+    return value
+
+
+def _peer(text: str) -> object:
+    from ._watch import parse_network
+
+    try:
+        return parse_network(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address or CIDR block") from None
 
 
 def _positive_seconds(text: str) -> float:
@@ -91,7 +132,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the raw metric points as JSON")
     demo.set_defaults(func=_demo)
 
-    watch = sub.add_parser("watch", help="live view of this host's TCP flows (not available yet)")
+    from ._watch import SORT_NAMES, SORTS
+
+    watch = sub.add_parser(
+        "watch", help="live view of this host's TCP flows per peer (retransmits, RTT, handshakes, resets)",
+        description="A live view of every process's TCP connections on this host, one row per peer: "
+        "connections, failed attempts, retransmits, RTT, handshake latency, RSTs, bytes and zero windows, "
+        "counted by the library's own probes since the command started. Keys: q quit, s/S change the "
+        "sort, r reverse it, p pause. When the output is not a terminal (or with --batch / --json) it "
+        "prints a snapshot every interval instead. Needs the same privileges as the library "
+        "(`otel-ebpf-flows doctor` says what is missing).",
+        epilog="sort keys: " + "; ".join(f"{name}: {what}" for name, (what, _) in SORTS.items()),
+    )
+    watch.add_argument("-i", "--interval", type=_interval, default=2.0, metavar="SECONDS",
+                       help="seconds between refreshes (default: 2)")
+    watch.add_argument("--sort", choices=SORT_NAMES, default="retrans", help="row order (default: retrans)")
+    watch.add_argument("-r", "--reverse", action="store_true", help="reverse the order")
+    watch.add_argument("--port", type=_port, action="append", default=[], metavar="PORT",
+                       help="only this port: the service port of client rows, our listening port of "
+                       "server rows (repeatable)")
+    watch.add_argument("--peer", type=_peer, action="append", default=[], metavar="ADDRESS[/BITS]",
+                       help="only peers in this address or CIDR block (repeatable)")
+    watch.add_argument("--role", choices=("client", "server"), help="only connections this host opened "
+                       "(client) or accepted (server)")
+    watch.add_argument("-n", "--count", type=_positive_int, metavar="N",
+                       help="exit after N refreshes (default: run until q, Ctrl-C or SIGTERM)")
+    watch.add_argument("--limit", type=_positive_int, metavar="ROWS", help="show at most ROWS peers")
+    watch.add_argument("-b", "--batch", action="store_true",
+                       help="print text snapshots even on a terminal (the default when output is not one)")
+    watch.add_argument("--json", action="store_true", help="print each snapshot as one JSON line")
     watch.set_defaults(func=_watch)
     return parser
 

@@ -3,7 +3,9 @@
 :func:`check_environment` says, before anything is loaded, what is missing and
 how to fix it. :class:`KernelSource` loads ``tcp_flows.bpf.o`` for one process
 (tp_btf programs, raw_tp where tp_btf is refused), attaches it, adopts the
-process's existing sockets, and reads what the kernel aggregated.
+process's existing sockets, and reads what the kernel aggregated. With
+``host_wide=True`` it counts every process's connections (``otel-ebpf-flows
+watch``) and adopts the sockets every process holds.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ CONTROL_SEEDING = 0
 CONTROL_CLAIM = 1
 MAX_SEEDS = 4096  # the seeds map's size in tcp_flows.bpf.c
 TCP_LISTEN_HEX = "0A"
+MAX_HOST_SEEDS = 1 << 20  # host-wide: the seeds map is resized to fit every socket, up to this
 
 
 def object_path(name: str = OBJECT_NAME) -> str:
@@ -157,6 +160,18 @@ def listening_socket_inodes() -> FrozenSet[int]:
     return frozenset(out)
 
 
+def all_socket_inodes() -> List[int]:
+    """Inodes of the sockets every process holds (those whose /proc/PID/fd can be read)."""
+    inodes = set()
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        inodes.update(own_socket_inodes(pid))
+    return sorted(inodes)
+
+
 class KernelSource:
     """Loads and reads the tcp_flows programs for one process (default: this one).
 
@@ -164,6 +179,11 @@ class KernelSource:
     parent's instrumentation goes on counting those connections, so the child
     does not adopt them; it adopts inherited listeners in claim mode (see
     :meth:`enable_claim`), where it counts only the connections it accepts.
+
+    ``host_wide=True`` counts the connections of every process on the host instead
+    (``pid`` must then be None). Sockets that existed at start are adopted only in
+    this process's network namespace (the socket iterator walks that one), and
+    listeners there are found as well, so connections later accepted on them count.
     """
 
     #: Program variants in the order they are tried.
@@ -171,9 +191,13 @@ class KernelSource:
 
     def __init__(self, config: Optional[Config] = None, pid: Optional[int] = None,
                  variants: Tuple[str, ...] = VARIANTS, span_mode: bool = False,
-                 inherited: Optional[Collection[int]] = None) -> None:
+                 inherited: Optional[Collection[int]] = None, host_wide: bool = False) -> None:
+        if host_wide and pid:
+            raise ValueError("a host-wide KernelSource observes every process: pass no pid")
         self._config = config or Config()
         self._pid = pid or os.getpid()
+        self._host_wide = host_wide
+        self._max_seeds = MAX_SEEDS
         self._variants = variants
         self._span_mode = span_mode
         self._inherited = None if inherited is None else frozenset(inherited)
@@ -200,6 +224,8 @@ class KernelSource:
         check_environment()
         self._on_event = on_event
         path = verify_object()
+        if self._host_wide:  # room for every socket now open (and some that open meanwhile)
+            self._max_seeds = max(MAX_SEEDS, min(MAX_HOST_SEEDS, 2 * len(all_socket_inodes())))
         err: Optional[BpfError] = None
         for variant in self._variants:
             try:
@@ -319,7 +345,7 @@ class KernelSource:
         obj.set_globals(
             ".rodata",
             {
-                "target_tgid": self._pid,
+                "target_tgid": 0 if self._host_wide else self._pid,  # 0: every process
                 "pidns_dev": st.st_dev,
                 "pidns_ino": st.st_ino,
                 "wakeup_bytes": cfg.ring_buffer_bytes // 4,
@@ -333,6 +359,8 @@ class KernelSource:
         obj.map("conn_events").set_max_entries(cfg.ring_buffer_bytes if self._span_mode else 4096)
         if not self._span_mode:
             obj.map("threads").set_max_entries(1)
+        if self._max_seeds != MAX_SEEDS:
+            obj.map("seeds").set_max_entries(self._max_seeds)
         retransmit_has_err = _libbpf.vmlinux_tracepoint_arity("tcp_retransmit_skb") == 3
         tracks_threads = self._span_mode and all(
             _libbpf.vmlinux_tracepoint_arity(tp) is not None for tp in THREAD_TRACEPOINTS)
@@ -371,9 +399,12 @@ class KernelSource:
         self.can_claim = can_claim
 
     def _seed_existing_sockets(self) -> None:
-        """Adopt the sockets this process already had when the probes attached."""
+        """Adopt the sockets this process (host-wide: every process) already had when the probes attached."""
         obj = self._require()
-        inodes = own_socket_inodes(self._pid if self._pid != os.getpid() else None)
+        if self._host_wide:
+            inodes = all_socket_inodes()
+        else:
+            inodes = own_socket_inodes(self._pid if self._pid != os.getpid() else None)
         if self._inherited is not None:
             # A forked child: what it inherited stays counted by its parent,
             # but for listeners, which claim mode makes safe to share.
@@ -381,15 +412,16 @@ class KernelSource:
             inodes = [i for i in inodes if i not in self._inherited or i in shared]
         if not inodes:
             return
-        if len(inodes) > MAX_SEEDS:
+        limit = self._max_seeds
+        if len(inodes) > limit:
             _log.warning(
-                "otel-ebpf-flows: this process holds %d sockets; only %d of those opened before "
-                "instrument() are adopted (the rest are not observed until reopened)",
-                len(inodes), MAX_SEEDS,
+                "otel-ebpf-flows: %s %d sockets; only %d of those opened before the probes "
+                "attached are adopted (the rest are not observed until reopened)",
+                "processes hold" if self._host_wide else "this process holds", len(inodes), limit,
             )
         seeds = obj.map("seeds")
         one = ctypes.c_uint8(1)
-        for ino in inodes[:MAX_SEEDS]:
+        for ino in inodes[:limit]:
             seeds.update(ctypes.c_uint64(ino), one)
         control = obj.map("control")
         control.update(ctypes.c_uint32(CONTROL_SEEDING), ctypes.c_uint32(1))
@@ -398,7 +430,7 @@ class KernelSource:
                 self._on_event(event)
         finally:
             control.update(ctypes.c_uint32(CONTROL_SEEDING), ctypes.c_uint32(0))
-            for ino in inodes[:MAX_SEEDS]:
+            for ino in inodes[:limit]:
                 seeds.delete(ctypes.c_uint64(ino))
 
     def _on_record(self, data: bytes) -> None:

@@ -94,6 +94,11 @@ class Telemetry:
             raise RuntimeError("instrument() did not start: see the warning above")
 
     def points(self) -> List[Dict[str, Any]]:
+        # A sample taken now, after the scenario's traffic settled: a collection's own
+        # refresh waits at most 2 s, and on a loaded host it can report an older sample.
+        pipeline = self.instrumentor.pipeline
+        if pipeline is not None:
+            pipeline.refresh(timeout=60.0)
         data = self.reader.get_metrics_data()
         out = []
         for rm in data.resource_metrics:

@@ -137,7 +137,7 @@ def keepalive_loss() -> Dict[str, Any]:
 
     requests = [r for rs in in_threads(one, n) for r in rs]
     finish(echo)
-    tel.instrumentor.pipeline.refresh()  # type: ignore[union-attr]
+    tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
     return {"requests": requests, "spans": spans.finished(), "metrics": metric_points(tel)}
 
 
@@ -181,7 +181,7 @@ def requests_session() -> Dict[str, Any]:
                     "opened": r == 0})
     session.close()
     server.kill()
-    tel.instrumentor.pipeline.refresh()  # type: ignore[union-attr]
+    tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
     return {"requests": out, "spans": spans.finished(), "metrics": metric_points(tel)}
 
 
@@ -229,7 +229,7 @@ def httpx_async() -> Dict[str, Any]:
     out = [r for rs in asyncio.run(both()) for r in rs]
     for server in servers:
         server.kill()
-    tel.instrumentor.pipeline.refresh()  # type: ignore[union-attr]
+    tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
     return {"requests": out, "spans": spans.finished(), "metrics": metric_points(tel)}
 
 
@@ -289,7 +289,7 @@ def wsgi_server() -> Dict[str, Any]:
     for c in clients:
         finish(c, timeout=120)
     httpd.shutdown()
-    tel.instrumentor.pipeline.refresh()  # type: ignore[union-attr]
+    tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
     return {"requests": measured, "spans": spans.finished(), "metrics": metric_points(tel)}
 
 

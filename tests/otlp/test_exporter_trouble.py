@@ -31,6 +31,8 @@ from typing import Any, Dict, Iterator, List, Optional, Set
 
 import pytest
 
+from otel_ebpf_flows import _kernel
+
 from .conftest import EXPORT_INTERVAL_MS, ROOT, Receiver, collections, opentelemetry_instrument, our_metrics, total
 
 SCOPE = "otel_ebpf_flows"
@@ -195,7 +197,9 @@ def test_disabled_instrumentation_turns_only_this_library_off(receiver: Receiver
     r, held, batches, _ = results[False]
     assert r["instrumented"] is True
     names = [n for n in held["prog"] if n.startswith(("tp_btf_", "raw_tp_"))]
-    assert len(names) == 7 and "sample_sockets" in held["prog"], held
+    # every hook, span enrichment's thread hooks and the claim hooks (loaded, attached on demand)
+    expected = len(_kernel.HOOKS) + len(_kernel.THREAD_HOOKS) + len(_kernel.CLAIM_HOOKS)
+    assert len(names) == expected and "sample_sockets" in held["prog"], held
     assert SCOPE in _scopes(batches)
     final = collections(our_metrics(batches, SCOPE))
     assert total(final[max(final)], ATTEMPTS, ebpf_flows__tcp__role="client",
