@@ -117,8 +117,10 @@ def check_environment() -> None:
             "CONFIG_DEBUG_INFO_BTF=y (most distributions since 2020)"
         )
     if not has_privilege():
+        dropped = (" (this process is uid 0, but its capabilities were dropped: a container's "
+                   "securityContext, systemd's CapabilityBoundingSet or setpriv)") if os.geteuid() == 0 else ""
         raise UnsupportedEnvironment(
-            "loading eBPF programs needs root or CAP_BPF and CAP_PERFMON; grant them, e.g. "
+            f"loading eBPF programs needs root or CAP_BPF and CAP_PERFMON{dropped}; grant them, e.g. "
             "`setcap cap_bpf,cap_perfmon+ep $(readlink -f $(which python3))`, or securityContext "
             "capabilities [BPF, PERFMON] in Kubernetes"
         )
