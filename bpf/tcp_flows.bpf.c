@@ -221,6 +221,24 @@ static __always_inline struct flow_counters *counters_for(const struct flow_key 
 	return bpf_map_lookup_elem(&flows, &other);
 }
 
+/*
+ * Field reads. The tp_btf and iterator programs get BTF-typed pointers the
+ * verifier checks, so they read fields with plain loads; the raw_tp copies get
+ * untyped pointers and must go through bpf_probe_read_kernel (BPF_CORE_READ), a
+ * helper call per field. The handlers take `direct` as a constant at every call
+ * site, so each program is compiled with only its own kind of read.
+ */
+#define RD(direct, src, a, ...)                                                 \
+	((direct) ? ___arrow((src), a, ##__VA_ARGS__) : BPF_CORE_READ((src), a, ##__VA_ARGS__))
+#define RD_BITFIELD(direct, src, field)                                         \
+	((direct) ? BPF_CORE_READ_BITFIELD((src), field) : BPF_CORE_READ_BITFIELD_PROBED((src), field))
+
+/* tcp_sock fields lie past struct sock: a direct read needs the checked cast. */
+static __always_inline const struct tcp_sock *tcp_of(bool direct, const struct sock *sk)
+{
+	return direct ? bpf_skc_to_tcp_sock((void *)sk) : (const struct tcp_sock *)sk;
+}
+
 #define COUNT(key, field, n)                                            \
 	do {                                                            \
 		struct flow_counters *__c = counters_for(key);          \
@@ -228,28 +246,31 @@ static __always_inline struct flow_counters *counters_for(const struct flow_key 
 			__sync_fetch_and_add(&__c->field, (n));         \
 	} while (0)
 
-static __always_inline __u32 sk_netns(const struct sock *sk)
+static __always_inline __u32 sk_netns(bool direct, const struct sock *sk)
 {
-	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	return RD(direct, sk, __sk_common.skc_net.net, ns.inum);
 }
 
 /* The peer as the contract names it: address, family and the service port. */
-static __always_inline void peer_key(struct flow_key *k, const struct sock_common *skc,
+static __always_inline void peer_key(bool direct, struct flow_key *k, const struct sock_common *skc,
 				     __u8 role, __u16 local_port)
 {
-	__u16 family = BPF_CORE_READ(skc, skc_family);
+	__u16 family = RD(direct, skc, skc_family);
 
 	__builtin_memset(k, 0, sizeof(*k));
 	k->role = role;
 	if (family == AF_INET) {
-		__u32 daddr = BPF_CORE_READ(skc, skc_daddr);
+		__u32 daddr = RD(direct, skc, skc_daddr);
 
 		k->addr[10] = 0xff;
 		k->addr[11] = 0xff;
 		__builtin_memcpy(&k->addr[12], &daddr, 4);
 		k->family = FLOW_FAMILY_IPV4;
 	} else {
-		BPF_CORE_READ_INTO(&k->addr, skc, skc_v6_daddr.in6_u.u6_addr8);
+		if (direct)
+			__builtin_memcpy(&k->addr, skc->skc_v6_daddr.in6_u.u6_addr8, sizeof(k->addr));
+		else
+			BPF_CORE_READ_INTO(&k->addr, skc, skc_v6_daddr.in6_u.u6_addr8);
 		k->family = FLOW_FAMILY_IPV6;
 		/* An IPv4-mapped peer on an IPv6 socket is an IPv4 peer. */
 		if (!(k->addr[0] | k->addr[1] | k->addr[2] | k->addr[3] | k->addr[4] |
@@ -258,12 +279,12 @@ static __always_inline void peer_key(struct flow_key *k, const struct sock_commo
 			k->family = FLOW_FAMILY_IPV4;
 	}
 	if (role == FLOW_ROLE_CLIENT)
-		k->port = bpf_ntohs(BPF_CORE_READ(skc, skc_dport));
+		k->port = bpf_ntohs(RD(direct, skc, skc_dport));
 	else
 		k->port = local_port;
 }
 
-static __always_inline struct sock_state *track(const struct sock *sk, const struct flow_key *key,
+static __always_inline struct sock_state *track(bool direct, const struct sock *sk, const struct flow_key *key,
 						__u16 flags, __u64 now)
 {
 	__u64 skp = (__u64)sk;
@@ -279,7 +300,7 @@ static __always_inline struct sock_state *track(const struct sock *sk, const str
 	st->key = *key;
 	st->flags = flags;
 	st->start_ns = now;
-	st->peer_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	st->peer_port = bpf_ntohs(RD(direct, sk, __sk_common.skc_dport));
 	st->conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
 	return st;
 }
@@ -335,11 +356,9 @@ static __always_inline void conn_event(const struct sock_state *st, __u8 kind, _
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
-static __always_inline __u32 read_srtt_us(const struct sock *sk)
+static __always_inline __u32 read_srtt_us(bool direct, const struct tcp_sock *tp)
 {
-	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
-
-	return BPF_CORE_READ(tp, srtt_us) >> 3;
+	return RD(direct, tp, srtt_us) >> 3;
 }
 
 /* Remember that thread `tid` used the connection now (span enrichment). */
@@ -381,14 +400,14 @@ static __always_inline void note_use(__u32 tid, const struct sock_state *st, __u
  * out by the baseline taken at ESTABLISHED, a FIN is taken off here once it
  * has been acknowledged (ours) or received (theirs: SOCK_DONE).
  */
-static __always_inline void account_bytes(struct sock_state *st, const struct tcp_sock *tp)
+static __always_inline void account_bytes(bool direct, struct sock_state *st, const struct tcp_sock *tp)
 {
-	__u64 acked = BPF_CORE_READ(tp, bytes_acked);
-	__u64 received = BPF_CORE_READ(tp, bytes_received);
-	unsigned long sk_flags = BPF_CORE_READ(&tp->inet_conn.icsk_inet.sk, __sk_common.skc_flags);
+	__u64 acked = RD(direct, tp, bytes_acked);
+	__u64 received = RD(direct, tp, bytes_received);
+	unsigned long sk_flags = RD(direct, &tp->inet_conn.icsk_inet.sk, __sk_common.skc_flags);
 
 	if ((st->flags & SF_FIN_SENT) && acked &&
-	    BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq))
+	    RD(direct, tp, snd_una) == RD(direct, tp, write_seq))
 		acked--;
 	if (received && (sk_flags & (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE))))
 		received--;
@@ -415,18 +434,18 @@ static __always_inline void count_established(struct sock_state *st)
 		stat_inc(STAT_SYN_WAIT_MISSED);
 }
 
-static __always_inline void on_established(const struct sock *sk, struct sock_state *st, __u64 now)
+static __always_inline void on_established(bool direct, const struct sock *sk,
+					   const struct tcp_sock *tp, struct sock_state *st, __u64 now)
 {
-	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 	const struct tcp_options_received *opt = __builtin_preserve_access_index(&tp->rx_opt);
 	__u64 handshake_ns = 0;
 
 	st->flags |= SF_ESTABLISHED;
 	st->established_ns = now;
-	st->srtt_us = read_srtt_us(sk);
-	st->bytes_acked = BPF_CORE_READ(tp, bytes_acked);	/* the SYN */
-	st->bytes_received = BPF_CORE_READ(tp, bytes_received);
-	if (!BPF_CORE_READ_BITFIELD_PROBED(opt, wscale_ok))
+	st->srtt_us = read_srtt_us(direct, tp);
+	st->bytes_acked = RD(direct, tp, bytes_acked);	/* the SYN */
+	st->bytes_received = RD(direct, tp, bytes_received);
+	if (!RD_BITFIELD(direct, opt, wscale_ok))
 		st->flags |= SF_NO_WSCALE;
 
 	if (st->key.role == FLOW_ROLE_CLIENT) {
@@ -434,7 +453,7 @@ static __always_inline void on_established(const struct sock *sk, struct sock_st
 	} else {
 		/* SYN wait: the request that made this socket is the tail of the
 		 * listener's accept queue; its first SYN-ACK left when the SYN came. */
-		struct listener_key lk = { .netns = sk_netns(sk), .port = st->key.port };
+		struct listener_key lk = { .netns = sk_netns(direct, sk), .port = st->key.port };
 		__u64 *lsk = bpf_map_lookup_elem(&listeners, &lk);
 		struct inet_connection_sock *icsk;
 		struct request_sock *req;
@@ -442,6 +461,7 @@ static __always_inline void on_established(const struct sock *sk, struct sock_st
 		__u64 snt_synack_us = 0;
 
 		if (lsk) {
+			/* a stored pointer, untyped to the verifier: probe reads */
 			icsk = (struct inet_connection_sock *)*lsk;
 			req = BPF_CORE_READ(icsk, icsk_accept_queue.rskq_accept_tail);
 			if (req) {
@@ -503,12 +523,12 @@ static __always_inline void finalize_close(struct sock_state *st)
 	submit(st, FLOW_EVENT_CLOSE, reason, st->closed_ns, st->closed_ns - st->established_ns);
 }
 
-static __always_inline void forget(const struct sock *sk, struct sock_state *st)
+static __always_inline void forget(bool direct, const struct sock *sk, struct sock_state *st)
 {
 	__u64 skp = (__u64)sk;
 
 	if (st->flags & SF_LISTENER) {
-		struct listener_key lk = { .netns = sk_netns(sk), .port = st->key.port };
+		struct listener_key lk = { .netns = sk_netns(direct, sk), .port = st->key.port };
 
 		bpf_map_delete_elem(&listeners, &lk);
 	} else {
@@ -517,9 +537,9 @@ static __always_inline void forget(const struct sock *sk, struct sock_state *st)
 	bpf_map_delete_elem(&socks, &skp);
 }
 
-static __always_inline void listener_drops(const struct sock *sk, struct sock_state *st)
+static __always_inline void listener_drops(bool direct, const struct sock *sk, struct sock_state *st)
 {
-	__u32 drops = BPF_CORE_READ(sk, sk_drops.counter);
+	__u32 drops = RD(direct, sk, sk_drops.counter);
 
 	if (drops > st->drops) {
 		COUNT(&st->key, listen_overflows, drops - st->drops);
@@ -527,9 +547,9 @@ static __always_inline void listener_drops(const struct sock *sk, struct sock_st
 	}
 }
 
-static __always_inline void count_closed(const struct sock *sk, struct sock_state *st)
+static __always_inline void count_closed(bool direct, const struct tcp_sock *tp, struct sock_state *st)
 {
-	account_bytes(st, (const struct tcp_sock *)sk);
+	account_bytes(direct, st, tp);
 	COUNT(&st->key, closed, 1);
 	/* A reason already certain is final now; an apparently normal close may
 	 * still be followed by our RST (unread data, SO_LINGER 0), so it is
@@ -538,24 +558,28 @@ static __always_inline void count_closed(const struct sock *sk, struct sock_stat
 		finalize_close(st);
 }
 
-static __always_inline int handle_set_state(const struct sock *sk, int oldstate, int newstate)
+static __always_inline int handle_set_state(bool direct, const struct sock *sk, int oldstate,
+					    int newstate)
 {
 	__u64 skp = (__u64)sk;
+	const struct tcp_sock *tp;
 	struct sock_state *st;
 	struct flow_key key;
 	__u64 now;
 
-	if (BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol) != IPPROTO_TCP)
+	if (RD_BITFIELD(direct, sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
 	st = bpf_map_lookup_elem(&socks, &skp);
-	now = bpf_ktime_get_ns();
 
 	if (!st) {
+		/* Not ours (yet): the cheapest tests first, the clock only for
+		 * a socket this process takes on. */
 		if (newstate == TCP_SYN_SENT) {
 			if (!owned_by_target())
 				return 0;
-			peer_key(&key, &sk->__sk_common, FLOW_ROLE_CLIENT, 0);
-			st = track(sk, &key, 0, now);
+			now = bpf_ktime_get_ns();
+			peer_key(direct, &key, &sk->__sk_common, FLOW_ROLE_CLIENT, 0);
+			st = track(direct, sk, &key, 0, now);
 			if (st) {
 				st->tid = (__u32)bpf_get_current_pid_tgid();
 				st->last_tid = st->tid;
@@ -568,9 +592,9 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 				return 0;
 			__builtin_memset(&key, 0, sizeof(key));
 			key.role = FLOW_ROLE_SERVER;
-			key.port = BPF_CORE_READ(sk, __sk_common.skc_num);
-			st = track(sk, &key, SF_LISTENER, now);
-			lk.netns = sk_netns(sk);
+			key.port = RD(direct, sk, __sk_common.skc_num);
+			st = track(direct, sk, &key, SF_LISTENER, bpf_ktime_get_ns());
+			lk.netns = sk_netns(direct, sk);
 			lk.port = key.port;
 			if (st && bpf_map_update_elem(&listeners, &lk, &skp, BPF_ANY))
 				stat_inc(STAT_LISTENERS_FULL);
@@ -578,20 +602,23 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 			/* An accepted socket is born in softirq: it is ours if its
 			 * listener is. */
 			struct listener_key lk = {
-				.netns = sk_netns(sk),
-				.port = BPF_CORE_READ(sk, __sk_common.skc_num),
+				.netns = sk_netns(direct, sk),
+				.port = RD(direct, sk, __sk_common.skc_num),
 			};
 
 			if (!bpf_map_lookup_elem(&listeners, &lk))
 				return 0;
-			peer_key(&key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
-			track(sk, &key, control_on(CONTROL_CLAIM) ? SF_PENDING : 0, now);
+			peer_key(direct, &key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
+			track(direct, sk, &key, control_on(CONTROL_CLAIM) ? SF_PENDING : 0,
+			      bpf_ktime_get_ns());
 		}
 		return 0;
 	}
 
 	if (newstate == TCP_ESTABLISHED && !(st->flags & SF_ESTABLISHED)) {
-		on_established(sk, st, now);
+		tp = tcp_of(direct, sk);
+		if (tp)
+			on_established(direct, sk, tp, st, bpf_ktime_get_ns());
 		return 0;
 	}
 	if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK)
@@ -600,32 +627,35 @@ static __always_inline int handle_set_state(const struct sock *sk, int oldstate,
 		return 0;
 
 	if (st->flags & SF_LISTENER) {
-		listener_drops(sk, st);
-		forget(sk, st);
+		listener_drops(direct, sk, st);
+		forget(direct, sk, st);
 		return 0;
 	}
 	if (st->flags & SF_CLOSED)
 		return 0;
+	tp = tcp_of(direct, sk);
+	if (!tp)
+		return 0;
 	st->flags |= SF_CLOSED;
-	st->closed_ns = now;
-	st->srtt_us = read_srtt_us(sk);
-	st->err = BPF_CORE_READ(sk, sk_err);
+	st->closed_ns = bpf_ktime_get_ns();
+	st->srtt_us = read_srtt_us(direct, tp);
+	st->err = RD(direct, sk, sk_err);
 
 	if (!(st->flags & SF_ESTABLISHED)) {
 		/* A client attempt that never completed; an embryonic server
 		 * socket is simply forgotten. */
 		if (st->key.role == FLOW_ROLE_CLIENT)
 			COUNT(&st->key, attempts_failed[attempt_error(st->err, st) & 7], 1);
-		forget(sk, st);
+		forget(direct, sk, st);
 		return 0;
 	}
 	if (st->flags & SF_PENDING)
 		return 0;	/* counted if this process claims it before it is destroyed */
-	count_closed(sk, st);
+	count_closed(direct, tp, st);
 	return 0;
 }
 
-static __always_inline int handle_destroy(const struct sock *sk)
+static __always_inline int handle_destroy(bool direct, const struct sock *sk)
 {
 	__u64 skp = (__u64)sk;
 	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
@@ -634,7 +664,7 @@ static __always_inline int handle_destroy(const struct sock *sk)
 		return 0;
 	if ((st->flags & SF_CLOSED) && !(st->flags & (SF_FINAL | SF_PENDING)))
 		finalize_close(st);
-	forget(sk, st);
+	forget(direct, sk, st);
 	return 0;
 }
 
@@ -667,7 +697,7 @@ static __always_inline int handle_retransmit(const struct sock *sk, const struct
 	return 0;
 }
 
-static __always_inline int handle_retransmit_synack(const struct sock *listener,
+static __always_inline int handle_retransmit_synack(bool direct, const struct sock *listener,
 						    const struct request_sock *req)
 {
 	__u64 skp = (__u64)listener;
@@ -679,7 +709,7 @@ static __always_inline int handle_retransmit_synack(const struct sock *listener,
 	/* Claim mode: the accepted socket inherits these in total_retrans. */
 	if (control_on(CONTROL_CLAIM))
 		return 0;
-	peer_key(&key, &req->__req_common, FLOW_ROLE_SERVER, st->key.port);
+	peer_key(direct, &key, &req->__req_common, FLOW_ROLE_SERVER, st->key.port);
 	COUNT(&key, retrans_segs, 1);
 	return 0;
 }
@@ -717,23 +747,27 @@ struct tcphdr_min {
 
 #define TCP_FLAG_RST 0x0004	/* in the flags word, host order */
 
-static __always_inline int handle_probe(const struct sock *sk, const struct sk_buff *skb)
+static __always_inline int handle_probe(bool direct, const struct sock *sk, const struct sk_buff *skb)
 {
 	__u64 skp = (__u64)sk;
 	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
+	const struct tcp_sock *tp;
 	struct tcphdr_min th;
 	unsigned char *data;
 	__u32 rcv_wnd;
 
 	if (!st || (st->flags & SF_PENDING))
 		return 0;
-	data = BPF_CORE_READ(skb, data);
+	tp = tcp_of(direct, sk);
+	if (!tp)
+		return 0;
+	data = RD(direct, skb, data);	/* the header it points to: a probe read either way */
 	if (bpf_probe_read_kernel(&th, sizeof(th), data))
 		return 0;
 	/* The peer's window: this segment's, or (for a window the peer advertised
 	 * in a segment coalesced away) the one the socket last recorded. */
 	if (!(bpf_ntohs(th.flags) & TCP_FLAG_RST)) {
-		if (th.window == 0 || BPF_CORE_READ((const struct tcp_sock *)sk, snd_wnd) == 0) {
+		if (th.window == 0 || RD(direct, tp, snd_wnd) == 0) {
 			if (!(st->flags & SF_PEER_ZERO_WIN)) {
 				st->flags |= SF_PEER_ZERO_WIN;
 				COUNT(&st->key, zero_window_rx, 1);
@@ -743,7 +777,7 @@ static __always_inline int handle_probe(const struct sock *sk, const struct sk_b
 			st->flags &= ~SF_PEER_ZERO_WIN;
 		}
 	}
-	rcv_wnd = BPF_CORE_READ((const struct tcp_sock *)sk, rcv_wnd);
+	rcv_wnd = RD(direct, tp, rcv_wnd);
 	if (rcv_wnd == 0) {
 		if (!(st->flags & SF_OUR_ZERO_WIN)) {
 			st->flags |= SF_OUR_ZERO_WIN;
@@ -758,20 +792,26 @@ static __always_inline int handle_probe(const struct sock *sk, const struct sk_b
 
 /* A send or receive by a thread of this process (process context): which
  * connection the thread used, when, and its RTT then. */
-static __always_inline int handle_sock_io(const struct sock *sk)
+static __always_inline int handle_sock_io(bool direct, const struct sock *sk)
 {
 	__u64 skp = (__u64)sk;
+	const struct tcp_sock *tp;
 	struct sock_state *st;
 	__u64 now;
 
-	if (!span_mode || !sk || !owned_by_target())
+	/* Every send and receive on the host: the map lookup rejects other
+	 * processes' sockets more cheaply than the pid-namespace helper. */
+	if (!span_mode || !sk)
 		return 0;
 	st = bpf_map_lookup_elem(&socks, &skp);
-	if (!st || (st->flags & SF_LISTENER))
+	if (!st || (st->flags & SF_LISTENER) || !owned_by_target())
+		return 0;
+	tp = tcp_of(direct, sk);
+	if (!tp)
 		return 0;
 	now = bpf_ktime_get_ns();
 	st->last_tid = (__u32)bpf_get_current_pid_tgid();
-	st->srtt_us = read_srtt_us(sk);
+	st->srtt_us = read_srtt_us(direct, tp);
 	note_use(st->last_tid, st, now);
 	return 0;
 }
@@ -780,13 +820,17 @@ static __always_inline int handle_sock_io(const struct sock *sk)
  * Claim mode: this process reads or writes an accepted socket still pending,
  * so it is the one that accepted it. What happened before is counted now.
  */
-static __always_inline int handle_claim(const struct sock *sk)
+static __always_inline int handle_claim(bool direct, const struct sock *sk)
 {
 	__u64 skp = (__u64)sk;
 	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
+	const struct tcp_sock *tp;
 	__u32 retrans;
 
 	if (!st || !(st->flags & SF_PENDING) || !owned_by_target())
+		return 0;
+	tp = tcp_of(direct, sk);
+	if (!tp)
 		return 0;
 	st->flags &= ~SF_PENDING;
 	st->tid = (__u32)bpf_get_current_pid_tgid();
@@ -795,7 +839,7 @@ static __always_inline int handle_claim(const struct sock *sk)
 	count_established(st);
 	conn_event(st, FLOW_EVENT_CONN, 0, st->established_ns, st->handshake_ns);
 	/* SYN-ACK retransmits of its request included, as the kernel counts them */
-	retrans = BPF_CORE_READ((const struct tcp_sock *)sk, total_retrans);
+	retrans = RD(direct, tp, total_retrans);
 	if (retrans) {
 		st->retrans_segs = retrans;
 		COUNT(&st->key, retrans_segs, retrans);
@@ -805,19 +849,19 @@ static __always_inline int handle_claim(const struct sock *sk)
 	if (st->flags & SF_RST_RECEIVED)
 		COUNT(&st->key, resets_received, 1);
 	if (st->flags & SF_CLOSED)
-		count_closed(sk, st);
+		count_closed(direct, tp, st);
 	return 0;
 }
 
 /* --- attach points: tp_btf, and raw_tp copies loaded only where tp_btf is not --- */
 
-#define HOOKS(kind)                                                                             \
+#define HOOKS(kind, direct)                                                                     \
 SEC(#kind "/inet_sock_set_state")                                                              \
 int BPF_PROG(kind##_set_state, const struct sock *sk, int oldstate, int newstate)               \
-{ return handle_set_state(sk, oldstate, newstate); }                                          \
+{ return handle_set_state(direct, sk, oldstate, newstate); }                                          \
 SEC(#kind "/tcp_destroy_sock")                                                                 \
 int BPF_PROG(kind##_destroy_sock, const struct sock *sk)                                       \
-{ return handle_destroy(sk); }                                                                \
+{ return handle_destroy(direct, sk); }                                                                \
 SEC(#kind "/tcp_retransmit_skb")                                                               \
 int BPF_PROG(kind##_retransmit_skb, const struct sock *sk, const struct sk_buff *skb)          \
 { return handle_retransmit(sk, skb, 0); }                                                     \
@@ -827,7 +871,7 @@ int BPF_PROG(kind##_retransmit_skb_err, const struct sock *sk, const struct sk_b
 { return handle_retransmit(sk, skb, err); }                                                   \
 SEC(#kind "/tcp_retransmit_synack")                                                            \
 int BPF_PROG(kind##_retransmit_synack, const struct sock *sk, const struct request_sock *req)  \
-{ return handle_retransmit_synack(sk, req); }                                                 \
+{ return handle_retransmit_synack(direct, sk, req); }                                                 \
 SEC(#kind "/tcp_send_reset")                                                                   \
 int BPF_PROG(kind##_send_reset, const struct sock *sk)                                         \
 { return handle_reset(sk, SF_RST_SENT); }                                                     \
@@ -836,22 +880,22 @@ int BPF_PROG(kind##_receive_reset, const struct sock *sk)                       
 { return handle_reset(sk, SF_RST_RECEIVED); }                                                 \
 SEC(#kind "/tcp_probe")                                                                        \
 int BPF_PROG(kind##_probe, const struct sock *sk, const struct sk_buff *skb)                   \
-{ return handle_probe(sk, skb); }                                                             \
+{ return handle_probe(direct, sk, skb); }                                                             \
 SEC(#kind "/sock_send_length")                                                                 \
 int BPF_PROG(kind##_send_length, const struct sock *sk, int ret, int flags)                    \
-{ return handle_sock_io(sk); }                                                                \
+{ return handle_sock_io(direct, sk); }                                                                \
 SEC(#kind "/sock_recv_length")                                                                 \
 int BPF_PROG(kind##_recv_length, const struct sock *sk, int ret, int flags)                    \
-{ return handle_sock_io(sk); }                                                             \
+{ return handle_sock_io(direct, sk); }                                                             \
 SEC(#kind "/sock_recv_length")                                                                 \
 int BPF_PROG(kind##_claim_recv, const struct sock *sk, int ret, int flags)                      \
-{ return handle_claim(sk); }                                                                  \
+{ return handle_claim(direct, sk); }                                                                  \
 SEC(#kind "/sock_send_length")                                                                 \
 int BPF_PROG(kind##_claim_send, const struct sock *sk, int ret, int flags)                      \
-{ return handle_claim(sk); }
+{ return handle_claim(direct, sk); }
 
-HOOKS(tp_btf)
-HOOKS(raw_tp)
+HOOKS(tp_btf, true)
+HOOKS(raw_tp, false)
 
 /* --- iterator: live sockets --- */
 
@@ -890,12 +934,12 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 			return 0;
 		state = sk->__sk_common.skc_state;
 		if (state == TCP_LISTEN) {
-			struct listener_key lk = { .netns = sk_netns(sk), .port = sk->__sk_common.skc_num };
+			struct listener_key lk = { .netns = sk_netns(true, sk), .port = sk->__sk_common.skc_num };
 
 			__builtin_memset(&key, 0, sizeof(key));
 			key.role = FLOW_ROLE_SERVER;
 			key.port = lk.port;
-			st = track(sk, &key, SF_LISTENER, now);
+			st = track(true, sk, &key, SF_LISTENER, now);
 			if (!st)
 				return 0;
 			if (bpf_map_update_elem(&listeners, &lk, &skp, BPF_ANY))
@@ -907,12 +951,12 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		    state != TCP_FIN_WAIT2 && state != TCP_CLOSING && state != TCP_LAST_ACK)
 			return 0;
 		{
-			struct listener_key lk = { .netns = sk_netns(sk), .port = sk->__sk_common.skc_num };
+			struct listener_key lk = { .netns = sk_netns(true, sk), .port = sk->__sk_common.skc_num };
 			bool server = bpf_map_lookup_elem(&listeners, &lk) != NULL;
 
-			peer_key(&key, skc, server ? FLOW_ROLE_SERVER : FLOW_ROLE_CLIENT, lk.port);
+			peer_key(true, &key, skc, server ? FLOW_ROLE_SERVER : FLOW_ROLE_CLIENT, lk.port);
 		}
-		st = track(sk, &key, SF_ESTABLISHED, now);
+		st = track(true, sk, &key, SF_ESTABLISHED, now);
 		if (!st)
 			return 0;
 		/* Count only what happens from now on. */
@@ -926,12 +970,12 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 	}
 
 	if (st->flags & SF_LISTENER) {
-		listener_drops(sk, st);
+		listener_drops(true, sk, st);
 		return 0;
 	}
 	if (!(st->flags & SF_ESTABLISHED) || (st->flags & (SF_CLOSED | SF_PENDING)))
 		return 0;
-	account_bytes(st, tp);
+	account_bytes(true, st, tp);
 	st->srtt_us = tp->srtt_us >> 3;
 	if (st->srtt_us && now - st->last_rtt_ns >= rtt_sample_ns) {
 		struct flow_event e = {};
