@@ -40,13 +40,14 @@ class Upstream(http.server.BaseHTTPRequestHandler):
 
 
 def network(loss_percent: int) -> None:
-    """Loopback with an Ethernet MTU and random loss on the path to the upstream."""
+    """Loopback with an Ethernet MTU and random loss on the way to the upstream (our SYNs,
+    requests and ACKs). Loss of the upstream's own segments would delay us by its retransmits,
+    which our kernel counters cannot see (docs/span-enrichment.md, Limits)."""
     subprocess.run(["ip", "link", "set", "lo", "up", "mtu", "1500", "gso_max_segs", "1"], check=True)
     rules = "\n".join([
         "add table inet slo",
         "add chain inet slo input { type filter hook input priority 0; }",
         f"add rule inet slo input tcp dport {UPSTREAM_PORT} numgen random mod 100 < {loss_percent} drop",
-        f"add rule inet slo input tcp sport {UPSTREAM_PORT} numgen random mod 100 < {loss_percent} drop",
     ])
     subprocess.run(["nft", "-f", "-"], input=rules.encode(), check=True)
 

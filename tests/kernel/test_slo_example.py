@@ -40,11 +40,12 @@ def test_slo_violations_split_into_network_and_code(kernel_ok, tmp_path):
     assert network, "the lossy path caused no SLO violation: no test"
     # every violation blamed on the network is backed by the kernel's retransmits in its trace
     assert all(r["retransmits"] > 0 for r in network), network
-    # and the violations that were not the code's are (nearly all) explained by the network:
-    # the remainder are a peer's retransmissions our side cannot see (docs/span-enrichment.md)
+    # and the violations that were not the code's are explained by the network (the example drops
+    # only on the way to the upstream: the upstream's own retransmits would be invisible to us, see
+    # docs/span-enrichment.md; in our runs all were explained)
     not_code = [r for r in violating if "slow=1" not in r["target"]]
     explained = [r for r in not_code if r["network"]]
-    assert len(explained) >= 0.7 * len(not_code), (len(explained), len(not_code))
+    assert len(explained) >= 0.85 * len(not_code), (len(explained), len(not_code))
     # the same service carries the kernel metrics
     assert {"ebpf_flows.tcp.retransmits", "ebpf_flows.tcp.handshake.duration"} <= set(
         result["metrics_by_service"]["checkout"])
