@@ -16,6 +16,7 @@ from typing import Dict, List, Tuple
 
 from ._source import (
     CLOSE_REASONS,
+    CONN_EVENT_KINDS,
     CONNECT_ERRORS,
     Counters,
     FlowEvent,
@@ -139,7 +140,6 @@ _EVENT_KINDS = {
     FLOW_EVENT_GONE: "gone",
 }
 _DIRECTIONS = {FLOW_DIR_TRANSMIT: "transmit", FLOW_DIR_RECEIVE: "receive"}
-_CONN_KINDS = frozenset({"conn", "retransmit", "reset", "zero_window", "gone"})
 
 
 def overflow_key(role: int) -> CFlowKey:
@@ -227,7 +227,7 @@ def decode_event(data: bytes) -> FlowEvent:
         if not 0 < count < 1 << 16:
             raise RecordError(f"retransmit event of {count} segments")
     key = decode_key(raw.key)
-    if kind in _CONN_KINDS:
+    if kind in CONN_EVENT_KINDS:
         if not raw.conn_id:
             raise RecordError(f"{kind} event without a connection id")
         if not key.family:

@@ -65,6 +65,10 @@ class Counters:
     listen_overflows: int = 0
 
 
+#: FlowEvent kinds that feed span enrichment (the conn_events ring), not metrics.
+CONN_EVENT_KINDS = frozenset({"conn", "retransmit", "reset", "zero_window", "gone"})
+
+
 @attrs.frozen
 class FlowEvent:
     """A rare per-connection record."""

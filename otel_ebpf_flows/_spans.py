@@ -41,7 +41,7 @@ import attrs
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from ._source import FlowEvent, FlowKey, Role
+from ._source import CONN_EVENT_KINDS, FlowEvent, FlowKey, Role
 
 _log = logging.getLogger("otel_ebpf_flows")
 
@@ -67,7 +67,6 @@ _SERVER_LOCAL_PORT = ("server.port", "net.host.port", "network.local.port")
 _URL = ("url.full", "http.url")
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
-CONN_EVENT_KINDS = frozenset({"conn", "retransmit", "reset", "zero_window", "gone"})
 
 #: How long a closed connection's events are kept for spans still running.
 GONE_RETENTION_NS = 60 * 1_000_000_000

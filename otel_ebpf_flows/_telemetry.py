@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Opt
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from ._source import CLOSE_REASONS, CONNECT_ERRORS, Counters, FlowEvent, FlowKey, Role, Snapshot, Source
-from ._spans import CONN_EVENT_KINDS, SpanEnrichment, detach
+from ._source import CLOSE_REASONS, CONN_EVENT_KINDS, CONNECT_ERRORS, Counters, FlowEvent, FlowKey, Role, Snapshot, Source
+from ._spans import SpanEnrichment, detach
 
 _log = logging.getLogger("otel_ebpf_flows")
 

@@ -118,10 +118,10 @@ class Telemetry:
         self.provider.shutdown()
 
 
-def peer(*args: str) -> subprocess.Popen:
-    """Start an uninstrumented peer process (tests/kernel/peer.py) in this namespace."""
+def peer(*args: str, module: str = "tests.kernel.peer") -> subprocess.Popen:
+    """Start an uninstrumented peer process (``python -m module args``) in this namespace."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.kernel.peer", *args],
+        [sys.executable, "-m", module, *args],
         stdout=subprocess.PIPE,
         text=True,
     )

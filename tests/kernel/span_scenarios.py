@@ -27,7 +27,6 @@ from tests.kernel.harness import (
     emit,
     finish,
     in_threads,
-    nft,
     peer,
     random_loss,
     recv_exactly,
@@ -160,7 +159,7 @@ def requests_session() -> Dict[str, Any]:
 
     port, rounds, size = 5571, 40, 20000
     lossy_path(port)
-    server = peer_module("tests.kernel.http_peer", "server", str(port))
+    server = peer("server", str(port), module="tests.kernel.http_peer")
     spans = Spans()
     tel = Telemetry(sample_interval=0.5)
     ids: List[str] = []
@@ -195,8 +194,8 @@ def httpx_async() -> Dict[str, Any]:
     ports, rounds, size = (5572, 5574), 30, 20000
     ethernet_loopback()
     random_loss(ports[0], 5)
-    random_loss_table(ports[1], 2, "loss2")
-    servers = [peer_module("tests.kernel.http_peer", "server", str(p)) for p in ports]
+    random_loss(ports[1], 2)  # a second rule in the same table
+    servers = [peer("server", str(p), module="tests.kernel.http_peer") for p in ports]
     spans = Spans()
     tel = Telemetry(sample_interval=0.5)
     ids: Dict[int, List[str]] = {p: [] for p in ports}
@@ -231,16 +230,6 @@ def httpx_async() -> Dict[str, Any]:
         server.kill()
     tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
     return {"requests": out, "spans": spans.finished(), "metrics": metric_points(tel)}
-
-
-def random_loss_table(port: int, percent: int, table: str) -> None:
-    """random_loss() for a second port, in its own nft table."""
-    nft(
-        f"add table inet {table}",
-        f"add chain inet {table} input {{ type filter hook input priority 0; }}",
-        f"add rule inet {table} input tcp dport {port} numgen random mod 100 < {percent} counter drop",
-        f"add rule inet {table} input tcp sport {port} numgen random mod 100 < {percent} counter drop",
-    )
 
 
 @scenario
@@ -284,23 +273,13 @@ def wsgi_server() -> Dict[str, Any]:
     httpd = make_server("127.0.0.1", port, OpenTelemetryMiddleware(app), server_class=Server,
                         handler_class=Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    clients = [peer_module("tests.kernel.http_peer", "client", str(port), str(rounds), str(size))
+    clients = [peer("client", str(port), str(rounds), str(size), module="tests.kernel.http_peer")
                for _ in range(n)]
     for c in clients:
         finish(c, timeout=120)
     httpd.shutdown()
     tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
     return {"requests": measured, "spans": spans.finished(), "metrics": metric_points(tel)}
-
-
-def peer_module(module: str, *args: str) -> subprocess.Popen:
-    """Start an uninstrumented peer (``python -m module args``) and wait for its "ready"."""
-    proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    if proc.stdout.readline().strip() != "ready":
-        proc.kill()
-        raise RuntimeError(f"{module} {args} did not start")
-    return proc
 
 
 if __name__ == "__main__":
