@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import threading
+import time
 from typing import Callable, Collection, Dict, FrozenSet, List, Optional, Tuple
 
 from . import _libbpf, _records
@@ -57,6 +58,8 @@ CONTROL_CLAIM = 1
 MAX_SEEDS = 4096  # the seeds map's size in tcp_flows.bpf.c
 TCP_LISTEN_HEX = "0A"
 MAX_HOST_SEEDS = 1 << 20  # host-wide: the seeds map is resized to fit every socket, up to this
+# Reading side: how held-back RTT samples are handed on (see KernelSource.poll).
+MIN_SAMPLES_PER_POLL = 256
 
 
 def object_path(name: str = OBJECT_NAME) -> str:
@@ -216,7 +219,16 @@ class KernelSource:
         self._threads: Optional[_libbpf.Map] = None
         self.tracks_threads = False
         self._on_event: Callable[[FlowEvent], None] = lambda e: None
+        #: Where histogram records go without becoming a FlowEvent (the reader's
+        #: hot path; set before start). None: they go to on_event like the rest.
+        self.on_metric: Optional[Callable[[_records.MetricRecord], None]] = None
         self._decode_errors = 0
+        # RTT samples of the last iterator pass not yet handed on (see poll)
+        self._sampled = b""
+        self._sampled_at = 0
+        self._polls_per_half_sample = max(1, int(self._config.sample_interval / 2 / self._config.poll_interval))
+        # flows map entries by raw key: (raw value, decoded counters), to decode only what changed
+        self._flows_seen: Dict[bytes, Tuple[bytes, FlowKey, Counters]] = {}
         self.variant = ""
         self.attached: List[str] = []
 
@@ -249,7 +261,7 @@ class KernelSource:
             if self._inherited is not None and self._inherited & listening_socket_inodes():
                 self.enable_claim()
             self._seed_existing_sockets()
-            self._ring = self._obj.ring_buffer("events", self._on_record)  # type: ignore[union-attr]
+            self._ring = self._obj.ring_buffer("events", self._on_metric_record)  # type: ignore[union-attr]
         except BaseException:
             self.close()
             raise
@@ -258,9 +270,39 @@ class KernelSource:
         # Records are submitted without a wakeup (only a filling buffer wakes
         # us), so poll() mostly just sleeps; consume() then reads what is there.
         if self._ring is not None:
-            self._ring.poll(int(timeout_s * 1000))
+            self._ring.wait(timeout_s)
             self._ring.consume()
         self.drain_conn_events()
+        self._deliver_sampled()
+
+    def _deliver_sampled(self) -> None:
+        """Hand on a share of the RTT samples of the last socket-iterator pass.
+
+        A pass over N live connections yields up to N samples at once; each costs
+        the reader a histogram record (~20 µs in the SDK). Delivered all at once
+        they would hold the GIL, and any collection waiting for the pass, for
+        N x 20 µs; instead each poll takes a share that finishes the backlog
+        within half a sample interval, giving the GIL up every
+        ``_libbpf.RECORDS_PER_YIELD`` records.
+        """
+        pending = self._sampled
+        if self._sampled_at >= len(pending):
+            return
+        left = (len(pending) - self._sampled_at) // _records.EVENT_SIZE
+        budget = max(MIN_SAMPLES_PER_POLL, -(-left // self._polls_per_half_sample))
+        start = self._sampled_at
+        end = min(len(pending), start + budget * _records.EVENT_SIZE)
+        self._sampled_at = end
+        if end >= len(pending):
+            self._sampled, self._sampled_at = b"", 0
+        self._deliver_records(memoryview(pending)[start:end])
+
+    def _deliver_records(self, data: memoryview) -> None:
+        size = _records.EVENT_SIZE
+        for n, offset in enumerate(range(0, len(data), size)):
+            if n and not n % _libbpf.RECORDS_PER_YIELD:
+                time.sleep(0)  # let the application's threads have the GIL
+            self._on_metric_record(bytes(data[offset : offset + size]))
 
     def after_fork_in_child(self) -> None:
         """Only the forking thread exists in the child: a lock another thread held stays held."""
@@ -281,15 +323,27 @@ class KernelSource:
         return [(s.conn_id, s.last_ns, s.srtt_us) for s in value.slot if s.conn_id]
 
     def sample(self) -> Snapshot:
+        """Counters now; the pass's RTT samples are handed on by the following polls."""
         obj = self._require()
-        for event in _records.decode_events(obj.run_iterator(ITERATOR)):
-            self._on_event(event)
+        data = obj.run_iterator(ITERATOR)
+        if len(data) % _records.EVENT_SIZE:
+            raise _records.RecordError(f"{len(data)} bytes is not a whole number of flow events")
+        if data:
+            # what a previous pass left undelivered goes first (older samples)
+            self._sampled = self._sampled[self._sampled_at:] + data
+            self._sampled_at = 0
         if self._ring is not None:
             self._ring.consume()
         return Snapshot(counters=self._read_counters(), probes=self._read_probe_stats())
 
+    def flush_samples(self) -> None:
+        """Deliver every RTT sample still held back (tests, final reads)."""
+        pending, self._sampled, self._sampled_at = self._sampled[self._sampled_at:], b"", 0
+        self._deliver_records(memoryview(pending))
+
     def close(self) -> None:
         self._ring = None
+        self._sampled, self._sampled_at = b"", 0
         with self._conn_lock:
             self._conn_ring = None
             self._threads = None
@@ -439,24 +493,56 @@ class KernelSource:
         try:
             event = _records.decode_event(data)
         except _records.RecordError as exc:
-            self._decode_errors += 1
-            if self._decode_errors == 1:
-                _log.warning("ignoring a malformed kernel record (%s); counted in "
-                             "ebpf_flows.probe.events.lost", exc)
+            self._malformed(exc)
             return
         self._on_event(event)
 
+    def _on_metric_record(self, data: bytes) -> None:
+        """A record of the events ring or the iterator: histogram records skip the FlowEvent."""
+        sink = self.on_metric
+        if sink is None:
+            self._on_record(data)
+            return
+        try:
+            record = _records.decode_metric(data)
+        except _records.RecordError as exc:
+            self._malformed(exc)
+            return
+        if record is None:
+            self._on_record(data)
+        else:
+            sink(record)
+
+    def _malformed(self, exc: Exception) -> None:
+        self._decode_errors += 1
+        if self._decode_errors == 1:
+            _log.warning("ignoring a malformed kernel record (%s); counted in "
+                         "ebpf_flows.probe.events.lost", exc)
+
     def _read_counters(self) -> Dict[FlowKey, Counters]:
+        """Every flow's counters; only entries whose bytes changed since the last read are decoded
+        (an unchanged entry is the same :class:`Counters` object as last time)."""
         obj = self._require()
         out = {}
+        seen = self._flows_seen
+        now: Dict[bytes, Tuple[bytes, FlowKey, Counters]] = {}
         for raw_key, raw_val in obj.map("flows").items(_records.CFlowKey, _records.CFlowCounters):
+            kb, vb = bytes(raw_key), bytes(raw_val)
+            last = seen.get(kb)
+            if last is not None and last[0] == vb:
+                now[kb] = last
+                out[last[1]] = last[2]
+                continue
             try:
-                key = _records.decode_key(raw_key)
+                key = _records.decode_key_bytes(kb)
             except _records.RecordError as exc:
                 self._decode_errors += 1
                 _log.debug("ignoring a malformed flow key: %s", exc)
                 continue
-            out[key] = _records.decode_counters(raw_val)
+            counters = _records.decode_counters(raw_val)
+            now[kb] = (vb, key, counters)
+            out[key] = counters
+        self._flows_seen = now
         return out
 
     def _read_probe_stats(self) -> ProbeStats:

@@ -13,7 +13,9 @@ import ctypes.util
 import errno
 import logging
 import os
+import select
 import threading
+import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .exceptions import BpfError, UnsupportedEnvironment
@@ -32,6 +34,8 @@ BTF_KIND_FUNC_PROTO = 13
 BTF_KIND_DATASEC = 15
 
 BPF_ANY = 0
+#: Records handed on between two moments the consumer gives the GIL up.
+RECORDS_PER_YIELD = 32
 BPF_NOEXIST = 1
 
 _PRINT_FN = ctypes.CFUNCTYPE(_c_int, _c_int, _c_char_p, _c_void_p)
@@ -84,6 +88,7 @@ _SIGNATURES: Dict[str, Tuple[object, List[object]]] = {
     "ring_buffer__poll": (_c_int, [_c_void_p, _c_int]),
     "ring_buffer__consume": (_c_int, [_c_void_p]),
     "ring_buffer__free": (None, [_c_void_p]),
+    "ring_buffer__epoll_fd": (_c_int, [_c_void_p]),
     "btf__load_vmlinux_btf": (_c_void_p, []),
     "btf__free": (None, [_c_void_p]),
     "btf__find_by_name_kind": (_c_int, [_c_void_p, _c_char_p, _c_u32]),
@@ -93,6 +98,10 @@ _SIGNATURES: Dict[str, Tuple[object, List[object]]] = {
 
 _lib: Optional[ctypes.CDLL] = None
 _lib_lock = threading.Lock()
+# ring_buffer__consume() called with the GIL held: it never blocks, and each
+# record's callback then runs without handing the GIL to the application and
+# taking it back (through CDLL, every record cost two GIL hand-offs).
+_consume_gil: Any = None
 _print_cb = None  # keeps the ctypes callback alive for the process's lifetime
 
 
@@ -161,6 +170,10 @@ def load_library() -> ctypes.CDLL:
             )
         _print_cb = _PRINT_FN(_on_libbpf_print)
         lib.libbpf_set_print(ctypes.cast(_print_cb, _c_void_p))
+        global _consume_gil
+        _consume_gil = ctypes.PyDLL(lib._name, handle=lib._handle).ring_buffer__consume
+        _consume_gil.restype = _c_int
+        _consume_gil.argtypes = [_c_void_p]
         _lib = lib
         return lib
 
@@ -316,17 +329,22 @@ class Map:
 
 
 class RingBuffer:
-    """libbpf's ring-buffer consumer; ``on_record`` gets each record's bytes."""
+    """libbpf's ring-buffer consumer; ``on_record`` gets each record's bytes.
+
+    Records are copied out by libbpf's callback while the GIL stays held, then
+    handed to ``on_record`` once libbpf has returned (a batch per call).
+    """
 
     def __init__(self, lib: ctypes.CDLL, map_fd: int, on_record: Callable[[bytes], None]) -> None:
         self._lib = lib
         self._on_record = on_record
+        batch: List[bytes] = []
+        self._batch = batch
+        append = batch.append
+        string_at = ctypes.string_at
 
         def _sample(_ctx: int, data: int, size: int) -> int:
-            try:
-                self._on_record(ctypes.string_at(data, size))
-            except Exception:  # never propagate into libbpf
-                _log.exception("dropping a kernel record that could not be handled")
+            append(string_at(data, size))
             return 0
 
         self._cb = _SAMPLE_FN(_sample)
@@ -334,22 +352,42 @@ class RingBuffer:
         if not ptr:
             raise _err("cannot create the ring-buffer consumer")
         self._ptr: Optional[int] = ptr
+        self._epoll_fd = int(lib.ring_buffer__epoll_fd(ptr))
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait, without the GIL, until the kernel wakes the consumer or ``timeout_s`` passes."""
+        if self._ptr is None or timeout_s <= 0:
+            return False
+        try:
+            readable, _, _ = select.select([self._epoll_fd], [], [], timeout_s)
+        except InterruptedError:
+            return False
+        return bool(readable)
 
     def poll(self, timeout_ms: int) -> int:
-        if self._ptr is None:
-            return 0
-        rc = int(self._lib.ring_buffer__poll(self._ptr, timeout_ms))
-        if rc < 0 and -rc != errno.EINTR:
-            raise _err("ring-buffer poll", rc)
-        return max(rc, 0)
+        """Wait up to ``timeout_ms`` for the kernel's wakeup, then consume."""
+        self.wait(timeout_ms / 1000)
+        return self.consume()
 
     def consume(self) -> int:
+        """Hand every record now in the ring to ``on_record``; how many there were."""
         if self._ptr is None:
             return 0
-        rc = int(self._lib.ring_buffer__consume(self._ptr))
+        rc = int(_consume_gil(self._ptr))
+        batch = self._batch
+        records = batch[:]
+        batch.clear()
+        on_record = self._on_record
+        for n, data in enumerate(records):
+            if n and not n % RECORDS_PER_YIELD:
+                time.sleep(0)  # let the application's threads have the GIL
+            try:
+                on_record(data)
+            except Exception:  # one bad record never stops the others
+                _log.exception("dropping a kernel record that could not be handled")
         if rc < 0 and -rc != errno.EINTR:
             raise _err("ring-buffer consume", rc)
-        return max(rc, 0)
+        return len(records)
 
     def free(self) -> None:
         if self._ptr is not None:

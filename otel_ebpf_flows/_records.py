@@ -10,9 +10,9 @@ what cannot be a record (wrong size, unknown kind, bad family) with
 from __future__ import annotations
 
 import ctypes
-import functools
 import ipaddress
-from typing import Dict, List, Tuple
+import struct
+from typing import Dict, List, Optional, Tuple
 
 from ._source import (
     CLOSE_REASONS,
@@ -151,28 +151,51 @@ def overflow_key(role: int) -> CFlowKey:
 
 
 def decode_key(raw: CFlowKey) -> FlowKey:
-    if raw.role == FLOW_ROLE_CLIENT:
+    return decode_key_bytes(bytes(raw))
+
+
+_KEY = struct.Struct("=16sHBB")  # struct flow_key: native byte order, no padding
+KEY_SIZE = _KEY.size
+#: Decoded keys by their raw bytes: the same few peers recur in every record, and
+#: a FlowKey is immutable. Cleared when it reaches this size (a scan of many peers).
+KEY_CACHE_SIZE = 8192
+_key_cache: Dict[bytes, FlowKey] = {}
+
+
+def decode_key_bytes(raw: bytes) -> FlowKey:
+    """A flow key from its raw bytes (``struct flow_key``); cached by those bytes."""
+    key = _key_cache.get(raw)
+    if key is None:
+        key = _decode_key(raw)  # raises before anything is cached
+        if len(_key_cache) >= KEY_CACHE_SIZE:
+            _key_cache.clear()
+        _key_cache[raw] = key
+    return key
+
+
+def _decode_key(raw: bytes) -> FlowKey:
+    if len(raw) != KEY_SIZE:
+        raise RecordError(f"flow key of {len(raw)} bytes, expected {KEY_SIZE}")
+    addr, port, family, raw_role = _KEY.unpack(raw)
+    if raw_role == FLOW_ROLE_CLIENT:
         role = Role.CLIENT
-    elif raw.role == FLOW_ROLE_SERVER:
+    elif raw_role == FLOW_ROLE_SERVER:
         role = Role.SERVER
     else:
-        raise RecordError(f"flow key with unknown role {raw.role}")
-    addr = bytes(raw.addr)
-    if raw.family in (FLOW_FAMILY_IPV4, FLOW_FAMILY_IPV6):
-        return FlowKey(role=role, address=_address_text(raw.family, addr), port=raw.port,
-                       family="ipv4" if raw.family == FLOW_FAMILY_IPV4 else "ipv6")
-    if raw.family == FLOW_FAMILY_OVERFLOW:
-        if raw.port == 0:  # what no longer fitted in the kernel's map
+        raise RecordError(f"flow key with unknown role {raw_role}")
+    if family in (FLOW_FAMILY_IPV4, FLOW_FAMILY_IPV6):
+        return FlowKey(role=role, address=_address_text(family, addr), port=port,
+                       family="ipv4" if family == FLOW_FAMILY_IPV4 else "ipv6")
+    if family == FLOW_FAMILY_OVERFLOW:
+        if port == 0:  # what no longer fitted in the kernel's map
             return FlowKey(role=role, address=None, port=0, family="")
         if role is not Role.SERVER or any(addr):
             raise RecordError("listener key with a peer address or a client role")
-        return FlowKey(role=role, address="", port=raw.port, family="")
-    raise RecordError(f"flow key with unknown family {raw.family}")
+        return FlowKey(role=role, address="", port=port, family="")
+    raise RecordError(f"flow key with unknown family {family}")
 
 
-@functools.lru_cache(maxsize=4096)
 def _address_text(family: int, addr: bytes) -> str:
-    """Peer address as text; cached, since the same few peers recur in every record."""
     if family == FLOW_FAMILY_IPV4:
         if not addr.startswith(_V4_PREFIX):
             raise RecordError("IPv4 flow key without an IPv4-mapped address")
@@ -200,52 +223,77 @@ def decode_counters(raw: CFlowCounters) -> Counters:
 
 
 EVENT_SIZE = ctypes.sizeof(CFlowEvent)
+#: struct flow_event as one precompiled layout: the key's raw bytes, kind,
+#: reason, peer_port, srtt_us, tid, ts_ns, duration_ns, conn_id.
+EVENT = struct.Struct("=20sBBHIIQQQ")
+_CLOSE_REASON_COUNT = len(CLOSE_REASONS)
 
 
 def decode_event(data: bytes) -> FlowEvent:
     if len(data) != EVENT_SIZE:
         raise RecordError(f"flow event of {len(data)} bytes, expected {EVENT_SIZE}")
-    raw = CFlowEvent.from_buffer_copy(data)
-    kind = _EVENT_KINDS.get(raw.kind)
+    raw_key, raw_kind, raw_reason, peer_port, srtt_us, tid, ts_ns, duration_ns, conn_id = EVENT.unpack(data)
+    kind = _EVENT_KINDS.get(raw_kind)
     if kind is None:
-        raise RecordError(f"flow event of unknown kind {raw.kind}")
+        raise RecordError(f"flow event of unknown kind {raw_kind}")
     reason = None
     direction = None
     count = 0
-    duration_s = raw.duration_ns / 1e9
+    duration_s = duration_ns / 1e9
     if kind == "close":
-        if raw.reason >= len(CLOSE_REASONS):
-            raise RecordError(f"close event with unknown reason {raw.reason}")
-        reason = CLOSE_REASONS[raw.reason]
+        if raw_reason >= _CLOSE_REASON_COUNT:
+            raise RecordError(f"close event with unknown reason {raw_reason}")
+        reason = CLOSE_REASONS[raw_reason]
     elif kind in ("reset", "zero_window"):
-        direction = _DIRECTIONS.get(raw.reason)
+        direction = _DIRECTIONS.get(raw_reason)
         if direction is None:
-            raise RecordError(f"{kind} event with unknown direction {raw.reason}")
+            raise RecordError(f"{kind} event with unknown direction {raw_reason}")
         count = 1
     elif kind == "retransmit":
-        count, duration_s = raw.duration_ns, 0.0
+        count, duration_s = duration_ns, 0.0
         if not 0 < count < 1 << 16:
             raise RecordError(f"retransmit event of {count} segments")
-    key = decode_key(raw.key)
+    key = decode_key_bytes(raw_key)
     if kind in CONN_EVENT_KINDS:
-        if not raw.conn_id:
+        if not conn_id:
             raise RecordError(f"{kind} event without a connection id")
         if not key.family:
             raise RecordError(f"{kind} event without a peer")
     return FlowEvent(
         kind=kind,
         key=key,
-        ts_ns=raw.ts_ns,
+        ts_ns=ts_ns,
         duration_s=duration_s,
-        srtt_s=raw.srtt_us / 1e6 if raw.srtt_us else None,
+        srtt_s=srtt_us / 1e6 if srtt_us else None,
         close_reason=reason,
-        tid=raw.tid,
-        conn_id=raw.conn_id,
-        peer_port=raw.peer_port,
+        tid=tid,
+        conn_id=conn_id,
+        peer_port=peer_port,
         direction=direction,
         count=count,
-        adopted=kind == "conn" and raw.reason == 1,
+        adopted=kind == "conn" and raw_reason == 1,
     )
+
+
+_METRIC_KINDS = {FLOW_EVENT_HANDSHAKE: "handshake", FLOW_EVENT_CLOSE: "close", FLOW_EVENT_RTT: "rtt"}
+MetricRecord = Tuple[str, FlowKey, int, float, Optional[float], int]
+
+
+def decode_metric(data: bytes) -> Optional[MetricRecord]:
+    """A histogram record's (kind, key, ts_ns, duration_s, srtt_s, tid), without a FlowEvent.
+
+    The reader's hot path: the same checks as :func:`decode_event` for the
+    kinds that feed histograms (handshake, close, rtt); None for any other kind.
+    """
+    if len(data) != EVENT_SIZE:
+        raise RecordError(f"flow event of {len(data)} bytes, expected {EVENT_SIZE}")
+    raw_key, raw_kind, raw_reason, _, srtt_us, tid, ts_ns, duration_ns, _ = EVENT.unpack(data)
+    kind = _METRIC_KINDS.get(raw_kind)
+    if kind is None:
+        return None
+    if raw_kind == FLOW_EVENT_CLOSE and raw_reason >= _CLOSE_REASON_COUNT:
+        raise RecordError(f"close event with unknown reason {raw_reason}")
+    return kind, decode_key_bytes(raw_key), ts_ns, duration_ns / 1e9, srtt_us / 1e6 if srtt_us else None, tid
 
 
 def decode_events(data: bytes) -> List[FlowEvent]:

@@ -14,11 +14,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Protocol,
+    Set,
+    Tuple,
+    runtime_checkable,
+)
 
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from ._records import MetricRecord
 from ._source import CLOSE_REASONS, CONN_EVENT_KINDS, CONNECT_ERRORS, Counters, FlowEvent, FlowKey, Role, Snapshot, Source
 from ._spans import SpanEnrichment, detach
 
@@ -85,6 +100,11 @@ _FIELDS: Dict[str, List[Tuple[str, Tuple[Tuple[str, str], ...]]]] = {
 }
 
 Attrs = FrozenSet[Tuple[str, Any]]
+# The context of a histogram point with no span to link as its exemplar (the SDK
+# would otherwise look up the reader thread's current context per point).
+_EMPTY = trace.set_span_in_context(trace.INVALID_SPAN)
+#: Histogram attribute sets kept built (3 histograms x the kernel's flow keys).
+SERIES_CACHE_SIZE = 16384
 
 
 def _field(counters: Counters, path: str) -> int:
@@ -136,6 +156,9 @@ class Aggregator:
         self._active: Dict[Attrs, int] = {}
         self._probes: Dict[str, Dict[str, int]] = {EVENTS_LOST: {}, MAP_EVICTIONS: {}}
         self._lock = threading.Lock()
+        # (metric, key) -> its attributes, for histogram records: a peer admitted
+        # stays admitted and one folded into _OTHER stays folded, so they never change.
+        self._series: Dict[Tuple[str, FlowKey], Dict[str, Any]] = {}
 
     def peers(self, metric: str) -> PeerTable:
         table = self._peers.get(metric)
@@ -149,10 +172,21 @@ class Aggregator:
         address = OTHER if key.address is None else self.peers(metric).address(key.address)
         return series_attributes(key, address)
 
+    def series(self, metric: str, key: FlowKey) -> Dict[str, Any]:
+        """:meth:`attributes`, built once per (metric, key): callers must not change it."""
+        attrs = self._series.get((metric, key))
+        if attrs is None:
+            if len(self._series) >= SERIES_CACHE_SIZE:
+                self._series.clear()
+            attrs = self._series[(metric, key)] = self.attributes(metric, key)
+        return attrs
+
     def update(self, snapshot: Snapshot) -> None:
         with self._lock:
             for key, now in snapshot.counters.items():
                 before = self._last.get(key)
+                if before is now:  # the source handed the same object back: nothing changed
+                    continue
                 self._last[key] = now
                 listener = key.address == ""
                 for metric, fields in _FIELDS.items():
@@ -255,18 +289,32 @@ class Instruments:
     def record(self, aggregator: Aggregator, event: FlowEvent,
                exemplar: Callable[[int, int, FlowKey], Optional[Context]] = lambda tid, ts, key: None) -> None:
         """Record a record's histogram points; ``exemplar(tid, ts, key)`` names the span current then."""
-        if event.kind == "handshake":
+        self.record_metric(aggregator, (event.kind, event.key, event.ts_ns, event.duration_s, event.srtt_s,
+                                        event.tid), exemplar)
+
+    def record_metric(self, aggregator: Aggregator, record: MetricRecord,
+                      exemplar: Optional[Callable[[int, int, FlowKey], Optional[Context]]] = None) -> None:
+        """:meth:`record` for a ``(kind, key, ts_ns, duration_s, srtt_s, tid)`` tuple."""
+        kind, key, ts_ns, duration_s, srtt_s, tid = record
+        if kind == "handshake":
             # the span that connected: current on the connecting thread at SYN time
-            ctx = exemplar(event.tid, event.ts_ns - int(event.duration_s * 1e9), event.key)
-            self.handshake.record(event.duration_s, aggregator.attributes(HANDSHAKE, event.key), context=ctx)
-        elif event.kind == "close":
-            self.duration.record(event.duration_s, aggregator.attributes(DURATION, event.key))
-            if event.srtt_s is not None:
-                self.rtt.record(event.srtt_s, aggregator.attributes(RTT, event.key))
-        elif event.kind == "rtt" and event.srtt_s is not None:
+            ctx = exemplar(tid, ts_ns - int(duration_s * 1e9), key) if exemplar is not None else None
+            self.handshake.record(duration_s, aggregator.series(HANDSHAKE, key), context=ctx or _EMPTY)
+        elif kind == "close":
+            self.duration.record(duration_s, aggregator.series(DURATION, key), context=_EMPTY)
+            if srtt_s is not None:
+                self.rtt.record(srtt_s, aggregator.series(RTT, key), context=_EMPTY)
+        elif kind == "rtt" and srtt_s is not None:
             # the span current on the thread that last used the connection
-            ctx = exemplar(event.tid, event.ts_ns, event.key)
-            self.rtt.record(event.srtt_s, aggregator.attributes(RTT, event.key), context=ctx)
+            ctx = exemplar(tid, ts_ns, key) if exemplar is not None else None
+            self.rtt.record(srtt_s, aggregator.series(RTT, key), context=ctx or _EMPTY)
+
+
+@runtime_checkable
+class TakesMetricRecords(Protocol):
+    """A source that can hand histogram records on as tuples (see KernelSource.on_metric)."""
+
+    on_metric: Optional[Callable[[MetricRecord], None]]
 
 
 class Pipeline:
@@ -304,6 +352,8 @@ class Pipeline:
         self._errors = 0
 
     def start(self) -> None:
+        if isinstance(self.source, TakesMetricRecords):  # KernelSource: histogram records skip the FlowEvent
+            self.source.on_metric = self._on_metric
         self.source.start(self._on_event)
         try:
             self._sample()
@@ -324,6 +374,11 @@ class Pipeline:
         else:
             self._instruments.record(self.aggregator, event, spans.registry.exemplar_context)
 
+    def _on_metric(self, record: MetricRecord) -> None:
+        spans = self.spans
+        self._instruments.record_metric(self.aggregator, record,
+                                        None if spans is None else spans.registry.exemplar_context)
+
     def _sample(self) -> None:
         snapshot = self.source.sample()
         self.aggregator.update(snapshot)
@@ -340,12 +395,14 @@ class Pipeline:
                 with self._work:
                     if self._stop.is_set():
                         break
-                    self.source.poll(0)
+                    # a collection waiting for a sample goes before the records
+                    # (the sample consumes the ring buffer itself)
                     if self._wanted.is_set() or time.monotonic() - self._sampled_at >= self._sample_interval:
                         self._wanted.clear()
                         self._sample()
                         if self.spans is not None:
                             self.spans.prune()
+                    self.source.poll(0)
                     if self._attach_spans is not None and self._attach_spans():
                         self._attach_spans = None
                 self._errors = 0

@@ -1,0 +1,132 @@
+"""The reader's hot path: histogram records decoded without a FlowEvent, flow keys decoded once,
+attribute sets built once; each must give exactly what the general path gives."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import pytest
+from hypothesis import given, settings
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from otel_ebpf_flows import _records, _telemetry
+from otel_ebpf_flows._records import RecordError, decode_event, decode_key, decode_key_bytes, decode_metric
+from otel_ebpf_flows._source import FlowKey, Role
+
+from .test_records import CLIENT, SERVER, V4, V6, mapped, plausible_events, raw_event, raw_key
+
+
+@settings(max_examples=300, deadline=None)
+@given(plausible_events())
+def test_decode_metric_agrees_with_decode_event(data):
+    try:
+        event = decode_event(data)
+    except RecordError:
+        # decode_metric checks only what a histogram record needs; when it accepts a
+        # record decode_event rejects, that record is of a span kind (None) or it
+        # raises as well
+        try:
+            assert decode_metric(data) is None
+        except RecordError:
+            pass
+        return
+    record = decode_metric(data)
+    if event.kind not in ("handshake", "close", "rtt"):
+        assert record is None
+        return
+    assert record == (event.kind, event.key, event.ts_ns, event.duration_s, event.srtt_s, event.tid)
+
+
+def test_decode_metric_rejects_what_decode_event_rejects_for_histogram_kinds():
+    with pytest.raises(RecordError):
+        decode_metric(b"\0" * (_records.EVENT_SIZE - 1))
+    with pytest.raises(RecordError):
+        decode_metric(raw_event(kind=_records.FLOW_EVENT_CLOSE, reason=_records.CLOSE_MAX))
+    with pytest.raises(RecordError):
+        decode_metric(raw_event(kind=_records.FLOW_EVENT_RTT, key=raw_key(mapped("192.0.2.1"), 443, V4, 9)))
+
+
+def test_a_key_is_decoded_once_and_a_bad_one_never_cached(monkeypatch):
+    monkeypatch.setattr(_records, "_key_cache", {})
+    raw = bytes(raw_key(mapped("198.51.100.7"), 8443, V4, CLIENT))
+    first = decode_key_bytes(raw)
+    assert first == FlowKey(role=Role.CLIENT, address="198.51.100.7", port=8443, family="ipv4")
+    assert decode_key_bytes(raw) is first
+    assert decode_key(raw_key(mapped("198.51.100.7"), 8443, V4, CLIENT)) is first
+    bad = bytes(raw_key(mapped("198.51.100.7"), 8443, V4, 7))
+    for _ in range(2):
+        with pytest.raises(RecordError):
+            decode_key_bytes(bad)
+    assert bad not in _records._key_cache
+
+
+def test_the_key_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(_records, "_key_cache", {})
+    monkeypatch.setattr(_records, "KEY_CACHE_SIZE", 4)
+    keys = [bytes(raw_key(bytes(15) + bytes([i + 1]), 80, V6, SERVER)) for i in range(10)]
+    decoded = [decode_key_bytes(k) for k in keys]
+    assert len(_records._key_cache) <= 4
+    # what was dropped decodes again to the same value
+    assert [decode_key_bytes(k) for k in keys] == decoded
+
+
+def test_cached_series_are_the_attributes_and_keep_the_peer_cap():
+    aggregator = _telemetry.Aggregator(max_peers=2)
+    keys = [FlowKey(role=Role.CLIENT, address=f"192.0.2.{i}", port=443, family="ipv4") for i in range(1, 5)]
+    for metric in (_telemetry.HANDSHAKE, _telemetry.RTT, _telemetry.DURATION):
+        got = [aggregator.series(metric, k) for k in keys]
+        assert [a[_telemetry.PEER_ADDRESS] for a in got] == ["192.0.2.1", "192.0.2.2", "_OTHER", "_OTHER"]
+        assert got == [aggregator.attributes(metric, k) for k in keys]
+        assert aggregator.series(metric, keys[0]) is got[0]  # built once
+
+
+class _Sink:
+    """Collects histogram points of a real SDK provider."""
+
+    def __init__(self) -> None:
+        self.reader = InMemoryMetricReader()
+        self.provider = MeterProvider(metric_readers=[self.reader])
+        self.instruments = _telemetry.Instruments(self.provider.get_meter("t"), lambda: None)
+        self.aggregator = _telemetry.Aggregator(max_peers=200)
+
+    def points(self) -> Dict[Tuple[str, frozenset], Tuple[int, float, List[int]]]:
+        out: Dict[Tuple[str, frozenset], Tuple[int, float, List[int]]] = {}
+        data = self.reader.get_metrics_data()
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    for p in m.data.data_points:
+                        out[(m.name, frozenset(p.attributes.items()))] = (p.count, p.sum, list(p.bucket_counts))
+        return out
+
+
+def test_tuple_records_export_what_flow_events_export():
+    records = [
+        raw_event(kind=_records.FLOW_EVENT_HANDSHAKE, duration_ns=1_500_000, ts_ns=10**9, tid=5),
+        raw_event(kind=_records.FLOW_EVENT_CLOSE, reason=1, duration_ns=3 * 10**9, srtt_us=250),
+        raw_event(kind=_records.FLOW_EVENT_CLOSE, duration_ns=10**6, srtt_us=0),  # no RTT yet
+        raw_event(kind=_records.FLOW_EVENT_RTT, srtt_us=42, tid=9, ts_ns=2 * 10**9),
+        raw_event(key=raw_key(bytes(15) + b"\x01", 8080, V6, SERVER), kind=_records.FLOW_EVENT_HANDSHAKE,
+                  duration_ns=80_000),
+    ]
+    by_event, by_tuple = _Sink(), _Sink()
+    seen: List[Tuple[int, int]] = []
+
+    def exemplar(tid: int, ts: int, key: Any) -> None:
+        seen.append((tid, ts))
+        return None
+
+    for data in records:
+        by_event.instruments.record(by_event.aggregator, decode_event(data), exemplar)
+    asked = list(seen)
+    seen.clear()
+    for data in records:
+        record = decode_metric(data)
+        assert record is not None
+        by_tuple.instruments.record_metric(by_tuple.aggregator, record, exemplar)
+    assert seen == asked  # the same spans are asked for (the handshake's SYN time, the RTT's)
+    points = by_tuple.points()
+    assert points == by_event.points()
+    assert {name for name, _ in points} == {_telemetry.HANDSHAKE, _telemetry.DURATION, _telemetry.RTT}
+    assert sum(c for (name, _), (c, _s, _b) in points.items() if name == _telemetry.RTT) == 2
