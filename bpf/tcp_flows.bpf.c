@@ -980,7 +980,6 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 	if (st->srtt_us && now - st->last_rtt_ns >= rtt_sample_ns) {
 		struct flow_event e = {};
 
-		st->last_rtt_ns = now;
 		e.key = st->key;
 		e.kind = FLOW_EVENT_RTT;
 		e.srtt_us = st->srtt_us;
@@ -988,7 +987,11 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		e.peer_port = st->peer_port;
 		e.ts_ns = now;
 		e.conn_id = st->conn_id;
-		bpf_seq_write(seq, &e, sizeof(e));
+		/* A full read buffer (32 KiB: every ~585 records) fails the write and
+		 * the kernel shows this socket again in the next read(): mark it
+		 * sampled only once its record is written. */
+		if (!bpf_seq_write(seq, &e, sizeof(e)))
+			st->last_rtt_ns = now;
 	}
 	return 0;
 }

@@ -1,0 +1,54 @@
+"""The reading side on the real kernel: a socket-iterator pass's RTT samples, held back and
+handed on over the following polls, arrive exactly once each and equal TCP_INFO."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any, Dict
+
+import pytest
+
+from tests.kernel.conftest import ROOT
+from tests.kernel.reader_workload import CONNECTIONS
+
+pytestmark = pytest.mark.kernel
+
+
+def run(name: str) -> Dict[str, Any]:
+    proc = subprocess.run(
+        ["unshare", "--net", sys.executable, "-m", "tests.kernel.reader_workload", name],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"scenario {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    result: Dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_pass_hands_on_one_rtt_sample_per_live_socket_over_several_polls(kernel_ok):
+    r = run("rtt_pass_source")
+    sockets = 2 * CONNECTIONS  # both ends are this process's
+    assert r["established"] == sockets
+    # sample() returns the counters without delivering the pass's samples ...
+    assert r["at_sample"] == 0
+    # ... the polls after it do, a share each (the backlog spread over the sample interval)
+    assert sum(r["per_poll"]) == sockets
+    assert len([n for n in r["per_poll"] if n]) >= 2
+    # every live socket exactly once, and nothing else came out of the pass
+    assert len(r["conn_ids"]) == len(set(r["conn_ids"])) == sockets
+    assert r["others"] == []
+    # the values are the kernel's: each smoothed RTT equals the socket's tcpi_rtt
+    assert r["client_srtt_us"] == r["client_tcpi_rtt_us"]
+    assert len(r["server_pairs"]) == CONNECTIONS
+    assert all(srtt == tcpi for srtt, tcpi in r["server_pairs"]), r["server_pairs"]
+
+
+def test_the_rtt_histogram_counts_each_live_socket_once_per_pass(kernel_ok):
+    r = run("rtt_pass_exported")
+    sockets = 2 * CONNECTIONS
+    assert r["established"] == sockets
+    assert r["final_count"] == sockets, r["counts"]
+    # the mean of what was exported is the mean of the sockets' tcpi_rtt
+    assert r["final_sum_s"] == pytest.approx(r["tcpi_rtt_sum_s"], abs=1e-9 * sockets)
