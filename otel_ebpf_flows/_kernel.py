@@ -217,6 +217,8 @@ class KernelSource:
         self._conn_lock = threading.Lock()
         self._conn_ring: Optional[_libbpf.RingBuffer] = None
         self._threads: Optional[_libbpf.Map] = None
+        self._thread_key = ctypes.c_uint32()
+        self._thread_value = ctypes.create_string_buffer(ctypes.sizeof(_records.CThreadConns))
         self.tracks_threads = False
         self._on_event: Callable[[FlowEvent], None] = lambda e: None
         #: Where histogram records go without becoming a FlowEvent (the reader's
@@ -316,11 +318,14 @@ class KernelSource:
 
     def thread_connections(self, tid: int) -> List[Tuple[int, int, int]]:
         """(conn_id, last use in CLOCK_MONOTONIC ns, srtt_us) of the connections thread ``tid`` used lately."""
-        value = _records.CThreadConns()
-        with self._conn_lock:
-            if self._threads is None or not self._threads.lookup(ctypes.c_uint32(tid), value):
+        with self._conn_lock:  # one key and value buffer, reused under the lock
+            key, value = self._thread_key, self._thread_value
+            key.value = tid
+            if self._threads is None or not self._threads.lookup(key, value):
                 return []
-        return [(s.conn_id, s.last_ns, s.srtt_us) for s in value.slot if s.conn_id]
+            raw = value.raw
+        return [(conn_id, last_ns, srtt_us)
+                for conn_id, last_ns, srtt_us, _ in _records.THREAD_SLOT.iter_unpack(raw) if conn_id]
 
     def sample(self) -> Snapshot:
         """Counters now; the pass's RTT samples are handed on by the following polls."""

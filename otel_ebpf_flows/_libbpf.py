@@ -245,10 +245,13 @@ class Map:
         self._ptr = ptr
         self.name = name
         self._batch_ok = True
+        self._fd = -1
 
     @property
     def fd(self) -> int:
-        return int(self._lib.bpf_map__fd(self._ptr))
+        if self._fd < 0:  # a map has an fd once its object is loaded, the same one until closed
+            self._fd = int(self._lib.bpf_map__fd(self._ptr))
+        return self._fd
 
     def set_max_entries(self, n: int) -> None:
         rc = self._lib.bpf_map__set_max_entries(self._ptr, n)

@@ -118,6 +118,9 @@ class CThreadConns(ctypes.Structure):
     _fields_ = [("slot", CThreadSlot * THREAD_SLOTS)]
 
 
+#: struct thread_slot as one precompiled layout (conn_id, last_ns, srtt_us, __pad0)
+THREAD_SLOT = struct.Struct("=QQII")
+
 # name -> (ctypes mirror, C struct name) for the BTF cross-check
 MIRRORS: Dict[str, Tuple[type, str]] = {
     "flow_key": (CFlowKey, "flow_key"),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import ipaddress
 import logging
 import os
@@ -80,6 +81,12 @@ def _ip(text: Any) -> Optional[str]:
     """The normalised text of an IP address literal, or None for a hostname."""
     if not isinstance(text, str):
         return None
+    return _ip_text(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_text(text: str) -> Optional[str]:
+    # cached: every span's end parses its peer, and the same few peers recur
     try:
         addr = ipaddress.ip_address(text.strip("[]"))
     except ValueError:

@@ -3,10 +3,12 @@ attribute sets built once; each must give exactly what the general path gives.""
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any, Dict, List, Tuple
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -130,3 +132,27 @@ def test_tuple_records_export_what_flow_events_export():
     assert points == by_event.points()
     assert {name for name, _ in points} == {_telemetry.HANDSHAKE, _telemetry.DURATION, _telemetry.RTT}
     assert sum(c for (name, _), (c, _s, _b) in points.items() if name == _telemetry.RTT) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.tuples(st.binary(min_size=16, max_size=16), *(st.integers(0, 2**b - 1) for b in (16, 8, 8, 8, 8, 16, 32, 32,
+                                                                                        64, 64, 64))))
+def test_the_precompiled_layouts_read_what_the_ctypes_mirrors_write(fields):
+    # the mirrors are checked against the object's BTF (test_records); the layouts against the mirrors
+    addr, port, family, role, kind, reason, peer_port, srtt_us, tid, ts_ns, duration_ns, conn_id = fields
+    event = _records.CFlowEvent()
+    ctypes.memmove(event.key.addr, addr, 16)
+    event.key.port, event.key.family, event.key.role = port, family, role
+    event.kind, event.reason, event.peer_port, event.srtt_us, event.tid = kind, reason, peer_port, srtt_us, tid
+    event.ts_ns, event.duration_ns, event.conn_id = ts_ns, duration_ns, conn_id
+    assert _records.EVENT.size == _records.EVENT_SIZE == ctypes.sizeof(_records.CFlowEvent)
+    assert _records.EVENT.unpack(bytes(event)) == (
+        bytes(event.key), kind, reason, peer_port, srtt_us, tid, ts_ns, duration_ns, conn_id)
+    assert _records._KEY.unpack(bytes(event.key)) == (addr, port, family, role)
+    conns = _records.CThreadConns()
+    conns.slot[_records.THREAD_SLOTS - 1].conn_id = conn_id
+    conns.slot[_records.THREAD_SLOTS - 1].last_ns = ts_ns
+    conns.slot[_records.THREAD_SLOTS - 1].srtt_us = srtt_us
+    slots = list(_records.THREAD_SLOT.iter_unpack(bytes(conns)))
+    assert len(slots) == _records.THREAD_SLOTS
+    assert slots[-1][:3] == (conn_id, ts_ns, srtt_us)
