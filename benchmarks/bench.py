@@ -72,6 +72,7 @@ class Plan:
     reader_reps: int
     reader_seconds: float
     collections: int
+    span_reps: int = 3  # alternating pairs of the span-end worker (scenario 5)
 
 
 FULL = Plan(cost_reps=3, cost_seconds={"churn": 2, "rr": 1, "bulk": 1}, tax_reps=9, tax_seconds=2,
@@ -512,8 +513,23 @@ def scenario_reader(env: Env, plan: Plan, stats: KernelStats, report: Report) ->
     report.info("5 reader", "whole instrumented process CPU in the same runs (server included)",
                 f"{median([r['process_cpu_pct'] for r in runs]):.0f} % of a core")
     micro = env.run_json(env.worker("micro"), timeout=120)[-1]
-    report.info("5 reader", "Python cost per ring-buffer record, in parts: `decode_event()`; one SDK `Histogram.record()`",
-                f"{micro['decode_event_us']:.1f} µs; {micro['histogram_record_us']:.1f} µs")
+    report.info("5 reader", "Python cost per ring-buffer record, in parts: `decode_event()` (span records); "
+                "`decode_metric()` (histogram records); one SDK `Histogram.record()`; a whole close record "
+                "(decode + duration and RTT points)",
+                f"{micro['decode_event_us']:.1f} µs; {micro['decode_metric_us']:.1f} µs; "
+                f"{micro['histogram_record_us']:.1f} µs; {micro['close_record_us']:.1f} µs")
+    cpu = max(os.sched_getaffinity(0))
+    ends: Dict[bool, List[Dict[str, Any]]] = {False: [], True: []}
+    for rep in range(plan.span_reps):
+        for instrumented in ((False, True) if rep % 2 == 0 else (True, False)):
+            argv = env.worker("spans", "--cpu", str(cpu), *(["--instrument"] if instrumented else []))
+            ends[instrumented].append(env.run_json(env.in_netns(argv), timeout=120)[-1])
+    med = {b: median([r["end_us_median"] for r in ends[b]]) for b in (False, True)}
+    p99 = {b: median([r["end_us_p99"] for r in ends[b]]) for b in (False, True)}
+    report.info("5 reader", "per-span cost of span enrichment: `span.end()` of a client span with a "
+                "BatchSpanProcessor, enrichment on vs off (median of runs' median; p99)",
+                f"+{med[True] - med[False]:.0f} µs ({med[True]:.0f} vs {med[False]:.0f} µs; "
+                f"p99 {p99[True]:.0f} vs {p99[False]:.0f} µs)")
 
     lines = [
         "### 5. Reader thread and collections",

@@ -8,6 +8,9 @@
     workers.py reader --loadgen PATH [--rate R] [--duration S]
                                         reader-thread CPU while loadgen connects at R per second
     workers.py micro                    the reader thread's Python cost per ring-buffer record, in parts
+    workers.py spans [--instrument] [--spans N]
+                                        time span.end() of client spans over one connection (span
+                                        enrichment's per-span cost: a ring drain and a map lookup)
     workers.py collect --connections N [--collections K]
                                         time each collection with N live connections (whose other
                                         ends a ``workers.py peer`` process holds)
@@ -492,8 +495,68 @@ def cmd_micro(args: argparse.Namespace) -> None:
     hist = provider.get_meter("bench").create_histogram("h", unit="s")
     attrs: Dict[str, Any] = {"network.transport": "tcp", "ebpf_flows.tcp.role": "server",
                              "network.peer.address": "127.0.0.1", "network.type": "ipv4", "network.local.port": 5555}
+    from otel_ebpf_flows import _telemetry  # private: what the reader thread does with a close record
+
+    instruments = _telemetry.Instruments(provider.get_meter("otel_ebpf_flows"), lambda: None)
+    aggregator = _telemetry.Aggregator(200)
+
+    def close_record() -> None:
+        record = _records.decode_metric(data)
+        assert record is not None
+        instruments.record_metric(aggregator, record)
+
     emit({"decode_event_us": per_call_us(lambda: _records.decode_event(data), args.n),
-          "histogram_record_us": per_call_us(lambda: hist.record(0.001, attrs), args.n)})
+          "decode_metric_us": per_call_us(lambda: _records.decode_metric(data), args.n),
+          "histogram_record_us": per_call_us(lambda: hist.record(0.001, attrs), args.n),
+          "close_record_us": per_call_us(close_record, args.n)})
+
+
+def cmd_spans(args: argparse.Namespace) -> None:
+    """How long span.end() takes with span enrichment on (a ring drain and a map lookup per span) and off."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.trace import SpanKind
+
+    class Discard(SpanExporter):  # type: ignore[misc]
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(BatchSpanProcessor(Discard()))
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    instrumentor = None
+    if args.instrument:
+        from otel_ebpf_flows import EbpfFlowsInstrumentor
+
+        instrumentor = EbpfFlowsInstrumentor()
+        instrumentor.instrument(meter_provider=provider, tracer_provider=tracer_provider)
+        if instrumentor.pipeline is None or instrumentor.pipeline.spans is None:
+            raise SystemExit("instrument() did not start span enrichment (see the warning above)")
+    server = Server(threads=1)
+    sock = dial(server.port)
+    tracer = tracer_provider.get_tracer("bench")
+    attrs = {"server.address": "127.0.0.1", "server.port": server.port}
+    clock = time.perf_counter_ns
+    ends: List[int] = []
+    for i in range(args.warmup + args.spans):
+        span = tracer.start_span("GET", kind=SpanKind.CLIENT, attributes=attrs)
+        sock.sendall(MSG)
+        recv_exactly(sock, len(MSG))
+        t0 = clock()
+        span.end()
+        if i >= args.warmup:
+            ends.append(clock() - t0)
+    sock.close()
+    ends.sort()
+    n = len(ends)
+    emit({"instrumented": bool(args.instrument), "spans": n, "end_us_median": ends[n // 2] / 1000,
+          "end_us_p99": ends[min(n - 1, int(n * 0.99))] / 1000})
+    if instrumentor is not None:
+        instrumentor.uninstrument()
+    tracer_provider.shutdown()
+    provider.shutdown()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -519,6 +582,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--connections", type=int, required=True)
     p.add_argument("--collections", type=int, default=12)
     p.add_argument("--every", type=float, default=0.5)
+    p = sub.add_parser("spans")
+    p.add_argument("--instrument", action="store_true")
+    p.add_argument("--spans", type=int, default=5000)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--cpu", type=int, help="pin the process to this CPU")
     p = sub.add_parser("micro")
     p.add_argument("-n", type=int, default=20000)
     p = sub.add_parser("peer")
@@ -526,7 +594,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     {"idle": cmd_idle, "startup": cmd_startup, "inproc": cmd_inproc,
      "reader": cmd_reader, "collect": cmd_collect, "peer": cmd_peer,
-     "micro": cmd_micro}[args.cmd](args)
+     "micro": cmd_micro, "spans": cmd_spans}[args.cmd](args)
 
 
 if __name__ == "__main__":
