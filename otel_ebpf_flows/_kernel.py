@@ -341,11 +341,6 @@ class KernelSource:
             self._ring.consume()
         return Snapshot(counters=self._read_counters(), probes=self._read_probe_stats())
 
-    def flush_samples(self) -> None:
-        """Deliver every RTT sample still held back (tests, final reads)."""
-        pending, self._sampled, self._sampled_at = self._sampled[self._sampled_at:], b"", 0
-        self._deliver_records(memoryview(pending))
-
     def close(self) -> None:
         self._ring = None
         self._sampled, self._sampled_at = b"", 0

@@ -343,6 +343,11 @@ class Pipeline:
         self._work = threading.Lock()
         self._sampled = threading.Condition()
         self._sampled_at = 0.0
+        # Samples numbered as they start; _sample_done is the number of the last
+        # one finished. A collection waits for a sample that started after it
+        # asked, not for one that looks recent when it gets the GIL back.
+        self._sample_started = 0
+        self._sample_done = 0
         # One view per collection: every callback of a collection reads the same
         # rows, so an export never mixes two kernel samples.
         self._pin_lock = threading.Lock()
@@ -380,10 +385,15 @@ class Pipeline:
                                         None if spans is None else spans.registry.exemplar_context)
 
     def _sample(self) -> None:
+        with self._sampled:
+            self._wanted.clear()
+            self._sample_started += 1
+            number = self._sample_started
         snapshot = self.source.sample()
         self.aggregator.update(snapshot)
         with self._sampled:
             self._sampled_at = time.monotonic()
+            self._sample_done = number
             self._sampled.notify_all()
 
     def _run(self) -> None:
@@ -398,7 +408,6 @@ class Pipeline:
                     # a collection waiting for a sample goes before the records
                     # (the sample consumes the ring buffer itself)
                     if self._wanted.is_set() or time.monotonic() - self._sampled_at >= self._sample_interval:
-                        self._wanted.clear()
                         self._sample()
                         if self.spans is not None:
                             self.spans.prune()
@@ -428,16 +437,18 @@ class Pipeline:
             return self._pinned.get(metric, [])
 
     def refresh(self, timeout: float = 2.0) -> None:
-        """Make the aggregator at most FRESH_S old (called by metric callbacks)."""
+        """Unless a sample finished less than FRESH_S ago, wait (at most ``timeout``) for one
+        that starts after this call (called by metric callbacks)."""
         thread = self._thread
         if thread is None or not thread.is_alive() or threading.current_thread() is thread:
             return
         with self._sampled:
             if time.monotonic() - self._sampled_at < self.FRESH_S:
                 return
+            wanted = self._sample_started + 1  # the next sample to start begins after this call
             self._wanted.set()
             deadline = time.monotonic() + timeout
-            while time.monotonic() - self._sampled_at >= self.FRESH_S:
+            while self._sample_done < wanted:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
