@@ -4,6 +4,8 @@ attribute sets built once; each must give exactly what the general path gives.""
 from __future__ import annotations
 
 import ctypes
+import threading
+import time
 from typing import Any, Dict, List, Tuple
 
 import pytest
@@ -14,7 +16,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from otel_ebpf_flows import _records, _telemetry
 from otel_ebpf_flows._records import RecordError, decode_event, decode_key, decode_key_bytes, decode_metric
-from otel_ebpf_flows._source import FlowKey, Role
+from otel_ebpf_flows._source import Counters, FlowKey, ProbeStats, Role, Snapshot
 
 from .test_records import CLIENT, SERVER, V4, V6, mapped, plausible_events, raw_event, raw_key
 
@@ -156,3 +158,72 @@ def test_the_precompiled_layouts_read_what_the_ctypes_mirrors_write(fields):
     slots = list(_records.THREAD_SLOT.iter_unpack(bytes(conns)))
     assert len(slots) == _records.THREAD_SLOTS
     assert slots[-1][:3] == (conn_id, ts_ns, srtt_us)
+
+
+class _GatedSource:
+    """A source whose samples, once gated, each wait for a permit; a sample returns the state it
+    found on entry."""
+
+    def __init__(self) -> None:
+        self.snapshot = Snapshot(counters={}, probes=ProbeStats())
+        self.gated = False
+        self.permits = threading.Semaphore(0)
+        self.entered = threading.Event()
+
+    def start(self, on_event: Any) -> None:
+        pass
+
+    def poll(self, timeout_s: float) -> None:
+        pass
+
+    def sample(self) -> Snapshot:
+        taken = self.snapshot
+        self.entered.set()
+        if self.gated:
+            assert self.permits.acquire(timeout=10)
+        return taken
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_collection_waits_for_a_sample_that_started_after_it_asked():
+    source = _GatedSource()
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    instruments = _telemetry.Instruments(provider.get_meter("t"), lambda: None)
+    pipeline = _telemetry.Pipeline(source, instruments, max_peers=200, poll_interval=0.005, sample_interval=60)
+    pipeline.start()
+    seen: List[int] = []
+    try:
+        time.sleep(pipeline.FRESH_S + 0.05)  # the start's sample is no longer fresh
+        # a sample starts and reads the kernel's state ...
+        source.gated = True
+        source.entered.clear()
+        pipeline._wanted.set()
+        assert source.entered.wait(5)
+        # ... then the traffic a collection must see happens, and a collection asks
+        key = FlowKey(role=Role.CLIENT, address="192.0.2.9", port=443, family="ipv4")
+        source.snapshot = Snapshot(counters={key: Counters(attempts_ok=5, established=5)}, probes=ProbeStats())
+
+        def collect() -> None:
+            pipeline.refresh(timeout=20)
+            rows = pipeline.aggregator.all_observations()[_telemetry.ATTEMPTS]
+            seen.append(sum(value for value, _ in rows))
+
+        collector = threading.Thread(target=collect)
+        collector.start()
+        deadline = time.monotonic() + 5
+        while not pipeline._wanted.is_set():  # the collection has asked
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        source.permits.release()  # the sample in progress ends, with the older state
+        collector.join(2)  # a collection content with that sample would be done by now
+        source.permits.release()  # the next sample, begun after the collection asked
+        collector.join(20)
+        assert seen == [5]
+    finally:
+        source.gated = False
+        for _ in range(4):
+            source.permits.release()
+        pipeline.stop()
+        provider.shutdown()
