@@ -24,7 +24,7 @@ from . import _kernel, _libbpf
 from ._config import Config, load_config
 from .exceptions import ConfigurationError
 
-MIN_KERNEL = (5, 8)
+MIN_KERNEL = (5, 9)
 TRACEFS = "/sys/kernel/tracing"
 LOCKDOWN = "/sys/kernel/security/lockdown"
 
@@ -90,7 +90,7 @@ def _platform() -> Check:
     if sys.platform.startswith("linux"):
         return Check("platform", True, f"Linux {platform.machine()}")
     return Check("platform", False, f"{sys.platform}: eBPF needs Linux",
-                 "run on Linux 5.8 or newer; elsewhere instrument() is a logged no-op")
+                 "run on Linux 5.9 or newer; elsewhere instrument() is a logged no-op")
 
 
 def kernel_version(release: str) -> Optional[Tuple[int, int]]:
