@@ -153,7 +153,7 @@ def _sock_diag_pipeline(config: Config, instruments: Instruments, inherited: Opt
 def sock_diag_notice(source: SockDiagSource) -> str:
     """The one line instrument() logs in sock_diag mode: why, what it cannot see, how to get full mode."""
     reason, _, fix = source.why.partition("; ")
-    return (f"kernel TCP telemetry runs in sock_diag mode "
+    return ("kernel TCP telemetry runs in sock_diag mode "
             + (f"because {reason}" if reason else "(mode=sock_diag)")
             + f": this process's connections are read from sock_diag/TCP_INFO every "
             f"{source.config.sock_diag_interval:g} s (points carry ebpf_flows.source=sock_diag); it cannot see "

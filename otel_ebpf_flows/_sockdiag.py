@@ -51,6 +51,7 @@ their ``tcp_info`` is decoded. Measured in benchmarks/README.md.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -96,6 +97,7 @@ _REQ = struct.Struct("=BBBBI48x")
 _MSG = struct.Struct("=BBBB2s2s16s16sIII5I")
 _RTATTR = struct.Struct("=HH")
 _PORT = struct.Struct("!H")
+_INODE = struct.Struct("=I")
 # struct tcp_info: the fields used, at their offsets (linux/tcp.h; stable ABI)
 _TCPI_OPTIONS = struct.Struct("=B")  # offset 5
 _TCPI_RTT = struct.Struct("=I")  # offset 68, microseconds
@@ -154,7 +156,9 @@ def request(family: int, seq: int, states: int = STATE_MASK) -> bytes:
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
+@functools.lru_cache(maxsize=4096)
 def _peer(family: int, raw: bytes) -> Tuple[str, str]:
+    """The peer's address as text, and its family; cached: the same few peers recur in every dump."""
     if family == socket.AF_INET:
         return str(ipaddress.IPv4Address(raw[:4])), "ipv4"
     if family != socket.AF_INET6:
@@ -208,26 +212,28 @@ def parse_messages(data: bytes, seq: int,
     while offset < len(data):
         if offset + _NLMSGHDR.size > len(data):
             raise DiagError(f"netlink header truncated at offset {offset} of {len(data)}")
+        start = offset
         length, kind, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
         if length < _NLMSGHDR.size or offset + length > len(data):
             raise DiagError(f"netlink message of length {length} at offset {offset} of {len(data)}")
-        payload = data[offset + _NLMSGHDR.size:offset + length]
         offset += (length + 3) & ~3
         if msg_seq != seq:
             continue
+        if inodes is not None and kind == SOCK_DIAG_BY_FAMILY and length >= _NLMSGHDR.size + _MSG.size:
+            # most replies are other processes' sockets: skip them before copying anything
+            if _INODE.unpack_from(data, start + _NLMSGHDR.size + _MSG.size - 4)[0] not in inodes:
+                continue
+        payload = data[start + _NLMSGHDR.size:start + length]
         if kind == NLMSG_DONE:
             return out, True
         if kind == NLMSG_ERROR:
             code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else errno.EPROTO
+            if not 0 < code < 4096:
+                raise DiagError(f"netlink error reply with error code {-code}")
             raise DiagError(f"the kernel answered the inet_diag request with {errno.errorcode.get(code, code)}: "
                             f"{os.strerror(code)}")
         if kind != SOCK_DIAG_BY_FAMILY:
             raise DiagError(f"unexpected netlink message type {kind}")
-        if inodes is not None:
-            if len(payload) < _MSG.size:
-                raise DiagError(f"inet_diag message of {len(payload)} bytes, fewer than {_MSG.size}")
-            if struct.unpack_from("=I", payload, _MSG.size - 4)[0] not in inodes:
-                continue
         out.append(parse_inet_diag(payload))
     return out, False
 
