@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from typing import Any, Callable, Collection, Dict, FrozenSet, Optional, Tuple
 
@@ -113,7 +114,7 @@ def _make_pipeline(config: Config, instruments: Instruments, tracer_provider: Op
         try:
             return _ebpf_pipeline(config, instruments, tracer_provider, inherited)
         except EbpfFlowsError as exc:
-            if config.mode == "ebpf":
+            if config.mode == "ebpf" or not sys.platform.startswith("linux"):  # no fallback off Linux
                 raise
             why = str(exc)
     if config.mode in ("auto", "agent"):

@@ -57,6 +57,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import time
 from typing import Callable, Collection, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
@@ -342,7 +343,7 @@ class SockDiagSource:
 
     def start(self, on_event: Callable[[FlowEvent], None]) -> None:
         """First dump: connections open now are adopted (counted from now on, not as attempts)."""
-        if not hasattr(socket, "AF_NETLINK"):
+        if not sys.platform.startswith("linux") or not hasattr(socket, "AF_NETLINK"):
             raise UnsupportedEnvironment("sock_diag needs Linux (netlink)")
         self._on_event = on_event
         try:
