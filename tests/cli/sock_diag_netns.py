@@ -2,7 +2,7 @@
 
 python -m tests.cli.sock_diag_netns NOBODY_PYTHON  (under ``unshare --net``). Two
 uninstrumented echo peers (tests/kernel/peer.py) at 127.0.0.2 and 127.0.0.3, 5 %
-random loss on every port used (nftables), the unprivileged service
+random loss on every port used (nftables), window scaling off, the unprivileged service
 (tests/cli/sock_diag_service.py, as nobody via setpriv) making long-lived client
 connections to both peers and serving connections made by this process, which
 also talks to both peers itself: another process's traffic, in the same
@@ -46,7 +46,7 @@ def talk(host: str, port: int) -> socket.socket:
 
 def main() -> None:
     python = sys.argv[1]
-    setup_netns()
+    setup_netns({"net.ipv4.tcp_window_scaling": "0"})  # every connection: window scaling not negotiated
     peers = [peer("echo", str(port), "--host", host, "--count", str(n + INTRUDER)) for host, port, n in PEERS]
     loss(5, SERVE_PORT, *(port for _h, port, _n in PEERS))
     before = mib()

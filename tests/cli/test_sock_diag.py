@@ -22,7 +22,9 @@ from tests.cli.sock_diag_netns import PEERS, SERVE_COUNT, SERVE_PORT
 pytestmark = pytest.mark.kernel
 
 EMITTED = {"ebpf_flows.tcp.connection.attempts", "ebpf_flows.tcp.retransmits", "ebpf_flows.tcp.io",
-           "ebpf_flows.tcp.rtt", "ebpf_flows.tcp.connections.active", "ebpf_flows.probe.events.lost"}
+           "ebpf_flows.tcp.rtt", "ebpf_flows.tcp.connections.active", "ebpf_flows.tcp.window_scaling.disabled",
+           "ebpf_flows.probe.events.lost"}
+TCPI_OPT_WSCALE = 4
 NOT_EMITTED = {"ebpf_flows.tcp.handshake.duration", "ebpf_flows.tcp.resets", "ebpf_flows.tcp.connection.closes",
                "ebpf_flows.tcp.connection.duration", "ebpf_flows.tcp.zero_window.events",
                "ebpf_flows.tcp.listen.overflows", "ebpf_flows.probe.map.evictions"}
@@ -58,14 +60,16 @@ def test_every_point_says_sock_diag_and_only_what_it_can_see_is_emitted(report) 
     points = report["points"]
     assert points and all(p["attrs"].get("ebpf_flows.source") == "sock_diag" for p in points), points
     names = {p["name"] for p in points}
-    assert names == EMITTED, names  # window scaling was negotiated everywhere: no such point either
+    assert names == EMITTED, names
     assert not names & NOT_EMITTED
     lost = [p for p in points if p["name"] == "ebpf_flows.probe.events.lost"]
     assert [(p["attrs"]["ebpf_flows.probe.name"], p["value"]) for p in lost] == [("sock_diag.dump", 0)]
 
 
 def test_counters_per_peer_equal_the_sockets_tcp_info(report) -> None:
-    """Retransmits and payload bytes per series = the sums over the service's own sockets' TCP_INFO."""
+    """Retransmits, payload bytes and connections without window scaling per series = the sums over
+    the service's own sockets' TCP_INFO (tcpi_total_retrans, tcpi_bytes_acked, tcpi_bytes_received,
+    tcpi_options)."""
     want: Dict[Tuple[str, str, int], Dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for i in report["infos"]:
         key = (i["role"], i["peer"], i["peer_port"] if i["role"] == "client" else i["local_port"])
@@ -74,6 +78,7 @@ def test_counters_per_peer_equal_the_sockets_tcp_info(report) -> None:
         # tcpi_bytes_acked counts the SYN of an actively opened socket; the metric is payload
         want[key]["transmit"] += i["bytes_acked"] - (1 if i["role"] == "client" else 0)
         want[key]["receive"] += i["bytes_received"]
+        want[key]["no_wscale"] += 0 if i["options"] & TCPI_OPT_WSCALE else 1
     assert report["stable"], "TCP_INFO changed after it was read: the comparison would be unfair"
     expected_keys = {("client", h, p) for h, p, _n in PEERS} | {("server", "127.0.0.1", SERVE_PORT)}
     assert set(want) == expected_keys
@@ -88,15 +93,18 @@ def test_counters_per_peer_equal_the_sockets_tcp_info(report) -> None:
             got[series(p)][p["attrs"]["network.io.direction"]] += p["value"]
         elif p["name"] == "ebpf_flows.tcp.connections.active":
             got[series(p)]["active"] += p["value"]
+        elif p["name"] == "ebpf_flows.tcp.window_scaling.disabled":
+            got[series(p)]["no_wscale"] += p["value"]
     for key, values in want.items():
         assert got[key]["connections"] == values["connections"] == got[key]["active"], (key, got[key], values)
-        for field in ("retransmits", "transmit", "receive"):
+        for field in ("retransmits", "transmit", "receive", "no_wscale"):
             assert got[key][field] == values[field], (key, field, got[key][field], values[field])
     assert set(got) == expected_keys, "a series of another process's sockets was counted"
     counts = {(h, p): n for h, p, n in PEERS}
     for (role, host, port), values in want.items():
         assert values["connections"] == (counts[(host, port)] if role == "client" else SERVE_COUNT)
         assert values["transmit"] == values["receive"] == values["connections"] * report["payload"]
+        assert values["no_wscale"] == values["connections"]  # net.ipv4.tcp_window_scaling=0 in the namespace
     # the loss really happened, and the namespace retransmitted more than the service did (the
     # peers and the other process retransmit too): what the service reports is only its own
     ours = sum(v["retransmits"] for v in want.values())
@@ -112,3 +120,18 @@ def test_rtt_samples_come_from_the_live_connections(report) -> None:
         assert p["count"] >= connections, p  # at least one sample per connection
         assert 0 < p["min"] <= p["max"] < 1.0, p
     assert len(per_series) == len(PEERS) + 1
+
+
+def test_docs_fallback_lists_exactly_what_this_mode_emits() -> None:
+    """docs/fallback.md's table: the metrics marked **not emitted** are the ones the scenario finds absent."""
+    import os
+    import re
+
+    with open(os.path.join(ROOT, "docs", "fallback.md"), encoding="utf-8") as f:
+        text = f.read()
+    part = text.split("### What each mode sees", 1)[1].split("\n### ", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in part.splitlines()
+            if line.startswith("| `ebpf_flows.")]
+    cells = {re.findall(r"`([^`]+)`", row[0])[0]: row[2] for row in rows}
+    assert {m for m, cell in cells.items() if "**not emitted**" in cell} == NOT_EMITTED
+    assert {m for m, cell in cells.items() if "**not emitted**" not in cell} == EMITTED
