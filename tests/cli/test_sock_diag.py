@@ -16,7 +16,7 @@ from typing import Any, Dict, Tuple
 
 import pytest
 
-from tests.cli.conftest import ROOT
+from tests.cli.conftest import ROOT, UNPRIVILEGED
 from tests.cli.sock_diag_netns import PEERS, SERVE_COUNT, SERVE_PORT
 
 pytestmark = pytest.mark.kernel
@@ -135,3 +135,28 @@ def test_docs_fallback_lists_exactly_what_this_mode_emits() -> None:
     cells = {re.findall(r"`([^`]+)`", row[0])[0]: row[2] for row in rows}
     assert {m for m, cell in cells.items() if "**not emitted**" in cell} == NOT_EMITTED
     assert {m for m, cell in cells.items() if "**not emitted**" not in cell} == EMITTED
+
+
+def test_a_forked_child_counts_its_own_connections_and_never_its_parents(nobody_python: str) -> None:
+    proc = subprocess.run(["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *UNPRIVILEGED,
+                           nobody_python, "-m", "tests.cli.sock_diag_fork"],
+                          cwd="/", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    for who, size in (("parent", 1000), ("child", 3000)):
+        side = r[who]
+        assert side["variant"] == "sock_diag", (who, side)
+        pts = side["points"]
+        assert pts and all(p["attrs"].get("ebpf_flows.source") == "sock_diag" for p in pts), (who, pts)
+        ports = {series(p)[2] for p in pts if "ebpf_flows.tcp.role" in p["attrs"]}
+        assert ports == {side["port"]}, (who, ports, side["port"])  # only its own listener's connection
+        attempts = {p["attrs"]["ebpf_flows.tcp.role"]: p["value"] for p in pts
+                    if p["name"] == "ebpf_flows.tcp.connection.attempts"}
+        assert attempts == {"client": 1, "server": 1}, (who, attempts)
+        io = {(p["attrs"]["ebpf_flows.tcp.role"], p["attrs"]["network.io.direction"]): p["value"] for p in pts
+              if p["name"] == "ebpf_flows.tcp.io"}
+        client, server = side["infos"]  # the client socket first
+        expected = {("client", "transmit"): client["bytes_acked"] - 1, ("client", "receive"): client["bytes_received"],
+                    ("server", "receive"): server["bytes_received"], ("server", "transmit"): server["bytes_acked"]}
+        assert io == expected, (who, io, side["infos"])
+        assert set(expected.values()) == {size}, (who, side["infos"])
