@@ -4,7 +4,10 @@ It is an OpenTelemetry ``BaseInstrumentor`` registered as the ``ebpf_flows``
 entry point, so ``opentelemetry-instrument python app.py`` loads it, and
 ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=ebpf_flows`` turns it off.
 ``instrument()`` never raises into the application: where eBPF cannot be used it
-logs one warning that names what is missing and how to fix it, and does nothing.
+logs one warning that names what is missing and how to fix it, and (in the
+default ``mode=auto``, on Linux) falls back to the node agent or to the
+unprivileged sock_diag mode (see ``_sockdiag``); where nothing can run, it does
+nothing.
 """
 
 from __future__ import annotations
