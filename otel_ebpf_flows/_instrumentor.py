@@ -157,12 +157,15 @@ def _sock_diag_pipeline(config: Config, instruments: Instruments, inherited: Opt
 def sock_diag_notice(source: SockDiagSource) -> str:
     """The one line instrument() logs in sock_diag mode: why, what it cannot see, how to get full mode."""
     reason, _, fix = source.why.partition("; ")
-    return ("kernel TCP telemetry runs in sock_diag mode "
-            + (f"because {reason}" if reason else "(mode=sock_diag)")
-            + f": this process's connections are read from sock_diag/TCP_INFO every "
+    if reason:
+        how = (f"{fix or 'fix what `otel-ebpf-flows doctor` reports'}, or run the otel-ebpf-flows node agent "
+               "(`otel-ebpf-flows doctor` says what this host lacks)")
+    else:
+        how = f"mode=auto ({ENV_MODE} unset) where the probes can load"
+    return (f"kernel TCP telemetry runs in sock_diag mode {f'because {reason}' if reason else '(mode=sock_diag)'}: "
+            f"this process's connections are read from sock_diag/TCP_INFO every "
             f"{source.config.sock_diag_interval:g} s (points carry ebpf_flows.source=sock_diag); it cannot see "
-            f"{CANNOT_SEE}. For full mode: {fix or 'grant the process CAP_BPF and CAP_PERFMON'}, or run the "
-            "otel-ebpf-flows node agent (`otel-ebpf-flows doctor` says what this host lacks)")
+            f"{CANNOT_SEE}. For full mode: {how}")
 
 
 def _ebpf_pipeline(config: Config, instruments: Instruments, tracer_provider: Optional[trace.TracerProvider],

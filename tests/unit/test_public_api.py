@@ -158,6 +158,19 @@ def test_an_unsupported_environment_falls_back_to_sock_diag_with_one_warning(
     assert instrumentor.pipeline is None and _warnings(caplog) == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sock_diag is Linux's")
+def test_mode_sock_diag_is_used_even_where_the_probes_would_load(instrumentor, provider, monkeypatch, caplog):
+    monkeypatch.setattr(_instrumentor, "KernelSource", lambda config, **_kw: FakeSource())
+    caplog.set_level(logging.DEBUG)
+    instrumentor.instrument(meter_provider=provider, mode="sock_diag", sock_diag_interval=0.5)
+    assert isinstance(instrumentor.pipeline.source, SockDiagSource)
+    (warning,) = [w.getMessage() for w in _warnings(caplog)]
+    assert warning.startswith("otel-ebpf-flows: kernel TCP telemetry runs in sock_diag mode (mode=sock_diag): "
+                              "this process's connections are read from sock_diag/TCP_INFO every 0.5 s")
+    assert warning.endswith("For full mode: mode=auto (OTEL_PYTHON_EBPF_FLOWS_MODE unset) where the probes can load")
+    instrumentor.uninstrument()
+
+
 def test_mode_off_does_nothing_and_says_so_quietly(instrumentor, provider, monkeypatch, caplog):
     monkeypatch.setenv("OTEL_PYTHON_EBPF_FLOWS_MODE", "off")
     monkeypatch.setattr(_instrumentor, "KernelSource", lambda config, **_kw: FakeSource())
