@@ -34,10 +34,21 @@ def _doctor(args: argparse.Namespace) -> int:
     for line in format_checks(checks, color=use_color(sys.stdout)):
         print(line)
     failed = sum(1 for c in checks if c.ok is False)
+    mode = next((c.detail.split(" ", 1)[0].rstrip(":") for c in checks if c.name == "mode"), "off")
     if failed:
-        print(f"\nKernel TCP telemetry will NOT work here: {failed} check(s) failed "
-              "(instrument() would log a warning and do nothing).")
+        if mode in ("sock_diag", "agent"):
+            print(f"\nFull kernel TCP telemetry will NOT work here: {failed} check(s) failed; "
+                  f"instrument() would run in {mode} mode (see the mode line above).")
+        else:
+            print(f"\nKernel TCP telemetry will NOT work here: {failed} check(s) failed "
+                  "(instrument() would log a warning and do nothing).")
         return EXIT_FAIL
+    if mode == "off":
+        print("\nKernel TCP telemetry is turned off here (see the mode line above).")
+        return EXIT_FAIL
+    if mode != "ebpf":
+        print(f"\ninstrument() would run in {mode} mode here (see the mode line above).")
+        return EXIT_OK
     if args.no_load:
         print("\nThe requirements are met (the probes were not loaded: --no-load).")
     else:

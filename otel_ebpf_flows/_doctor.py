@@ -3,7 +3,9 @@
 :func:`run_checks` goes through what the library needs, in the order it needs
 it (Linux, a kernel with BTF, privilege, the system libbpf, the shipped object),
 then really loads and attaches the probes the way ``instrument()`` does and
-detaches them again. Each step is a :class:`Check`: passed (``ok=True``),
+detaches them again; last, it names the mode ``instrument()`` would run in
+(ebpf, agent, sock_diag or off) and, for sock_diag, what that mode cannot see.
+Each step is a :class:`Check`: passed (``ok=True``),
 failed (``ok=False``, with a concrete ``fix``) or a warning (``ok=None``: worth
 knowing, not in the way). No check raises: an unexpected error is a failed
 check that carries the error.
@@ -21,7 +23,9 @@ from typing import Callable, List, Optional, Sequence, TextIO, Tuple
 import attrs
 
 from . import _kernel, _libbpf
-from ._config import Config, load_config
+from ._config import ENV_MODE, Config, load_config
+from ._instrumentor import agent_available
+from ._sockdiag import CANNOT_SEE, SockDiagSource
 from .exceptions import ConfigurationError
 
 MIN_KERNEL = (5, 9)
@@ -305,6 +309,53 @@ def _load_and_attach(config: Config, verbose: bool) -> List[Check]:
             libbpf_log.setLevel(saved[2])
 
 
+FULL_MODE_FIX = ("for full (ebpf) mode, fix the failures above (privileges: grant CAP_BPF and CAP_PERFMON), "
+                 "or run the otel-ebpf-flows node agent on this host")
+
+
+def _sock_diag_works() -> Optional[str]:
+    """None if a sock_diag dump of this network namespace works here, else why not."""
+    source = SockDiagSource(inodes=lambda: ())
+    try:
+        source.start(lambda _event: None)
+    except Exception as exc:
+        return str(exc)
+    finally:
+        source.close()
+    return None
+
+
+def _mode(config: Config, ebpf_ok: bool) -> Check:
+    """The mode ``instrument()`` would run in, with this configuration, in this process."""
+    if config.mode == "off":
+        return Check("mode", None, f"off: {ENV_MODE}=off, instrument() does nothing",
+                     f"unset {ENV_MODE} (or set it to auto) to turn the instrumentation on")
+    if config.mode in ("auto", "ebpf") and ebpf_ok:
+        return Check("mode", True, "ebpf: instrument() loads the probes (every metric, span enrichment)")
+    if config.mode == "ebpf":
+        return Check("mode", False, "off: mode is ebpf and the probes cannot be used here, so instrument() does "
+                     "nothing", f"fix the failures above, or set {ENV_MODE}=auto to fall back to the node agent "
+                     "or to sock_diag")
+    if config.mode in ("auto", "agent"):
+        if agent_available(config):
+            return Check("mode", True, "agent: instrument() reads this process's flows from the node agent")
+        if config.mode == "agent":
+            return Check("mode", False, "off: mode is agent and no otel-ebpf-flows node agent is reachable",
+                         f"start the otel-ebpf-flows node agent on this host, or set {ENV_MODE}=auto")
+    failure = _sock_diag_works()
+    if failure is not None:
+        return Check("mode", False, f"off: the probes cannot be used and the sock_diag fallback fails: {failure}",
+                     "fix the failures above; sock_diag needs a NETLINK_SOCK_DIAG socket, which a seccomp "
+                     "profile may block")
+    chosen = f"chosen by {ENV_MODE}=sock_diag" if config.mode == "sock_diag" else "the fallback"
+    detail = (f"sock_diag ({chosen}): instrument() reads this process's own sockets from sock_diag/TCP_INFO "
+              f"every {config.sock_diag_interval:g} s; every point carries ebpf_flows.source=sock_diag\n"
+              f"it cannot see: {CANNOT_SEE}")
+    if config.mode == "sock_diag" and ebpf_ok:
+        return Check("mode", None, detail, f"unset {ENV_MODE} for full (ebpf) mode: the probes work here")
+    return Check("mode", None, detail, FULL_MODE_FIX)
+
+
 def run_checks(load: bool = True, verbose: bool = False) -> List[Check]:
     """Every check, in order; with ``load``, the probes are really loaded and attached.
 
@@ -331,14 +382,16 @@ def run_checks(load: bool = True, verbose: bool = False) -> List[Check]:
         check = Check("configuration", False, f"unexpected error: {type(exc).__name__}: {exc}",
                       "report this at the project's issue tracker with the output of this command")
     checks.append(check)
-    if not load:
-        return checks
-    if not will_work(checks) or config is None:
-        checks.append(Check("load", None, "not attempted: a requirement above is missing",
-                            "fix the failures above, then run doctor again"))
-        return checks
-    try:
-        checks += _load_and_attach(config, verbose)
-    except Exception as exc:  # pragma: no cover - _load_and_attach catches its own
-        checks.append(Check("load", False, f"unexpected error: {exc}", ""))
+    if load:
+        if not will_work(checks) or config is None:
+            checks.append(Check("load", None, "not attempted: a requirement above is missing",
+                                "fix the failures above, then run doctor again"))
+        else:
+            try:
+                checks += _load_and_attach(config, verbose)
+            except Exception as exc:  # pragma: no cover - _load_and_attach catches its own
+                checks.append(Check("load", False, f"unexpected error: {exc}", ""))
+    if config is not None:
+        ebpf_ok = will_work(checks)
+        checks.append(_guard("mode", lambda: _mode(config, ebpf_ok)))
     return checks

@@ -4,13 +4,17 @@ It is an OpenTelemetry ``BaseInstrumentor`` registered as the ``ebpf_flows``
 entry point, so ``opentelemetry-instrument python app.py`` loads it, and
 ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=ebpf_flows`` turns it off.
 ``instrument()`` never raises into the application: where eBPF cannot be used it
-logs one warning that names what is missing and how to fix it, and does nothing.
+logs one warning that names what is missing and how to fix it, and (in the
+default ``mode=auto``, on Linux) falls back to the node agent or to the
+unprivileged sock_diag mode (see ``_sockdiag``); where nothing can run, it does
+nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from typing import Any, Callable, Collection, Dict, FrozenSet, Optional, Tuple
 
@@ -19,10 +23,12 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.metrics import MeterProvider, get_meter
 
 from . import _spans
-from ._config import Config, load_config
+from ._config import ENV_MODE, Config, load_config
 from ._kernel import KernelSource, own_socket_inodes
+from ._sockdiag import CANNOT_SEE, SockDiagSource
+from ._sockdiag import MARKER as SOCK_DIAG_MARKER
 from ._telemetry import Instruments, Pipeline
-from .exceptions import EbpfFlowsError
+from .exceptions import EbpfFlowsError, UnsupportedEnvironment
 from .version import __version__
 
 _log = logging.getLogger("otel_ebpf_flows")
@@ -69,12 +75,18 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 else:
                     instruments = Instruments(meter, lambda: cls._pipeline)
                     cls._instruments[id(meter)] = (meter, instruments)
+            if config.mode == "off":
+                _log.info("otel-ebpf-flows: kernel TCP telemetry is off (%s=off)", ENV_MODE)
+                return
             pipeline = _make_pipeline(config, instruments, tracer_provider)
             source = pipeline.source
             with cls._lock:
                 cls._pipeline = pipeline
                 cls._setup = (config, instruments, tracer_provider)
-            _log.info("otel-ebpf-flows: kernel TCP telemetry on (%s programs)", getattr(source, "variant", "?"))
+            if isinstance(source, SockDiagSource):
+                _log.warning("otel-ebpf-flows: %s", sock_diag_notice(source))
+            else:
+                _log.info("otel-ebpf-flows: kernel TCP telemetry on (%s programs)", getattr(source, "variant", "?"))
         except EbpfFlowsError as exc:
             _log.warning("otel-ebpf-flows: kernel TCP telemetry is off: %s", exc)
         except Exception:
@@ -94,6 +106,69 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
 
 def _make_pipeline(config: Config, instruments: Instruments, tracer_provider: Optional[trace.TracerProvider],
+                   inherited: Optional[FrozenSet[int]] = None) -> Pipeline:
+    """The mode selection: the first of ebpf, agent, sock_diag that ``config.mode`` allows and that starts.
+
+    ``auto``: ebpf if the probes load, else agent if a node agent is there, else
+    sock_diag. A named mode is that mode or nothing (its error is raised).
+    """
+    why = ""
+    if config.mode in ("auto", "ebpf"):
+        try:
+            return _ebpf_pipeline(config, instruments, tracer_provider, inherited)
+        except EbpfFlowsError as exc:
+            if config.mode == "ebpf" or not sys.platform.startswith("linux"):  # no fallback off Linux
+                raise
+            why = str(exc)
+    if config.mode in ("auto", "agent"):
+        pipeline = _agent_pipeline(config, instruments, inherited)
+        if pipeline is not None:
+            return pipeline
+        if config.mode == "agent":
+            raise UnsupportedEnvironment("mode=agent, but no otel-ebpf-flows node agent is reachable")
+    return _sock_diag_pipeline(config, instruments, inherited, why)
+
+
+def _agent_pipeline(config: Config, instruments: Instruments,
+                    inherited: Optional[FrozenSet[int]]) -> Optional[Pipeline]:
+    """AGENT MODE HOOK (filled in by the node-agent work): a started pipeline reading
+    this process's flows from the node agent, or None when no agent socket is there."""
+    return None
+
+
+def agent_available(config: Config) -> bool:
+    """AGENT MODE HOOK for ``doctor``: whether ``_agent_pipeline`` would find an agent."""
+    return False
+
+
+def _sock_diag_pipeline(config: Config, instruments: Instruments, inherited: Optional[FrozenSet[int]],
+                        why: str) -> Pipeline:
+    """The unprivileged fallback: this process's sockets from sock_diag dumps (see _sockdiag)."""
+    source = SockDiagSource(config, inherited=inherited, why=why)
+    pipeline = Pipeline(source, instruments, config.max_peers, min(config.poll_interval, config.sock_diag_interval),
+                        config.sock_diag_interval, marker=SOCK_DIAG_MARKER)
+    try:
+        pipeline.start()
+    except UnsupportedEnvironment as exc:
+        raise UnsupportedEnvironment(f"{why}; {exc}" if why else str(exc)) from None
+    return pipeline
+
+
+def sock_diag_notice(source: SockDiagSource) -> str:
+    """The one line instrument() logs in sock_diag mode: why, what it cannot see, how to get full mode."""
+    reason, _, fix = source.why.partition("; ")
+    if reason:
+        how = (f"{fix or 'fix what `otel-ebpf-flows doctor` reports'}, or run the otel-ebpf-flows node agent "
+               "(`otel-ebpf-flows doctor` says what this host lacks)")
+    else:
+        how = f"mode=auto ({ENV_MODE} unset) where the probes can load"
+    return (f"kernel TCP telemetry runs in sock_diag mode {f'because {reason}' if reason else '(mode=sock_diag)'}: "
+            f"this process's connections are read from sock_diag/TCP_INFO every "
+            f"{source.config.sock_diag_interval:g} s (points carry ebpf_flows.source=sock_diag); it cannot see "
+            f"{CANNOT_SEE}. For full mode: {how}")
+
+
+def _ebpf_pipeline(config: Config, instruments: Instruments, tracer_provider: Optional[trace.TracerProvider],
                    inherited: Optional[FrozenSet[int]] = None) -> Pipeline:
     """Load the probes for this process and start its reader (and span enrichment)."""
     source = KernelSource(config, span_mode=config.span_enrichment, inherited=inherited)

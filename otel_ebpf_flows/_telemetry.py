@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -128,7 +128,9 @@ def series_attributes(key: FlowKey, address: str) -> Dict[str, Any]:
 class Aggregator:
     """Monotonic per-series totals from cumulative per-key kernel counters."""
 
-    def __init__(self, max_peers: int) -> None:
+    def __init__(self, max_peers: int, marker: Optional[Mapping[str, str]] = None) -> None:
+        # attributes on every point (sock_diag mode: ebpf_flows.source=sock_diag)
+        self._marker: Dict[str, str] = dict(marker or {})
         self._peers: Dict[str, PeerTable] = {}
         self._max_peers = max_peers
         self._last: Dict[FlowKey, Counters] = {}
@@ -145,9 +147,9 @@ class Aggregator:
 
     def attributes(self, metric: str, key: FlowKey) -> Dict[str, Any]:
         if metric == LISTEN_OVERFLOWS:
-            return {LOCAL_PORT: key.port}
+            return {LOCAL_PORT: key.port, **self._marker}
         address = OTHER if key.address is None else self.peers(metric).address(key.address)
-        return series_attributes(key, address)
+        return {**series_attributes(key, address), **self._marker}
 
     def update(self, snapshot: Snapshot) -> None:
         with self._lock:
@@ -188,7 +190,7 @@ class Aggregator:
         if metric == ACTIVE:
             return [(v, dict(s)) for s, v in self._active.items()]
         if metric in self._probes:
-            return [(v, {PROBE_NAME: n}) for n, v in sorted(self._probes[metric].items())]
+            return [(v, {PROBE_NAME: n, **self._marker}) for n, v in sorted(self._probes[metric].items())]
         return [(v, dict(s)) for s, v in self._totals[metric].items()]
 
 
@@ -277,13 +279,14 @@ class Pipeline:
     def __init__(self, source: Source, instruments: Instruments, max_peers: int,
                  poll_interval: float, sample_interval: float,
                  spans: Optional[SpanEnrichment] = None,
-                 attach_spans: Optional[Callable[[], bool]] = None) -> None:
+                 attach_spans: Optional[Callable[[], bool]] = None,
+                 marker: Optional[Mapping[str, str]] = None) -> None:
         self.source = source
         #: the span side (None: span enrichment off)
         self.spans = spans
         # called by the reader until it returns True (a global tracer provider set late)
         self._attach_spans = attach_spans
-        self.aggregator = Aggregator(max_peers)
+        self.aggregator = Aggregator(max_peers, marker)
         self._instruments = instruments
         self._poll_interval = poll_interval
         self._sample_interval = sample_interval
