@@ -35,6 +35,10 @@ ENV_MAX_SPAN_EVENTS = "OTEL_PYTHON_EBPF_FLOWS_MAX_SPAN_EVENTS"
 ENV_DEGRADED_HANDSHAKE = "OTEL_PYTHON_EBPF_FLOWS_DEGRADED_HANDSHAKE_THRESHOLD"
 #: A span whose connection's smoothed RTT is at least this many seconds is degraded (default 0.25).
 ENV_DEGRADED_RTT = "OTEL_PYTHON_EBPF_FLOWS_DEGRADED_RTT_THRESHOLD"
+#: The node agent's socket (``otel-ebpf-flows agent``): used for span enrichment when this process
+#: cannot load probes itself (default /run/otel-ebpf-flows/agent.sock).
+ENV_AGENT_SOCKET = "OTEL_PYTHON_EBPF_FLOWS_AGENT_SOCKET"
+DEFAULT_AGENT_SOCKET = "/run/otel-ebpf-flows/agent.sock"
 
 
 def _bound(x: float) -> str:
@@ -69,6 +73,12 @@ def _boolean(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         raise ConfigurationError(f"{attribute.name}={value!r} is invalid: expected true or false")
 
 
+def _socket_path(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or len(value.encode()) > 107:
+        raise ConfigurationError(f"{attribute.name}={value!r} is invalid: expected an absolute path of at most "
+                                 "107 bytes (a Unix socket's limit)")
+
+
 @attrs.frozen
 class Config:
     max_peers: int = attrs.field(default=200, validator=_in_range(1, 100_000, whole=True))
@@ -83,6 +93,7 @@ class Config:
     max_span_events: int = attrs.field(default=16, validator=_in_range(0, 1024, whole=True))
     degraded_handshake_threshold: float = attrs.field(default=0.5, validator=_in_range(0.000001, 3600))
     degraded_rtt_threshold: float = attrs.field(default=0.25, validator=_in_range(0.000001, 3600))
+    agent_socket: str = attrs.field(default=DEFAULT_AGENT_SOCKET, validator=_socket_path)
 
 
 _ENV: Dict[str, str] = {
@@ -96,15 +107,19 @@ _ENV: Dict[str, str] = {
     "max_span_events": ENV_MAX_SPAN_EVENTS,
     "degraded_handshake_threshold": ENV_DEGRADED_HANDSHAKE,
     "degraded_rtt_threshold": ENV_DEGRADED_RTT,
+    "agent_socket": ENV_AGENT_SOCKET,
 }
 _INT_FIELDS = {"max_peers", "max_connections", "max_flows", "ring_buffer_bytes", "max_span_events"}
 _BOOL_FIELDS = {"span_enrichment"}
+_STR_FIELDS = {"agent_socket"}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
 def _parse(name: str, var: str, text: str) -> Any:
     text = text.strip()
+    if name in _STR_FIELDS:
+        return text
     if name in _BOOL_FIELDS:
         if text.lower() in _TRUE:
             return True

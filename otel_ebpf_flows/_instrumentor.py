@@ -20,7 +20,7 @@ from opentelemetry.metrics import MeterProvider, get_meter
 
 from . import _spans
 from ._config import Config, load_config
-from ._kernel import KernelSource, own_socket_inodes
+from ._kernel import KernelSource, has_privilege, own_socket_inodes
 from ._telemetry import Instruments, Pipeline
 from .exceptions import EbpfFlowsError
 from .version import __version__
@@ -46,6 +46,8 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     _instruments: Dict[int, Tuple[Any, Instruments]] = {}
     # What a forked child restarts with (see _after_fork_in_child); None when not instrumented.
     _setup: Optional[Tuple[Config, Instruments, Optional[trace.TracerProvider]]] = None
+    # Mode "agent": span enrichment through the node agent (see _agent_client); None otherwise.
+    _agent: Optional[Any] = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ()
@@ -61,6 +63,8 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             meter_provider: Optional[MeterProvider] = kwargs.pop("meter_provider", None)
             tracer_provider: Optional[trace.TracerProvider] = kwargs.pop("tracer_provider", None)
             config = load_config(kwargs)
+            if _instrument_via_agent(cls, config, tracer_provider):
+                return
             meter = get_meter(SCOPE_NAME, __version__, meter_provider)
             with cls._lock:
                 entry = cls._instruments.get(id(meter))
@@ -86,11 +90,44 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         with cls._lock:
             pipeline, cls._pipeline = cls._pipeline, None
             cls._setup = None
+            agent, cls._agent = cls._agent, None
+        if agent is not None:
+            agent.stop()
         if pipeline is not None:
             try:
                 pipeline.stop()
             except Exception:
                 _log.warning("otel-ebpf-flows: error while detaching", exc_info=True)
+
+
+def _instrument_via_agent(cls: Any, config: Config, tracer_provider: Optional[trace.TracerProvider]) -> bool:
+    """Mode "agent": without the privilege to load probes, and with the node agent's socket present,
+    enrich spans through the agent and register no metric instrument (the agent exports this
+    process's metrics under its Resource). True if this mode was chosen."""
+    if has_privilege() or not os.path.exists(config.agent_socket):
+        return False
+    from ._agent_client import AgentClient, AgentSpans
+
+    if not config.span_enrichment:
+        _log.info("otel-ebpf-flows: mode agent: the agent at %s exports this process's metrics; span "
+                  "enrichment is off (OTEL_PYTHON_EBPF_FLOWS_SPAN_ENRICHMENT)", config.agent_socket)
+        return True
+    client = AgentClient(config.agent_socket)
+    client.reconnect()  # a failure is logged once, and retried in the background
+    spans = _span_enrichment(client, config)
+    assert spans is not None
+    client.on_event = spans.on_conn_event
+    agent = AgentSpans(client, spans, _attacher(spans, tracer_provider), config.poll_interval)
+    agent.setup = (config, tracer_provider)  # what a forked child starts again with
+    agent.start()
+    with cls._lock:
+        old, cls._agent = cls._agent, agent
+    if old is not None:
+        old.stop()
+    _log.info("otel-ebpf-flows: mode agent (no privilege to load probes here): spans are enriched through the "
+              "agent at %s; this process registers no metrics, the agent exports them under its Resource",
+              config.agent_socket)
+    return True
 
 
 def _make_pipeline(config: Config, instruments: Instruments, tracer_provider: Optional[trace.TracerProvider],
@@ -111,7 +148,7 @@ def _make_pipeline(config: Config, instruments: Instruments, tracer_provider: Op
     return pipeline
 
 
-def _span_enrichment(source: KernelSource, config: Config) -> Optional[_spans.SpanEnrichment]:
+def _span_enrichment(source: _spans.ConnectionSource, config: Config) -> Optional[_spans.SpanEnrichment]:
     if not config.span_enrichment:
         return None
     return _spans.SpanEnrichment(
@@ -183,6 +220,13 @@ def _after_fork_in_child() -> None:
     held.
     """
     cls = EbpfFlowsInstrumentor
+    agent, cls._agent = cls._agent, None
+    if agent is not None:  # mode agent: the child asks the agent for its own process's data
+        cls._lock = threading.Lock()
+        _spans.after_fork_in_child()
+        agent.client.close()
+        threading.Thread(target=_instrument_via_agent, args=(cls, *agent.setup),
+                         name="otel-ebpf-flows-restart", daemon=True).start()
     pipeline, setup = cls._pipeline, cls._setup
     if pipeline is None:
         return

@@ -65,9 +65,18 @@ SETTINGS = {
         [0.0, 3601.0],
         "1e-06 to 3600",
     ),
+    "agent_socket": (
+        "OTEL_PYTHON_EBPF_FLOWS_AGENT_SOCKET",
+        "/run/otel-ebpf-flows/agent.sock",
+        "/tmp/agent.sock",
+        "/tmp/agent.sock",
+        ["agent.sock", "/" + "x" * 107, "/a\0b"],
+        "an absolute path",
+    ),
 }
 INT_SETTINGS = ["max_peers", "max_connections", "max_flows", "ring_buffer_bytes", "max_span_events"]
 BOOL_SETTINGS = ["span_enrichment"]
+STR_SETTINGS = ["agent_socket"]
 ENV_NAMES = [var for var, *_ in SETTINGS.values()]
 
 
@@ -104,7 +113,8 @@ def test_each_variable_sets_its_value(name):
     var, _default, value, text, _bad, _accepted = SETTINGS[name]
     config = load_config({}, environ={var: f"  {text}\n"})
     assert getattr(config, name) == value
-    assert type(getattr(config, name)) is (int if name in INT_SETTINGS else bool if name in BOOL_SETTINGS else float)
+    assert type(getattr(config, name)) is (
+        int if name in INT_SETTINGS else bool if name in BOOL_SETTINGS else str if name in STR_SETTINGS else float)
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
@@ -150,7 +160,8 @@ def test_unparsable_variable_names_variable_text_and_the_kind(name, text):
         load_config({}, environ={var: text})
     message = str(info.value)
     assert f"{var}={text!r}" in message
-    kind = "a whole number" if name in INT_SETTINGS else "true or false" if name in BOOL_SETTINGS else "a number"
+    kind = ("a whole number" if name in INT_SETTINGS else "true or false" if name in BOOL_SETTINGS
+            else "an absolute path" if name in STR_SETTINGS else "a number")
     assert kind in message
 
 
