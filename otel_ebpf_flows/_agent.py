@@ -516,6 +516,9 @@ class SpanServer:
                 if proc_starttime(pid) != starttime:
                     _send(conn, proto.ERROR, {"error": "the process that connected is gone"})
                     return
+                if kind not in proto.REQUESTS:
+                    _send(conn, proto.ERROR, {"error": f"frame type {kind:#x} is not a request"})
+                    return
                 if kind == proto.HELLO:
                     if feed is None:
                         self._on_hello(pid, starttime)
@@ -535,9 +538,6 @@ class SpanServer:
                         if own is not None:
                             slots = feed.source.thread_connections(own)
                     _send(conn, proto.SLOTS, {"slots": [list(s) for s in slots]})
-                else:
-                    _send(conn, proto.ERROR, {"error": f"frame type {kind:#x} is not a request"})
-                    return
         except proto.ProtocolError as exc:
             _send(conn, proto.ERROR, {"error": str(exc)})
         except EbpfFlowsError as exc:
