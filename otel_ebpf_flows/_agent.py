@@ -66,13 +66,13 @@ import struct
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, FrozenSet, List, Mapping, Optional, Set, Tuple
 
 import attrs
 
 from . import _agent_protocol as proto
 from ._config import DEFAULT_AGENT_SOCKET, Config, load_config
-from ._kernel import KernelSource, check_environment
+from ._kernel import KernelSource, check_environment, own_socket_inodes
 from ._source import CONN_EVENT_KINDS, FlowEvent
 from ._telemetry import Instruments, Pipeline
 from .exceptions import ConfigurationError, EbpfFlowsError
@@ -134,6 +134,15 @@ def process_names(pid: int) -> Tuple[str, str]:
     except OSError:
         exe = ""
     return comm, exe
+
+
+def parent_pid(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def loads_own_probes(pid: int) -> bool:
@@ -264,7 +273,10 @@ class Observed:
     provider: Any = None
     pipeline: Optional[Pipeline] = None
 
-    def start(self, config: Config, exporter_factory: Callable[[], Any]) -> None:
+    def start(self, config: Config, exporter_factory: Callable[[], Any],
+              inherited: Optional[FrozenSet[int]] = None) -> None:
+        """``inherited``: sockets other processes hold too (a pre-fork server's listener and what a
+        worker inherited): not adopted, listeners shared in claim mode (see KernelSource)."""
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
         from opentelemetry.sdk.resources import Resource
@@ -272,7 +284,7 @@ class Observed:
         reader = PeriodicExportingMetricReader(exporter_factory())
         provider = MeterProvider(metric_readers=[reader], resource=Resource(self.attributes))
         instruments = Instruments(provider.get_meter(SCOPE_NAME, __version__), lambda: self.pipeline)
-        pipeline = Pipeline(KernelSource(config, pid=self.pid), instruments, config.max_peers,
+        pipeline = Pipeline(KernelSource(config, pid=self.pid, inherited=inherited), instruments, config.max_peers,
                             config.poll_interval, config.sample_interval)
         try:
             pipeline.start()
@@ -684,7 +696,7 @@ class Agent:
             attributes = build_resource_attributes(pid, environ, cgroup_text, self.host_name, comm)
             obs = Observed(pid, starttime, attributes)
             try:
-                obs.start(self.config, self._exporter)
+                obs.start(self.config, self._exporter, self._share_sockets(pid))
             except EbpfFlowsError as exc:
                 self._failed.add(key)
                 _log.warning("otel-ebpf-flows agent: cannot observe pid %d (%s): %s", pid, comm, exc)
@@ -695,6 +707,40 @@ class Agent:
                 return
             self.observed[pid] = obs
         _log.info("otel-ebpf-flows agent: observing pid %d (service.name=%s)", pid, attributes["service.name"])
+
+    def _share_sockets(self, pid: int) -> Optional[FrozenSet[int]]:
+        """Sockets ``pid`` holds with its parent or an observed process (called with the lock held).
+
+        A pre-fork server's workers hold the listener their parent opened: every process holding
+        it would count each accepted connection. So the observed holders switch to claim mode
+        (a connection counts for the process that reads or writes it) before the new process's
+        probes start, and the new process adopts neither the shared listener outside claim mode
+        nor the other shared sockets (their first holder counts them).
+        """
+        mine = set(own_socket_inodes(pid))
+        if not mine:
+            return None
+        holders = {p: set(own_socket_inodes(p)) & mine for p in self.observed if p != pid}
+        ppid = parent_pid(pid)
+        if ppid and ppid not in holders and ppid != os.getpid():
+            holders[ppid] = set(own_socket_inodes(ppid)) & mine
+        shared = frozenset(i for held in holders.values() for i in held)
+        for p, held in holders.items():
+            obs = self.observed.get(p)
+            if not held or obs is None or obs.pipeline is None:
+                continue
+            source = obs.pipeline.source
+            if not isinstance(source, KernelSource) or source.claiming:
+                continue
+            obs.pipeline.quiesce()
+            try:
+                if source.has_listeners():
+                    source.enable_claim()
+            except EbpfFlowsError as exc:
+                _log.warning("otel-ebpf-flows agent: cannot share the listeners of pid %d: %s", p, exc)
+            finally:
+                obs.pipeline.resume()
+        return shared or None
 
     def _forget(self, pid: int) -> None:
         with self._lock:

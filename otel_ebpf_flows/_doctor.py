@@ -141,6 +141,27 @@ def _privileges() -> Check:
     )
 
 
+def _agent_check(config: Config) -> Check:
+    """Without privilege: whether mode agent (the node agent's socket) is there instead."""
+    from ._agent_client import AgentClient, AgentUnavailable
+
+    path = config.agent_socket
+    if not os.path.exists(path):
+        return Check("agent", None, f"mode agent: no node agent socket at {path}",
+                     "run `otel-ebpf-flows agent` as root on this host (docs/agent.md): it exports this "
+                     "process's metrics and enriches its spans without privilege here")
+    client = AgentClient(path)
+    try:
+        client.connect()
+    except AgentUnavailable as exc:
+        return Check("agent", None, f"mode agent: {exc}",
+                     "check that the agent runs and that this user may connect (its --socket-group)")
+    finally:
+        client.close()
+    return Check("agent", True, f"mode agent: the agent at {path} answers: it exports this process's metrics "
+                 "(when it observes it) and spans are enriched through it; no probes load here")
+
+
 def _loaded_libbpf_path() -> str:
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
@@ -331,6 +352,8 @@ def run_checks(load: bool = True, verbose: bool = False) -> List[Check]:
         check = Check("configuration", False, f"unexpected error: {type(exc).__name__}: {exc}",
                       "report this at the project's issue tracker with the output of this command")
     checks.append(check)
+    if config is not None and not _kernel.has_privilege():
+        checks.append(_guard("agent", lambda: _agent_check(config)))
     if not load:
         return checks
     if not will_work(checks) or config is None:

@@ -33,7 +33,10 @@ from tests.otlp.conftest import Receiver, collections, our_metrics, plain
 HOST_A, HOST_B = "127.0.0.2", "127.0.0.3"
 CONNS_A, ROUNDS_A = 3, 15
 CONNS_B, ROUNDS_B = 2, 15
+CONNS_C, ROUNDS_C, SIZE_C, WORKERS_C = 6, 5, 10000, 2
 SIZE = 20000
+#: root with exactly the capabilities examples/agent's systemd unit and DaemonSet grant
+AGENT_CAPS = ["setpriv", "--bounding-set=-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search,+sys_resource,+chown"]
 
 
 def clean_env() -> Dict[str, str]:
@@ -52,13 +55,20 @@ def wait_log(path: str, text: str, timeout: float = 60.0) -> None:
 
 
 def final_points(receiver: Receiver, service: str) -> List[Dict[str, Any]]:
-    """The points of the last collection the agent exported for ``service``."""
-    colls = collections(our_metrics(receiver.batches(service), "otel_ebpf_flows"))
-    if not colls:
-        return []
-    last = colls[max(colls)]
-    return [{"name": name, "attrs": plain(p), "value": p.get("value", [None, None])[1], "count": p.get("count")}
-            for name, series in last.items() for p in series.values()]
+    """The points of the last collection the agent exported for each process of ``service``."""
+    by_pid: Dict[Any, List[Dict[str, Any]]] = {}
+    for batch in receiver.batches(service):
+        by_pid.setdefault(tuple((batch["resource"] or {}).get("process.pid", ())), []).append(batch)
+    out = []
+    for pid, batches in by_pid.items():
+        colls = collections(our_metrics(batches, "otel_ebpf_flows"))
+        if not colls:
+            continue
+        last = colls[max(colls)]
+        out += [{"name": name, "attrs": plain(p), "value": p.get("value", [None, None])[1], "count": p.get("count"),
+                 "pid": pid[1] if pid else None}
+                for name, series in last.items() for p in series.values()]
+    return out
 
 
 def total(points: List[Dict[str, Any]], name: str, **want: Any) -> int:
@@ -114,7 +124,7 @@ class Service:
 def main() -> None:
     python = sys.argv[1]
     port_a = random.randrange(20000, 29000)
-    port_b, port_refused = port_a + 1, port_a + 2
+    port_b, port_refused, port_c = port_a + 1, port_a + 2, port_a + 3
     ethernet_loopback()
     random_loss(port_a, 5)
     random_loss(port_b, 5)
@@ -125,17 +135,18 @@ def main() -> None:
     sock_path = os.path.join(work, "run", "agent.sock")
     agent_log = os.path.join(work, "agent.log")
     suffix = f"{os.getpid()}-{port_a}"
-    svc_a, svc_b = f"agent-test-a-{suffix}", f"agent-test-b-{suffix}"
+    svc_a, svc_b, svc_c = f"agent-test-a-{suffix}", f"agent-test-b-{suffix}", f"agent-test-c-{suffix}"
     agent_env = clean_env()
     agent_env.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint("http/protobuf"),
                      OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf", OTEL_METRIC_EXPORT_INTERVAL="500",
                      OTEL_PYTHON_EBPF_FLOWS_SAMPLE_INTERVAL="0.5", PYTHONPATH=os.getcwd())
     services: List[Service] = []
     echoes = []
+    prefork = None
     agent = None
     try:
         with open(agent_log, "w") as log:
-            agent = subprocess.Popen([sys.executable, "-m", "otel_ebpf_flows", "agent", "--socket", sock_path,
+            agent = subprocess.Popen([*AGENT_CAPS, sys.executable, "-m", "otel_ebpf_flows", "agent", "--socket", sock_path,
                                       "--socket-group", "65534", "--scan-interval", "0.5"],
                                      env=agent_env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         wait_log(agent_log, "span service on")
@@ -152,14 +163,27 @@ def main() -> None:
         b = Service(python, "B", HOST_B, port_b, ["--conns", str(CONNS_B), "--rounds", str(ROUNDS_B), "--size",
                                                   str(SIZE), "--refused-port", str(port_refused)], env_b)
         services.append(b)
-        wait_log(agent_log, f"observing pid {a.pid} ")
-        wait_log(agent_log, f"observing pid {b.pid} ")
+        # C: a pre-fork server (its master and workers all hold the listener)
+        prefork = subprocess.Popen([*UNPRIVILEGED, python, "-m", "tests.agent.prefork", str(port_c), str(WORKERS_C)],
+                                   cwd="/", env=dict(base, OTEL_SERVICE_NAME=svc_c), stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+        assert prefork.stdout is not None and prefork.stdin is not None
+        c_pids = [int(p) for p in prefork.stdout.readline().split()[1:]]
+        assert len(c_pids) == 1 + WORKERS_C, c_pids
+        for pid in (a.pid, b.pid, *c_pids):
+            wait_log(agent_log, f"observing pid {pid} ")
+        doctor = subprocess.run([*UNPRIVILEGED, python, "-m", "otel_ebpf_flows", "doctor", "--no-load"], cwd="/",
+                                env=dict(base, OTEL_PYTHON_EBPF_FLOWS_AGENT_SOCKET=sock_path), capture_output=True,
+                                text=True, timeout=60)
         for s in services:
             s.say("go")
+        clients_c = peer("clients", str(port_c), "--count", str(CONNS_C), "--rounds", str(ROUNDS_C), "--size",
+                         str(SIZE_C))
         result_a, result_b = a.result(), b.result()
+        infos_c = finish(clients_c)
         for e in echoes:
             finish(e)
-        quiet(port_a, port_b)
+        quiet(port_a, port_b, port_c)
         intruder = subprocess.run([*UNPRIVILEGED, python, "-m", "tests.agent.intruder", sock_path, str(a.pid),
                                    *map(str, result_a["tids"])], cwd="/", env=base, capture_output=True, text=True,
                                   timeout=60)
@@ -171,26 +195,32 @@ def main() -> None:
                     svc_b: sum(i["total_retrans"] for i in result_b["infos"])}
         deadline = time.monotonic() + 60
         while True:
-            points = {svc: final_points(receiver, svc) for svc in (svc_a, svc_b)}
+            points = {svc: final_points(receiver, svc) for svc in (svc_a, svc_b, svc_c)}
             if all(total(points[s], "ebpf_flows.tcp.retransmits") == expected[s]
                    and total(points[s], "ebpf_flows.tcp.connection.attempts") >= (CONNS_A if s == svc_a else CONNS_B)
-                   for s in expected) or time.monotonic() > deadline:
+                   for s in expected) and total(points[svc_c], "ebpf_flows.tcp.connection.attempts") >= CONNS_C \
+                    or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         resources = {svc: (receiver.batches(svc) or [{}])[-1].get("resource") for svc in (svc_a, svc_b)}
         for s in services:
             s.say("exit")
             s.proc.wait(30)
+        prefork.stdin.write("exit\n")
+        prefork.stdin.close()
+        prefork.wait(30)
         wait_log(agent_log, f"pid {a.pid} (service.name={svc_a}) exited")
         wait_log(agent_log, f"pid {b.pid} (service.name={svc_b}) exited")
         agent.send_signal(signal.SIGTERM)
         agent_status = agent.wait(60)
         with open(agent_log) as f:
             log_text = f.read()
-        result = {"a": result_a, "b": result_b, "svc_a": svc_a, "svc_b": svc_b, "points": points,
+        result = {"c": {"pids": c_pids, "infos": infos_c, "conns": CONNS_C, "payload": CONNS_C * ROUNDS_C * SIZE_C},
+                  "svc_c": svc_c, "a": result_a, "b": result_b, "svc_a": svc_a, "svc_b": svc_b, "points": points,
               "resources": resources, "intruder": json.loads(intruder.stdout.strip().splitlines()[-1]),
               "hosts": [HOST_A, HOST_B], "sizes": {"a": CONNS_A * ROUNDS_A * SIZE, "b": CONNS_B * ROUNDS_B * SIZE},
               "conns": {"a": CONNS_A, "b": CONNS_B}, "agent_status": agent_status,
+                  "doctor": {"status": doctor.returncode, "out": doctor.stdout + doctor.stderr},
               "socket_left": os.path.exists(sock_path), "agent_log": log_text[-6000:]}
     finally:
         for s in services:
@@ -199,6 +229,8 @@ def main() -> None:
         for e in echoes:
             if e.poll() is None:
                 e.kill()
+        if prefork is not None and prefork.poll() is None:
+            prefork.kill()
         if agent is not None and agent.poll() is None:
             agent.kill()
         receiver.stop()
