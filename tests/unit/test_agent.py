@@ -8,7 +8,10 @@ import logging
 import os
 import socket
 import stat
+import struct
 import threading
+import time
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
@@ -310,6 +313,7 @@ class ScriptedAgent:
         self.hold = threading.Event()
         self.hold.set()
         self.requests: List[int] = []
+        self.hello_pids: List[int] = []  # SO_PEERCRED of each HELLO
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
         self.sock.listen(4)
@@ -332,6 +336,9 @@ class ScriptedAgent:
                 except (EOFError, OSError, proto.ProtocolError):
                     return
                 self.requests.append(kind)
+                if kind == proto.HELLO:
+                    cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                    self.hello_pids.append(struct.unpack("3i", cred)[0])
                 self.hold.wait(30)
                 try:
                     conn.sendall(self.answer(kind, payload))
@@ -487,3 +494,32 @@ def test_without_an_agent_socket_the_privilege_warning_stays(unprivileged, tmp_p
     assert _instrumentor.EbpfFlowsInstrumentor._agent is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "CAP_BPF" in warnings[0]
+
+
+def test_a_forked_child_asks_the_agent_for_its_own_process(unprivileged, agent_at):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    agent = agent_at()
+    _instrumentor.EbpfFlowsInstrumentor().instrument(tracer_provider=TracerProvider(), agent_socket=agent.path)
+    assert agent.hello_pids == [os.getpid()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+: fork() with threads
+        child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports by its exit status only
+        status = 1
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                state = _instrumentor.EbpfFlowsInstrumentor._agent
+                if state is not None and state.client.connected and state.client.pid == os.getpid():
+                    status = 0
+                    break
+                time.sleep(0.01)
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(child, 0)
+    assert os.WEXITSTATUS(status) == 0, "the child did not reconnect as itself"
+    assert agent.hello_pids == [os.getpid(), child]
+    parent_state = _instrumentor.EbpfFlowsInstrumentor._agent
+    assert parent_state is not None and parent_state.client.pid == os.getpid()
+    assert parent_state.client.thread_connections(1) == [(9, 100, 250)]  # the parent's connection still works
