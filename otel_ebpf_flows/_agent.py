@@ -42,8 +42,9 @@ Span service
     ``--socket-group``, so only root and that group's members may connect). A
     client's process is what SO_PEERCRED says; it is served only its own process's
     connection records and thread slots, from a span-mode KernelSource started for
-    it on its first HELLO and closed when its last connection goes. Protocol:
-    :mod:`._agent_protocol`.
+    it on its first HELLO and closed when its last connection goes, and only if the
+    agent observes it (it qualifies as above; its HELLO makes the agent look at it at
+    once). Protocol: :mod:`._agent_protocol`.
 
 Restarts
     Counters are cumulative from the agent's start: after an agent restart every
@@ -86,6 +87,8 @@ OTEL_RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
 #: Records kept per span client between two of its DRAIN requests; older ones are dropped and counted.
 CLIENT_QUEUE = 16384
 MAX_CLIENTS = 1024
+NOT_OBSERVED = ("the agent does not observe this process: declare its service (OTEL_SERVICE_NAME, or service.name "
+                "in OTEL_RESOURCE_ATTRIBUTES) or name it with the agent's --pid/--cgroup/--name")
 SOCKET_MODE = 0o660
 
 # -- /proc --------------------------------------------------------------------------------
@@ -385,7 +388,7 @@ class SpanServer:
     """The agent's Unix socket: per connection, the peer's own process's span data only."""
 
     def __init__(self, path: str, group: Optional[str], config: Config,
-                 on_hello: Callable[[int, int], None] = lambda pid, starttime: None) -> None:
+                 on_hello: Callable[[int, int], bool] = lambda pid, starttime: True) -> None:
         self.path = path
         self.group = group
         self._config = config
@@ -533,7 +536,9 @@ class SpanServer:
                     return
                 if kind == proto.HELLO:
                     if feed is None:
-                        self._on_hello(pid, starttime)
+                        if not self._on_hello(pid, starttime):
+                            _send(conn, proto.ERROR, {"error": NOT_OBSERVED})
+                            return
                         feed = self._feed(pid, starttime, client)
                         _log.info("otel-ebpf-flows agent: span client for pid %d (uid %d)", pid, uid)
                     _send(conn, proto.WELCOME, {"pid": pid, "tracks_threads": feed.source.tracks_threads})
@@ -601,7 +606,9 @@ class Agent:
         self.host_name = socket.gethostname()
         self.observed: Dict[int, Observed] = {}
         self._lock = threading.Lock()
-        self._skipped: Set[Tuple[int, int]] = set()  # (pid, starttime) that did not qualify
+        # (pid, starttime) that did not qualify -> its comm then (an exec, e.g. `env X=Y cmd`, changes
+        # both the environment and the comm, not the start time: then it is looked at again)
+        self._skipped: Dict[Tuple[int, int], str] = {}
         self._failed: Set[Tuple[int, int]] = set()
         self._retiring: List[threading.Thread] = []
         self._stop = threading.Event()
@@ -663,36 +670,42 @@ class Agent:
             if obs is not None:  # the pid was recycled
                 self._forget(pid)
             self._consider(pid, starttime, requested=False)
-        self._skipped = {k for k in self._skipped if k[0] in alive}
+        self._skipped = {k: v for k, v in list(self._skipped.items()) if k[0] in alive}
         with self._lock:
             gone = [pid for pid in self.observed if pid not in alive]
         for pid in gone:
             self._forget(pid)
         self._retiring = [t for t in self._retiring if t.is_alive()]
 
-    def _observe_client(self, pid: int, starttime: int) -> None:
-        """A span client's HELLO: observe its process now, before it makes traffic."""
-        self._consider(pid, starttime, requested=True)
+    def _observe_client(self, pid: int, starttime: int) -> bool:
+        """A span client's HELLO: observe its process now, before it makes traffic; False if the
+        agent does not observe it (it gets no span service either)."""
+        return self._consider(pid, starttime, requested=True)
 
-    def _consider(self, pid: int, starttime: int, requested: bool) -> None:
+    def _consider(self, pid: int, starttime: int, requested: bool) -> bool:
+        """Observe the process if it qualifies; whether it is observed."""
         key = (pid, starttime)
-        if pid == os.getpid() or key in self._failed or (key in self._skipped and not requested):
-            return
+        if pid == os.getpid() or key in self._failed:
+            return False
+        if key in self._skipped and not requested:
+            if _read_text(f"/proc/{pid}/comm").strip() == self._skipped[key]:
+                return False
         environ = read_environ(pid)
         cgroup_text = _read_text(f"/proc/{pid}/cgroup")
         comm, exe = process_names(pid)
         if not self.selector.matches(pid, environ, cgroup_text, comm, exe):
-            self._skipped.add(key)
-            return
+            self._skipped[key] = comm
+            return False
         if loads_own_probes(pid):
-            _log.info("otel-ebpf-flows agent: pid %d (%s) loads its own probes (in-process mode): not observed, "
-                      "so nothing is counted twice", pid, comm)
-            self._skipped.add(key)
-            return
+            if key not in self._skipped:
+                _log.info("otel-ebpf-flows agent: pid %d (%s) loads its own probes (in-process mode): not observed, "
+                          "so nothing is counted twice", pid, comm)
+            self._skipped[key] = comm
+            return False
         with self._lock:
             current = self.observed.get(pid)
             if current is not None and current.starttime == starttime:
-                return
+                return True
             attributes = build_resource_attributes(pid, environ, cgroup_text, self.host_name, comm)
             obs = Observed(pid, starttime, attributes)
             try:
@@ -700,13 +713,14 @@ class Agent:
             except EbpfFlowsError as exc:
                 self._failed.add(key)
                 _log.warning("otel-ebpf-flows agent: cannot observe pid %d (%s): %s", pid, comm, exc)
-                return
+                return False
             except Exception:
                 self._failed.add(key)
                 _log.warning("otel-ebpf-flows agent: cannot observe pid %d (%s)", pid, comm, exc_info=True)
-                return
+                return False
             self.observed[pid] = obs
         _log.info("otel-ebpf-flows agent: observing pid %d (service.name=%s)", pid, attributes["service.name"])
+        return True
 
     def _share_sockets(self, pid: int) -> Optional[FrozenSet[int]]:
         """Sockets ``pid`` holds with its parent or an observed process (called with the lock held).
@@ -745,7 +759,7 @@ class Agent:
     def _forget(self, pid: int) -> None:
         with self._lock:
             obs = self.observed.pop(pid, None)
-        self._skipped = {k for k in self._skipped if k[0] != pid}
+        self._skipped = {k: v for k, v in list(self._skipped.items()) if k[0] != pid}
         self._failed = {k for k in self._failed if k[0] != pid}
         if obs is not None:
             _log.info("otel-ebpf-flows agent: pid %d (service.name=%s) exited: final export",

@@ -155,7 +155,8 @@ def _agent_check(config: Config) -> Check:
         client.connect()
     except AgentUnavailable as exc:
         return Check("agent", None, f"mode agent: {exc}",
-                     "check that the agent runs and that this user may connect (its --socket-group)")
+                     "check that the agent runs, that this user may connect (its --socket-group), and that "
+                     "this process declares its service (OTEL_SERVICE_NAME) or the agent selects it")
     finally:
         client.close()
     return Check("agent", True, f"mode agent: the agent at {path} answers: it exports this process's metrics "

@@ -1,9 +1,11 @@
 """A third unprivileged process that asks the agent for another process's data (tests/agent).
 
 python -m tests.agent.intruder SOCKET VICTIM_PID TID...
+python -m tests.agent.intruder SOCKET hello
 
 Speaks the protocol by hand: HELLO, then DRAIN and THREADS requests that name the
-victim's pid and each of its thread ids. Prints one JSON line with every raw reply
+victim's pid and each of its thread ids (it declares a service of its own, so the agent
+serves it: its own data). Prints one JSON line with every raw reply
 (hex) and what it decodes to; then sends garbage on a second connection and
 reports the agent's answer.
 """
@@ -28,6 +30,12 @@ def ask(sock: socket.socket, kind: int, payload: Dict[str, Any]) -> Dict[str, An
 
 
 def main() -> None:
+    if sys.argv[2] == "hello":  # only say HELLO and report the answer
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(sys.argv[1])
+        print(json.dumps(ask(sock, proto.HELLO, {})), flush=True)
+        return
     path, victim = sys.argv[1], int(sys.argv[2])
     tids = [int(t) for t in sys.argv[3:]]
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -173,7 +173,8 @@ def main() -> None:
         for pid in (a.pid, b.pid, *c_pids):
             wait_log(agent_log, f"observing pid {pid} ")
         doctor = subprocess.run([*UNPRIVILEGED, python, "-m", "otel_ebpf_flows", "doctor", "--no-load"], cwd="/",
-                                env=dict(base, OTEL_PYTHON_EBPF_FLOWS_AGENT_SOCKET=sock_path), capture_output=True,
+                                env=dict(base, OTEL_PYTHON_EBPF_FLOWS_AGENT_SOCKET=sock_path,
+                                         OTEL_SERVICE_NAME=f"agent-test-doctor-{suffix}"), capture_output=True,
                                 text=True, timeout=60)
         for s in services:
             s.say("go")
@@ -185,10 +186,15 @@ def main() -> None:
             finish(e)
         quiet(port_a, port_b, port_c)
         intruder = subprocess.run([*UNPRIVILEGED, python, "-m", "tests.agent.intruder", sock_path, str(a.pid),
-                                   *map(str, result_a["tids"])], cwd="/", env=base, capture_output=True, text=True,
-                                  timeout=60)
+                                   *map(str, result_a["tids"])], cwd="/",
+                                  env=dict(base, OTEL_SERVICE_NAME=f"agent-test-intruder-{suffix}"),
+                                  capture_output=True, text=True, timeout=60)
         if intruder.returncode != 0:
             raise AssertionError(f"the intruder failed: {intruder.stderr[-3000:]}")
+        undeclared = subprocess.run([*UNPRIVILEGED, python, "-m", "tests.agent.intruder", sock_path, "hello"],
+                                    cwd="/", env=base, capture_output=True, text=True, timeout=60)
+        if undeclared.returncode != 0:
+            raise AssertionError(f"the undeclared client failed: {undeclared.stderr[-3000:]}")
 
         # The agent's exports, once they show the kernel's count (or 60 s: the test then says what differs).
         expected = {svc_a: sum(i["total_retrans"] for i in result_a["infos"]),
@@ -218,6 +224,7 @@ def main() -> None:
         result = {"c": {"pids": c_pids, "infos": infos_c, "conns": CONNS_C, "payload": CONNS_C * ROUNDS_C * SIZE_C},
                   "svc_c": svc_c, "a": result_a, "b": result_b, "svc_a": svc_a, "svc_b": svc_b, "points": points,
               "resources": resources, "intruder": json.loads(intruder.stdout.strip().splitlines()[-1]),
+                  "undeclared": json.loads(undeclared.stdout.strip().splitlines()[-1]),
               "hosts": [HOST_A, HOST_B], "sizes": {"a": CONNS_A * ROUNDS_A * SIZE, "b": CONNS_B * ROUNDS_B * SIZE},
               "conns": {"a": CONNS_A, "b": CONNS_B}, "agent_status": agent_status,
                   "doctor": {"status": doctor.returncode, "out": doctor.stdout + doctor.stderr},

@@ -140,6 +140,9 @@ def test_another_unprivileged_process_gets_none_of_the_services_data(run):
     assert set(intruder["threads"]) == {str(t) for t in a["tids"]}
     for reply in intruder["threads"].values():
         assert reply["raw"] == empty_slots, reply
+    # a process the agent does not observe gets no span service at all
+    undeclared = run["undeclared"]
+    assert undeclared["kind"] == proto.ERROR and "does not observe this process" in undeclared["payload"]["error"]
     garbage = bytes.fromhex(intruder["garbage_reply"])
     kind, payload = proto.decode_frame(garbage)
     assert kind == proto.ERROR and "version" in payload["error"], payload
