@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 import threading
 import time
 import warnings
@@ -523,3 +524,112 @@ def test_a_forked_child_asks_the_agent_for_its_own_process(unprivileged, agent_a
     parent_state = _instrumentor.EbpfFlowsInstrumentor._agent
     assert parent_state is not None and parent_state.client.pid == os.getpid()
     assert parent_state.client.thread_connections(1) == [(9, 100, 250)]  # the parent's connection still works
+
+
+# -- discovery on the real /proc, with the probes replaced --------------------------------------------
+
+
+class Recorded:
+    started: List[int] = []
+    stopped: List[int] = []
+
+
+@pytest.fixture
+def discovery(monkeypatch) -> Iterator[Callable[..., _agent.Agent]]:
+    """Agents whose per-process start/stop only record (no kernel), over this host's real /proc."""
+    Recorded.started, Recorded.stopped = [], []
+
+    def start(self: _agent.Observed, config: Any, exporter_factory: Any, inherited: Any = None) -> None:
+        Recorded.started.append(self.pid)
+
+    def stop(self: _agent.Observed) -> None:
+        Recorded.stopped.append(self.pid)
+
+    monkeypatch.setattr(_agent.Observed, "start", start)
+    monkeypatch.setattr(_agent.Observed, "stop", stop)
+    made: List[_agent.Agent] = []
+
+    def make(selector: Selector) -> _agent.Agent:
+        agent = _agent.Agent(selector, Config(), socket_path=None, environ={})
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.shutdown()
+
+
+def _child(env: Dict[str, str], script: str) -> Any:
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-c", script], env=env, stdin=subprocess.PIPE, text=True)
+
+
+def _end(proc: Any) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()  # reaps it and closes its pipes
+
+
+def _wait(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+WAIT_THEN_EXEC = ("import os, sys; sys.stdin.readline(); "
+                  "os.execvpe('sleep', ['sleep', '60'], dict(os.environ, OTEL_SERVICE_NAME='late-declared'))")
+
+
+def test_discovery_observes_declared_processes_and_retires_them(discovery):
+    base = {"PATH": os.environ["PATH"]}
+    declared = _child(dict(base, OTEL_SERVICE_NAME="svc-x", OTEL_RESOURCE_ATTRIBUTES="team=t"),
+                      "import sys; sys.stdin.readline()")
+    plain = _child(base, "import sys; sys.stdin.readline()")
+    try:
+        agent = discovery(Selector())
+        agent.scan()
+        assert declared.pid in agent.observed and plain.pid not in agent.observed
+        assert agent.observed[declared.pid].attributes["service.name"] == "svc-x"
+        assert agent.observed[declared.pid].attributes["team"] == "t"
+        assert os.getpid() not in agent.observed
+        agent.scan()
+        assert Recorded.started.count(declared.pid) == 1  # once, not per scan
+        declared.communicate("\n", timeout=30)
+        agent.scan()
+        assert declared.pid not in agent.observed
+        _wait(lambda: declared.pid in Recorded.stopped, "the final export of the exited process")
+    finally:
+        for p in (declared, plain):
+            _end(p)
+
+
+def test_a_process_that_execs_into_a_declared_service_is_looked_at_again(discovery):
+    """`env OTEL_SERVICE_NAME=x cmd`: the same pid and start time, a new environment and comm."""
+    proc = _child({"PATH": os.environ["PATH"]}, WAIT_THEN_EXEC)
+    try:
+        agent = discovery(Selector())
+        agent.scan()
+        assert proc.pid not in agent.observed
+        assert proc.stdin is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        _wait(lambda: _agent._read_text(f"/proc/{proc.pid}/comm").strip() == "sleep", "the exec")
+        agent.scan()
+        assert proc.pid in agent.observed
+        assert agent.observed[proc.pid].attributes["service.name"] == "late-declared"
+    finally:
+        _end(proc)
+
+
+def test_selectors_pick_undeclared_processes(discovery):
+    proc = _child({"PATH": os.environ["PATH"]}, "import sys; sys.stdin.readline()")
+    try:
+        agent = discovery(Selector(declared=False, pids=(proc.pid,)))
+        agent.scan()
+        assert list(agent.observed) == [proc.pid]
+        comm = _agent._read_text(f"/proc/{proc.pid}/comm").strip()
+        assert agent.observed[proc.pid].attributes["service.name"] == f"unknown_service:{comm}"
+    finally:
+        _end(proc)
