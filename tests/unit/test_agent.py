@@ -633,3 +633,29 @@ def test_selectors_pick_undeclared_processes(discovery):
         assert agent.observed[proc.pid].attributes["service.name"] == f"unknown_service:{comm}"
     finally:
         _end(proc)
+
+
+# -- export configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("environ", "module"), [
+    ({}, "opentelemetry.exporter.otlp.proto.http.metric_exporter"),
+    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "opentelemetry.exporter.otlp.proto.grpc.metric_exporter"),
+    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf"},
+     "opentelemetry.exporter.otlp.proto.http.metric_exporter"),
+])
+def test_the_exporter_follows_the_standard_protocol_variables(environ, module):
+    exporter = _agent.make_exporter(environ)
+    try:
+        assert type(exporter).__module__ == module and type(exporter).__name__ == "OTLPMetricExporter"
+    finally:
+        exporter.shutdown()
+
+
+def test_an_unsupported_protocol_stops_the_agent_with_one_line(monkeypatch, caplog):
+    monkeypatch.setattr(_agent, "check_environment", lambda: None)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    caplog.set_level(logging.ERROR)
+    assert _agent.run_agent(Selector(), 5.0, None, None) == 1
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "http/json" in record.getMessage() and "grpc or http/protobuf" in record.getMessage()
