@@ -74,7 +74,7 @@ import attrs
 from . import _agent_protocol as proto
 from ._config import DEFAULT_AGENT_SOCKET, Config, load_config
 from ._kernel import KernelSource, check_environment, own_socket_inodes
-from ._source import CONN_EVENT_KINDS, FlowEvent
+from ._source import CONN_EVENT_KINDS, FlowEvent, ProbeStats, Snapshot, Source
 from ._telemetry import Instruments, Pipeline
 from .exceptions import ConfigurationError, EbpfFlowsError
 from .version import __version__
@@ -266,6 +266,35 @@ def make_exporter(environ: Mapping[str, str]) -> Any:
     return OTLPMetricExporter()
 
 
+#: The probe name under which lost span-enrichment records are counted (as in-process).
+CONN_EVENTS_PROBE = "tcp_flows.conn_events"
+
+
+class ObservedSource:
+    """One process's metrics source, whose self-telemetry also counts the span-enrichment records
+    the agent could not hand to that process (``span_lost``, cumulative): in-process the same
+    losses are ``ebpf_flows.probe.events.lost{ebpf_flows.probe.name=tcp_flows.conn_events}``."""
+
+    def __init__(self, kernel: Source, span_lost: Callable[[], int]) -> None:
+        self.kernel = kernel
+        self._span_lost = span_lost
+
+    def start(self, on_event: Callable[[FlowEvent], None]) -> None:
+        self.kernel.start(on_event)
+
+    def poll(self, timeout_s: float) -> None:
+        self.kernel.poll(timeout_s)
+
+    def sample(self) -> Snapshot:
+        snapshot = self.kernel.sample()
+        lost = dict(snapshot.probes.events_lost)
+        lost[CONN_EVENTS_PROBE] = lost.get(CONN_EVENTS_PROBE, 0) + self._span_lost()
+        return Snapshot(snapshot.counters, ProbeStats(lost, snapshot.probes.map_evictions))
+
+    def close(self) -> None:
+        self.kernel.close()
+
+
 @attrs.define
 class Observed:
     """One observed process: its probes, reader and MeterProvider."""
@@ -275,9 +304,10 @@ class Observed:
     attributes: Dict[str, Any]
     provider: Any = None
     pipeline: Optional[Pipeline] = None
+    kernel: Optional[KernelSource] = None
 
     def start(self, config: Config, exporter_factory: Callable[[], Any],
-              inherited: Optional[FrozenSet[int]] = None) -> None:
+              inherited: Optional[FrozenSet[int]] = None, span_lost: Callable[[], int] = lambda: 0) -> None:
         """``inherited``: sockets other processes hold too (a pre-fork server's listener and what a
         worker inherited): not adopted, listeners shared in claim mode (see KernelSource)."""
         from opentelemetry.sdk.metrics import MeterProvider
@@ -287,7 +317,8 @@ class Observed:
         reader = PeriodicExportingMetricReader(exporter_factory())
         provider = MeterProvider(metric_readers=[reader], resource=Resource(self.attributes))
         instruments = Instruments(provider.get_meter(SCOPE_NAME, __version__), lambda: self.pipeline)
-        pipeline = Pipeline(KernelSource(config, pid=self.pid, inherited=inherited), instruments, config.max_peers,
+        self.kernel = KernelSource(config, pid=self.pid, inherited=inherited)
+        pipeline = Pipeline(ObservedSource(self.kernel, span_lost), instruments, config.max_peers,
                             config.poll_interval, config.sample_interval)
         try:
             pipeline.start()
@@ -323,6 +354,7 @@ class SpanFeed:
         self._lock = threading.Lock()
         self._queues: Dict[int, Deque[FlowEvent]] = {}
         self._lost: Dict[int, int] = {}
+        self.dropped = 0  # records any client queue had to drop, cumulative
 
     def add_client(self, client: int) -> None:
         with self._lock:
@@ -343,7 +375,16 @@ class SpanFeed:
             for client, queue in self._queues.items():
                 if len(queue) == queue.maxlen:
                     self._lost[client] += 1
+                    self.dropped += 1
                 queue.append(event)
+
+    def lost_total(self) -> int:
+        """Records lost for this process: by the kernel (ring buffer full) and by a client queue."""
+        try:
+            kernel = int(self.source.probe_stats().events_lost.get(CONN_EVENTS_PROBE, 0))
+        except EbpfFlowsError:  # closed meanwhile
+            kernel = 0
+        return kernel + self.dropped
 
     def take(self, client: int) -> Tuple[List[FlowEvent], int]:
         self.source.drain_conn_events()
@@ -395,6 +436,7 @@ class SpanServer:
         self._on_hello = on_hello
         self._lock = threading.Lock()
         self._feeds: Dict[Tuple[int, int], SpanFeed] = {}
+        self._closed_lost: Dict[Tuple[int, int], int] = {}  # what closed feeds lost, per process
         self._clients: Dict[int, socket.socket] = {}
         self._next_client = 0
         self._stop = threading.Event()
@@ -509,9 +551,23 @@ class SpanServer:
             self._clients.pop(client, None)
             if feed is None or feed.remove_client(client):
                 return
-            if self._feeds.get((feed.pid, feed.starttime)) is feed:
-                del self._feeds[(feed.pid, feed.starttime)]
+            key = (feed.pid, feed.starttime)
+            if self._feeds.get(key) is feed:
+                del self._feeds[key]
+            self._closed_lost[key] = self._closed_lost.get(key, 0) + feed.lost_total()
         feed.source.close()
+
+    def span_lost(self, pid: int, starttime: int) -> int:
+        """Span records lost for one process so far (cumulative, over its feeds)."""
+        with self._lock:
+            feed = self._feeds.get((pid, starttime))
+            closed = self._closed_lost.get((pid, starttime), 0)
+        return closed + (feed.lost_total() if feed is not None else 0)
+
+    def forget(self, pid: int) -> None:
+        with self._lock:
+            for key in [k for k in self._closed_lost if k[0] == pid]:
+                del self._closed_lost[key]
 
     def _serve(self, client: int, conn: socket.socket) -> None:
         feed: Optional[SpanFeed] = None
@@ -709,7 +765,7 @@ class Agent:
             attributes = build_resource_attributes(pid, environ, cgroup_text, self.host_name, comm)
             obs = Observed(pid, starttime, attributes)
             try:
-                obs.start(self.config, self._exporter, self._share_sockets(pid))
+                obs.start(self.config, self._exporter, self._share_sockets(pid), self._span_lost(pid, starttime))
             except EbpfFlowsError as exc:
                 self._failed.add(key)
                 _log.warning("otel-ebpf-flows agent: cannot observe pid %d (%s): %s", pid, comm, exc)
@@ -721,6 +777,10 @@ class Agent:
             self.observed[pid] = obs
         _log.info("otel-ebpf-flows agent: observing pid %d (service.name=%s)", pid, attributes["service.name"])
         return True
+
+    def _span_lost(self, pid: int, starttime: int) -> Callable[[], int]:
+        server = self.server
+        return (lambda: 0) if server is None else (lambda: server.span_lost(pid, starttime))
 
     def _share_sockets(self, pid: int) -> Optional[FrozenSet[int]]:
         """Sockets ``pid`` holds with its parent or an observed process (called with the lock held).
@@ -741,10 +801,10 @@ class Agent:
         shared = frozenset(i for held in holders.values() for i in held)
         for p, held in holders.items():
             obs = self.observed.get(p)
-            if not held or obs is None or obs.pipeline is None:
+            if not held or obs is None or obs.pipeline is None or obs.kernel is None:
                 continue
-            source = obs.pipeline.source
-            if not isinstance(source, KernelSource) or source.claiming:
+            source = obs.kernel
+            if source.claiming:
                 continue
             obs.pipeline.quiesce()
             try:
@@ -761,6 +821,8 @@ class Agent:
             obs = self.observed.pop(pid, None)
         self._skipped = {k: v for k, v in list(self._skipped.items()) if k[0] != pid}
         self._failed = {k for k in self._failed if k[0] != pid}
+        if self.server is not None:
+            self.server.forget(pid)
         if obs is not None:
             _log.info("otel-ebpf-flows agent: pid %d (service.name=%s) exited: final export",
                       pid, obs.attributes["service.name"])

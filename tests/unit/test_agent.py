@@ -539,7 +539,8 @@ def discovery(monkeypatch) -> Iterator[Callable[..., _agent.Agent]]:
     """Agents whose per-process start/stop only record (no kernel), over this host's real /proc."""
     Recorded.started, Recorded.stopped = [], []
 
-    def start(self: _agent.Observed, config: Any, exporter_factory: Any, inherited: Any = None) -> None:
+    def start(self: _agent.Observed, config: Any, exporter_factory: Any, inherited: Any = None,
+              span_lost: Any = None) -> None:
         Recorded.started.append(self.pid)
 
     def stop(self: _agent.Observed) -> None:
@@ -659,3 +660,46 @@ def test_an_unsupported_protocol_stops_the_agent_with_one_line(monkeypatch, capl
     assert _agent.run_agent(Selector(), 5.0, None, None) == 1
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "http/json" in record.getMessage() and "grpc or http/protobuf" in record.getMessage()
+
+
+# -- span self-telemetry -----------------------------------------------------------------------------
+
+
+def test_span_records_the_agent_could_not_hand_over_are_counted_as_in_process():
+    from otel_ebpf_flows._source import ProbeStats, Snapshot
+
+    from .fakes import FakeSource
+
+    key = FlowKey(Role.CLIENT, "10.0.0.1", 443, "ipv4")
+    kernel = FakeSource(Snapshot(counters={}, probes=ProbeStats(events_lost={"tcp_flows.conn_events": 2,
+                                                                              "tcp_flows.events": 1},
+                                                                 map_evictions={"tcp_flows.socks": 4})))
+    lost = [5]
+    source = _agent.ObservedSource(kernel, lambda: lost[0])
+    snapshot = source.sample()
+    assert snapshot.probes.events_lost == {"tcp_flows.conn_events": 7, "tcp_flows.events": 1}
+    assert snapshot.probes.map_evictions == {"tcp_flows.socks": 4}
+    assert key not in snapshot.counters
+
+
+def test_a_full_client_queue_drops_the_oldest_and_counts_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(_agent, "CLIENT_QUEUE", 8)
+    server = _agent.SpanServer(str(tmp_path / "a.sock"), None, Config())  # not started: no socket, no kernel
+    feed = _agent.SpanFeed(4242, 7, Config())
+    feed.add_client(1)
+    feed.add_client(2)
+    server._feeds[(4242, 7)] = feed
+    events = [FlowEvent(kind="retransmit", key=EVENT.key, ts_ns=i, duration_s=0.0, srtt_s=None, conn_id=9, count=1)
+              for i in range(11)]
+    for e in events:
+        feed.on_event(e)
+    feed.on_event(FlowEvent(kind="rtt", key=EVENT.key, ts_ns=99, duration_s=0.0, srtt_s=0.001))  # a metric record
+    got, lost = feed.take(1)
+    assert got == events[3:] and lost == 3
+    assert feed.take(1) == ([], 0)
+    assert server.span_lost(4242, 7) == 6  # 3 for each client; the kernel lost none
+    server._release(feed, 1)
+    server._release(feed, 2)  # the last client: the feed closes, its count stays
+    assert (4242, 7) not in server._feeds and server.span_lost(4242, 7) == 6
+    server.forget(4242)
+    assert server.span_lost(4242, 7) == 0
