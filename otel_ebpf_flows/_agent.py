@@ -722,6 +722,11 @@ class Agent:
             with self._lock:
                 obs = self.observed.get(pid)
             if obs is not None and obs.starttime == starttime:
+                if loads_own_probes(pid):  # instrumented itself, with privilege, since it was observed
+                    _log.info("otel-ebpf-flows agent: pid %d now loads its own probes (in-process mode): no longer "
+                              "observed, so nothing is counted twice", pid)
+                    self._forget(pid)
+                    self._skipped[(pid, starttime)] = _read_text(f"/proc/{pid}/comm").strip()
                 continue
             if obs is not None:  # the pid was recycled
                 self._forget(pid)

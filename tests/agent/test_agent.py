@@ -163,3 +163,18 @@ def test_doctor_as_an_unprivileged_user_reports_mode_agent(run):
     assert re.search(r"^\[ OK \] agent\s+mode agent: the agent at \S+agent.sock answers", doctor["out"], re.M), doctor["out"]
     assert "will work here in mode agent" in doctor["out"]
     assert doctor["status"] == 0, doctor["out"]
+
+
+def test_an_in_process_instrumentation_is_recognised_by_its_bpf_programs(kernel_ok):
+    """What keeps the agent from observing (and double counting) a privileged in-process service."""
+    from otel_ebpf_flows import _agent
+    from otel_ebpf_flows._kernel import KernelSource
+
+    before = _agent.loads_own_probes(os.getpid())  # False unless an earlier test left probes loaded
+    source = KernelSource()
+    source.start(lambda _event: None)
+    try:
+        assert _agent.loads_own_probes(os.getpid())
+    finally:
+        source.close()
+    assert _agent.loads_own_probes(os.getpid()) is before

@@ -703,3 +703,21 @@ def test_a_full_client_queue_drops_the_oldest_and_counts_them(tmp_path, monkeypa
     assert (4242, 7) not in server._feeds and server.span_lost(4242, 7) == 6
     server.forget(4242)
     assert server.span_lost(4242, 7) == 0
+
+
+def test_a_process_that_loads_its_own_probes_after_discovery_is_no_longer_observed(discovery, monkeypatch):
+    proc = _child({"PATH": os.environ["PATH"], "OTEL_SERVICE_NAME": "self-instrumented"},
+                  "import sys; sys.stdin.readline()")
+    try:
+        agent = discovery(Selector())
+        agent.scan()
+        assert proc.pid in agent.observed
+        real = _agent.loads_own_probes
+        monkeypatch.setattr(_agent, "loads_own_probes", lambda pid: pid == proc.pid or real(pid))
+        agent.scan()
+        assert proc.pid not in agent.observed
+        _wait(lambda: proc.pid in Recorded.stopped, "the retirement")
+        agent.scan()
+        assert proc.pid not in agent.observed and Recorded.started.count(proc.pid) == 1
+    finally:
+        _end(proc)
