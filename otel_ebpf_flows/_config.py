@@ -43,6 +43,10 @@ ENV_SOCK_DIAG_INTERVAL = "OTEL_PYTHON_EBPF_FLOWS_SOCK_DIAG_INTERVAL"
 
 #: Accepted values of ``mode``.
 MODES = ("auto", "ebpf", "agent", "sock_diag", "off")
+#: The node agent's socket (``otel-ebpf-flows agent``): used for span enrichment when this process
+#: cannot load probes itself (default /run/otel-ebpf-flows/agent.sock).
+ENV_AGENT_SOCKET = "OTEL_PYTHON_EBPF_FLOWS_AGENT_SOCKET"
+DEFAULT_AGENT_SOCKET = "/run/otel-ebpf-flows/agent.sock"
 
 
 def _bound(x: float) -> str:
@@ -85,6 +89,12 @@ def _boolean(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         raise ConfigurationError(f"{attribute.name}={value!r} is invalid: expected true or false")
 
 
+def _socket_path(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or len(value.encode()) > 107:
+        raise ConfigurationError(f"{attribute.name}={value!r} is invalid: expected an absolute path of at most "
+                                 "107 bytes (a Unix socket's limit)")
+
+
 @attrs.frozen
 class Config:
     max_peers: int = attrs.field(default=200, validator=_in_range(1, 100_000, whole=True))
@@ -101,6 +111,7 @@ class Config:
     degraded_rtt_threshold: float = attrs.field(default=0.25, validator=_in_range(0.000001, 3600))
     mode: str = attrs.field(default="auto", validator=_one_of(MODES))
     sock_diag_interval: float = attrs.field(default=1.0, validator=_in_range(0.05, 60))
+    agent_socket: str = attrs.field(default=DEFAULT_AGENT_SOCKET, validator=_socket_path)
 
 
 _ENV: Dict[str, str] = {
@@ -116,10 +127,12 @@ _ENV: Dict[str, str] = {
     "degraded_rtt_threshold": ENV_DEGRADED_RTT,
     "mode": ENV_MODE,
     "sock_diag_interval": ENV_SOCK_DIAG_INTERVAL,
+    "agent_socket": ENV_AGENT_SOCKET,
 }
 _INT_FIELDS = {"max_peers", "max_connections", "max_flows", "ring_buffer_bytes", "max_span_events"}
 _BOOL_FIELDS = {"span_enrichment"}
 _CHOICE_FIELDS = {"mode": MODES}
+_STR_FIELDS = {"agent_socket"}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -130,6 +143,8 @@ def _parse(name: str, var: str, text: str) -> Any:
         if text.lower() not in _CHOICE_FIELDS[name]:
             raise ConfigurationError(f"{var}={text!r} is invalid: expected one of {', '.join(_CHOICE_FIELDS[name])}")
         return text.lower()
+    if name in _STR_FIELDS:
+        return text
     if name in _BOOL_FIELDS:
         if text.lower() in _TRUE:
             return True

@@ -24,7 +24,6 @@ import attrs
 
 from . import _kernel, _libbpf
 from ._config import ENV_MODE, Config, load_config
-from ._instrumentor import agent_available
 from ._sockdiag import CANNOT_SEE, SockDiagSource
 from .exceptions import ConfigurationError
 
@@ -143,6 +142,28 @@ def _privileges() -> Check:
         "interpreter runs gets them), or in Kubernetes securityContext.capabilities.add: "
         "[\"BPF\", \"PERFMON\"]",
     )
+
+
+def _agent_check(config: Config) -> Check:
+    """Without privilege: whether mode agent (the node agent's socket) is there instead."""
+    from ._agent_client import AgentClient, AgentUnavailable
+
+    path = config.agent_socket
+    if not os.path.exists(path):
+        return Check("agent", None, f"mode agent: no node agent socket at {path}",
+                     "run `otel-ebpf-flows agent` as root on this host (docs/agent.md): it exports this "
+                     "process's metrics and enriches its spans without privilege here")
+    client = AgentClient(path)
+    try:
+        client.connect()
+    except AgentUnavailable as exc:
+        return Check("agent", None, f"mode agent: {exc}",
+                     "check that the agent runs, that this user may connect (its --socket-group), and that "
+                     "this process declares its service (OTEL_SERVICE_NAME) or the agent selects it")
+    finally:
+        client.close()
+    return Check("agent", True, f"mode agent: the agent at {path} answers: it exports this process's metrics "
+                 "(when it observes it) and spans are enriched through it; no probes load here")
 
 
 def _loaded_libbpf_path() -> str:
@@ -325,7 +346,7 @@ def _sock_diag_works() -> Optional[str]:
     return None
 
 
-def _mode(config: Config, ebpf_ok: bool) -> Check:
+def _mode(config: Config, ebpf_ok: bool, agent_ok: bool) -> Check:
     """The mode ``instrument()`` would run in, with this configuration, in this process."""
     if config.mode == "off":
         return Check("mode", None, f"off: {ENV_MODE}=off, instrument() does nothing",
@@ -337,7 +358,7 @@ def _mode(config: Config, ebpf_ok: bool) -> Check:
                      "nothing", f"fix the failures above, or set {ENV_MODE}=auto to fall back to the node agent "
                      "or to sock_diag")
     if config.mode in ("auto", "agent"):
-        if agent_available(config):
+        if agent_ok:
             return Check("mode", True, "agent: instrument() reads this process's flows from the node agent")
         if config.mode == "agent":
             return Check("mode", False, "off: mode is agent and no otel-ebpf-flows node agent is reachable",
@@ -382,6 +403,8 @@ def run_checks(load: bool = True, verbose: bool = False) -> List[Check]:
         check = Check("configuration", False, f"unexpected error: {type(exc).__name__}: {exc}",
                       "report this at the project's issue tracker with the output of this command")
     checks.append(check)
+    if config is not None and not _kernel.has_privilege():
+        checks.append(_guard("agent", lambda: _agent_check(config)))
     if load:
         if not will_work(checks) or config is None:
             checks.append(Check("load", None, "not attempted: a requirement above is missing",
@@ -393,5 +416,6 @@ def run_checks(load: bool = True, verbose: bool = False) -> List[Check]:
                 checks.append(Check("load", False, f"unexpected error: {exc}", ""))
     if config is not None:
         ebpf_ok = will_work(checks)
-        checks.append(_guard("mode", lambda: _mode(config, ebpf_ok)))
+        agent_ok = any(c.name == "agent" and c.ok for c in checks)
+        checks.append(_guard("mode", lambda: _mode(config, ebpf_ok, agent_ok)))
     return checks

@@ -24,7 +24,7 @@ from opentelemetry.metrics import MeterProvider, get_meter
 
 from . import _spans
 from ._config import ENV_MODE, Config, load_config
-from ._kernel import KernelSource, own_socket_inodes
+from ._kernel import KernelSource, has_privilege, own_socket_inodes
 from ._sockdiag import CANNOT_SEE, SockDiagSource
 from ._sockdiag import MARKER as SOCK_DIAG_MARKER
 from ._telemetry import Instruments, Pipeline
@@ -52,6 +52,8 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     _instruments: Dict[int, Tuple[Any, Instruments]] = {}
     # What a forked child restarts with (see _after_fork_in_child); None when not instrumented.
     _setup: Optional[Tuple[Config, Instruments, Optional[trace.TracerProvider]]] = None
+    # Mode "agent": span enrichment through the node agent (see _agent_client); None otherwise.
+    _agent: Optional[Any] = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ()
@@ -67,6 +69,8 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             meter_provider: Optional[MeterProvider] = kwargs.pop("meter_provider", None)
             tracer_provider: Optional[trace.TracerProvider] = kwargs.pop("tracer_provider", None)
             config = load_config(kwargs)
+            if _instrument_via_agent(cls, config, tracer_provider):
+                return
             meter = get_meter(SCOPE_NAME, __version__, meter_provider)
             with cls._lock:
                 entry = cls._instruments.get(id(meter))
@@ -98,6 +102,9 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         with cls._lock:
             pipeline, cls._pipeline = cls._pipeline, None
             cls._setup = None
+            agent, cls._agent = cls._agent, None
+        if agent is not None:
+            agent.stop()
         if pipeline is not None:
             try:
                 pipeline.stop()
@@ -105,12 +112,49 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 _log.warning("otel-ebpf-flows: error while detaching", exc_info=True)
 
 
+def _instrument_via_agent(cls: Any, config: Config, tracer_provider: Optional[trace.TracerProvider]) -> bool:
+    """Mode "agent": without the privilege to load probes, and with the node agent's socket present,
+    enrich spans through the agent and register no metric instrument (the agent exports this
+    process's metrics under its Resource). True if this mode was chosen."""
+    if config.mode not in ("auto", "agent") or (config.mode == "auto" and has_privilege()):
+        return False
+    if not os.path.exists(config.agent_socket):
+        if config.mode == "agent":
+            raise UnsupportedEnvironment(
+                f"mode=agent, but there is no otel-ebpf-flows node agent socket at {config.agent_socket}: start "
+                f"`otel-ebpf-flows agent` on this host (docs/agent.md) or set {ENV_MODE}=auto")
+        return False
+    from ._agent_client import AgentClient, AgentSpans
+
+    if not config.span_enrichment:
+        _log.info("otel-ebpf-flows: mode agent: the agent at %s exports this process's metrics; span "
+                  "enrichment is off (OTEL_PYTHON_EBPF_FLOWS_SPAN_ENRICHMENT)", config.agent_socket)
+        return True
+    client = AgentClient(config.agent_socket)
+    client.reconnect()  # a failure is logged once, and retried in the background
+    spans = _span_enrichment(client, config)
+    assert spans is not None
+    client.on_event = spans.on_conn_event
+    agent = AgentSpans(client, spans, _attacher(spans, tracer_provider), config.poll_interval)
+    agent.setup = (config, tracer_provider)  # what a forked child starts again with
+    agent.start()
+    with cls._lock:
+        old, cls._agent = cls._agent, agent
+    if old is not None:
+        old.stop()
+    _log.info("otel-ebpf-flows: mode agent (no privilege to load probes here): spans are enriched through the "
+              "agent at %s; this process registers no metrics, the agent exports them under its Resource",
+              config.agent_socket)
+    return True
+
+
 def _make_pipeline(config: Config, instruments: Instruments, tracer_provider: Optional[trace.TracerProvider],
                    inherited: Optional[FrozenSet[int]] = None) -> Pipeline:
-    """The mode selection: the first of ebpf, agent, sock_diag that ``config.mode`` allows and that starts.
+    """The pipeline of mode ebpf or sock_diag: the first that ``config.mode`` allows and that starts.
 
-    ``auto``: ebpf if the probes load, else agent if a node agent is there, else
-    sock_diag. A named mode is that mode or nothing (its error is raised).
+    ``auto``: ebpf if the probes load, else sock_diag. A named mode is that mode or nothing (its
+    error is raised). Mode agent (no privilege here, the node agent's socket present) is chosen
+    before this, by ``_instrument_via_agent``: it registers no instruments and needs no pipeline.
     """
     why = ""
     if config.mode in ("auto", "ebpf"):
@@ -120,25 +164,8 @@ def _make_pipeline(config: Config, instruments: Instruments, tracer_provider: Op
             if config.mode == "ebpf" or not sys.platform.startswith("linux"):  # no fallback off Linux
                 raise
             why = str(exc)
-    if config.mode in ("auto", "agent"):
-        pipeline = _agent_pipeline(config, instruments, inherited)
-        if pipeline is not None:
-            return pipeline
-        if config.mode == "agent":
-            raise UnsupportedEnvironment("mode=agent, but no otel-ebpf-flows node agent is reachable")
+    # mode agent was chosen (or refused) by _instrument_via_agent before any instrument was made
     return _sock_diag_pipeline(config, instruments, inherited, why)
-
-
-def _agent_pipeline(config: Config, instruments: Instruments,
-                    inherited: Optional[FrozenSet[int]]) -> Optional[Pipeline]:
-    """AGENT MODE HOOK (filled in by the node-agent work): a started pipeline reading
-    this process's flows from the node agent, or None when no agent socket is there."""
-    return None
-
-
-def agent_available(config: Config) -> bool:
-    """AGENT MODE HOOK for ``doctor``: whether ``_agent_pipeline`` would find an agent."""
-    return False
 
 
 def _sock_diag_pipeline(config: Config, instruments: Instruments, inherited: Optional[FrozenSet[int]],
@@ -186,7 +213,7 @@ def _ebpf_pipeline(config: Config, instruments: Instruments, tracer_provider: Op
     return pipeline
 
 
-def _span_enrichment(source: KernelSource, config: Config) -> Optional[_spans.SpanEnrichment]:
+def _span_enrichment(source: _spans.ConnectionSource, config: Config) -> Optional[_spans.SpanEnrichment]:
     if not config.span_enrichment:
         return None
     return _spans.SpanEnrichment(
@@ -258,6 +285,13 @@ def _after_fork_in_child() -> None:
     held.
     """
     cls = EbpfFlowsInstrumentor
+    agent, cls._agent = cls._agent, None
+    if agent is not None:  # mode agent: the child asks the agent for its own process's data
+        cls._lock = threading.Lock()
+        _spans.after_fork_in_child()
+        agent.client.close()
+        threading.Thread(target=_instrument_via_agent, args=(cls, *agent.setup),
+                         name="otel-ebpf-flows-restart", daemon=True).start()
     pipeline, setup = cls._pipeline, cls._setup
     if pipeline is None:
         return

@@ -299,6 +299,10 @@ class KernelSource:
         self.attached = []
         self.claiming = False
 
+    def probe_stats(self) -> ProbeStats:
+        """Self-telemetry now, without sampling the sockets."""
+        return self._read_probe_stats()
+
     def has_listeners(self) -> bool:
         """Whether this process has a listening socket the probes know of."""
         obj = self._require()

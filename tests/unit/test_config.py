@@ -81,10 +81,18 @@ SETTINGS = {
         [0.0, 0.01, 61.0],
         "0.05 to 60",
     ),
+    "agent_socket": (
+        "OTEL_PYTHON_EBPF_FLOWS_AGENT_SOCKET",
+        "/run/otel-ebpf-flows/agent.sock",
+        "/tmp/agent.sock",
+        "/tmp/agent.sock",
+        ["agent.sock", "/" + "x" * 107, "/a\0b"],
+        "an absolute path",
+    ),
 }
 INT_SETTINGS = ["max_peers", "max_connections", "max_flows", "ring_buffer_bytes", "max_span_events"]
 BOOL_SETTINGS = ["span_enrichment"]
-STR_SETTINGS = ["mode"]
+STR_SETTINGS = ["mode", "agent_socket"]
 ENV_NAMES = [var for var, *_ in SETTINGS.values()]
 
 

@@ -187,7 +187,9 @@ def test_mode_agent_without_an_agent_logs_one_warning(instrumentor, provider, mo
     instrumentor.instrument(meter_provider=provider, mode="agent")
     warnings = _warnings(caplog)
     assert [w.getMessage() for w in warnings] == [
-        "otel-ebpf-flows: kernel TCP telemetry is off: mode=agent, but no otel-ebpf-flows node agent is reachable"]
+        "otel-ebpf-flows: kernel TCP telemetry is off: mode=agent, but there is no otel-ebpf-flows node agent "
+        "socket at /run/otel-ebpf-flows/agent.sock: start `otel-ebpf-flows agent` on this host (docs/agent.md) "
+        "or set OTEL_PYTHON_EBPF_FLOWS_MODE=auto"]
     assert instrumentor.pipeline is None
 
 
