@@ -136,7 +136,8 @@ struct sock_state {
 	__u32 last_tid;		/* the thread that last sent or received on it */
 	__u64 handshake_ns;	/* server in claim mode: reported once claimed */
 	__u16 peer_port;	/* the peer's actual port */
-	__u16 __pad1[3];
+	__u8 slot;		/* where note_use() last put it in a thread's slots */
+	__u8 __pad1[5];
 };
 
 struct listener_key {
@@ -475,7 +476,7 @@ static __always_inline __u32 read_srtt_us(int direct, const struct tcp_sock *tp)
 }
 
 /* Remember that thread `tid` used the connection now (span enrichment). */
-static __always_inline void note_use(__u32 tid, const struct sock_state *st, __u64 now)
+static __always_inline void note_use(__u32 tid, struct sock_state *st, __u64 now)
 {
 	struct thread_conns *tc;
 	__u64 oldest = ~0ULL;
@@ -489,6 +490,14 @@ static __always_inline void note_use(__u32 tid, const struct sock_state *st, __u
 		tc = bpf_map_lookup_elem(&threads, &tid);
 		if (!tc)
 			return;
+	}
+	/* The usual case, a thread using the same connection again: its slot
+	 * from last time, without the scan (conn_ids are unique). */
+	i = st->slot;
+	if (i < THREAD_SLOTS && tc->slot[i].conn_id == st->conn_id) {
+		tc->slot[i].last_ns = now;
+		tc->slot[i].srtt_us = st->srtt_us;
+		return;
 	}
 	for (i = 0; i < THREAD_SLOTS; i++) {
 		if (tc->slot[i].conn_id == st->conn_id) {
@@ -504,6 +513,7 @@ static __always_inline void note_use(__u32 tid, const struct sock_state *st, __u
 		tc->slot[victim].conn_id = st->conn_id;
 		tc->slot[victim].last_ns = now;
 		tc->slot[victim].srtt_us = st->srtt_us;
+		st->slot = victim;
 	}
 }
 
@@ -977,7 +987,7 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 	tp = tcp_of(direct, sk);
 	if (!tp)
 		return 0;
-	tid = (__u32)bpf_get_current_pid_tgid();
+	tid = (__u32)bpf_get_current_pid_tgid();	/* cheap: no pid namespace walk */
 	if (st->flags & SF_PENDING)
 		claim(direct, st, tp, tid);
 	if (!span_mode)
