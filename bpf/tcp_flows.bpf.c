@@ -1054,8 +1054,14 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 	struct sock *sk;
 	__u64 skp, now;
 
-	if (!skc)
+	if (!skc) {
+		/* The end of a pass, run by the process that reads the iterator:
+		 * if that is the target, owned_by_target() learns its kernel tgid
+		 * here, before the process opens any connection of its own. */
+		if (!target_host_tgid)
+			owned_by_target();
 		return 0;
+	}
 	tp = bpf_skc_to_tcp_sock(skc);
 	if (!tp)
 		return 0;	/* time-wait and request sockets */
