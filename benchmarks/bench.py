@@ -241,6 +241,10 @@ class KernelStats:
     def set(self, on: bool) -> None:
         BPF_STATS.write_text("1" if on else "0")
 
+    def is_on(self) -> bool:
+        """Whether accounting is still on (another process may switch it off: it is host-wide)."""
+        return BPF_STATS.read_text().strip() == "1"
+
     def restore(self) -> None:
         BPF_STATS.write_text(self.original)
 
@@ -277,6 +281,7 @@ def fmt_ns(v: Optional[float]) -> str:
 def scenario_cost(env: Env, plan: Plan, stats: KernelStats, report: Report) -> None:
     workloads = list(plan.cost_seconds)
     stats.set(True)
+    switched_off: List[str] = []  # measurements during which someone else turned accounting off
     try:
         host: Cells = {}
         per_rep: Dict[str, List[float]] = {}  # program name -> its average in each repetition
@@ -289,6 +294,8 @@ def scenario_cost(env: Env, plan: Plan, stats: KernelStats, report: Report) -> N
                 for w in workloads:
                     before = prog_stats(ready["prog_ids"])
                     result = env.loadgen_run(w, plan.cost_seconds[w])
+                    if not stats.is_on():  # flagged, not switched back: that would tax the other run
+                        switched_off.append(f"host load, {w}")
                     delta = stats_delta(before, prog_stats(ready["prog_ids"]))
                     accumulate(rep, w, delta)
                     accumulate(host, w, delta)
@@ -304,8 +311,16 @@ def scenario_cost(env: Env, plan: Plan, stats: KernelStats, report: Report) -> N
         for result in env.run_json(env.in_netns(env.worker("inproc", ",".join(workloads), "--instrument", "--bpf-stats",
                                                            "--duration", str(own_secs))), timeout=120):
             accumulate(own, result["mode"], result["bpf"])
+        if not stats.is_on():
+            switched_off.append("own traffic")
     finally:
         stats.set(False)
+    if switched_off:
+        report.notes.append(
+            "kernel.bpf_stats_enabled was switched off by another process during scenario 1 ("
+            + ", ".join(switched_off) + "): run_time_ns and run_cnt stopped there, so those figures cover "
+            "only part of their load (or none: \"no runs\"). Accounting is host-wide; another benchmark "
+            "run on the machine is the usual cause.")
 
     for hook, what in HOT_PATHS:
         name = f"{variant}_{hook}"
