@@ -167,6 +167,19 @@ def test_tp_btf_refused_falls_back_to_raw_tp(kernel_ok):
     assert r["mib"]["Tcp.ActiveOpens"] == 3
 
 
+def test_kernel_without_rdonly_cast_loads_the_nocast_copies(kernel_ok):
+    """Simulated: the first load (tp_btf programs using the bpf_rdonly_cast kfunc, Linux 6.2+)
+    is refused; the tp_btf `_nocast` copies that probe-read the TCP header and the listener's
+    accept queue are real and must count exactly."""
+    r = run([sys.executable], args=["--simulate", "rdonly_cast_missing"])
+    assert r["on"] is True and r["variant"] == "tp_btf", r
+    assert {"tp_btf_set_state_nocast", "tp_btf_probe_nocast"} <= set(r["attached"]), r["attached"]
+    assert not {"tp_btf_set_state", "tp_btf_probe"} & set(r["attached"]), r["attached"]
+    assert warnings(r) == [], r["records"]
+    assert r["attempts"] == {"client": 3, "server": 3}, r
+    assert r["mib"]["Tcp.ActiveOpens"] == 3 and r["mib"]["Tcp.PassiveOpens"] == 3, r["mib"]
+
+
 def test_import_and_instrument_on_a_non_linux_platform(kernel_ok):
     """Simulated: sys.platform says darwin before the package is imported."""
     r = run([sys.executable], args=["--simulate", "not_linux"])
