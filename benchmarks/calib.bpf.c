@@ -11,6 +11,10 @@
  *                            "not my socket" exit through a hash map costs
  *   calib_storage_probe      the same question asked of socket-local storage
  *                            (bpf_sk_storage_get, no entry)
+ *   calib_filter_probe       the same question asked of a counting filter: one
+ *                            load from an 8192-slot global array indexed by a
+ *                            hash of the pointer (what tcp_flows.bpf.c does
+ *                            before its lookup)
  *   calib_helper_reads       three sock/skb fields read with bpf_probe_read_kernel
  *   calib_direct_reads       the same three fields read directly (BTF pointers)
  *   calib_empty_set_state    tp_btf/inet_sock_set_state returning at once
@@ -56,6 +60,19 @@ SEC("tp_btf/tcp_probe")
 int BPF_PROG(calib_storage_probe, struct sock *sk, struct sk_buff *skb)
 {
 	if (bpf_sk_storage_get(&calib_storage, sk, 0, 0))
+		sink++;
+	return 0;
+}
+
+__u32 calib_filter[8192] = {};
+
+SEC("tp_btf/tcp_probe")
+int BPF_PROG(calib_filter_probe, struct sock *sk, struct sk_buff *skb)
+{
+	__u64 x = (__u64)sk - (__u64)&calib_filter;	/* a pointer cannot be multiplied */
+
+	asm volatile("" : "+r"(x));
+	if (calib_filter[(x * 0x9E3779B97F4A7C15ULL) >> 51])
 		sink++;
 	return 0;
 }

@@ -142,11 +142,11 @@ class DiscardExporter(MetricExporter):  # type: ignore[misc]
         pass
 
 
-def instrument(provider: MeterProvider) -> Any:
+def instrument(provider: MeterProvider, **kwargs: Any) -> Any:
     from otel_ebpf_flows import EbpfFlowsInstrumentor
 
     instrumentor = EbpfFlowsInstrumentor()
-    instrumentor.instrument(meter_provider=provider)
+    instrumentor.instrument(meter_provider=provider, **kwargs)
     if instrumentor.pipeline is None:
         raise SystemExit("instrument() did not start (see the warning above)")
     return instrumentor
@@ -256,8 +256,8 @@ def drive(mode: str, port: int, duration: float) -> Dict[str, Any]:
 # -- the workers --------------------------------------------------------------------
 
 
-CALIB_PROGRAMS = ("calib_empty_probe", "calib_lookup_probe", "calib_storage_probe", "calib_helper_reads",
-                  "calib_direct_reads", "calib_empty_set_state")
+CALIB_PROGRAMS = ("calib_empty_probe", "calib_lookup_probe", "calib_storage_probe", "calib_filter_probe",
+                  "calib_helper_reads", "calib_direct_reads", "calib_empty_set_state")
 
 
 def load_calibration(path: str) -> Any:
@@ -285,11 +285,16 @@ def load_calibration(path: str) -> Any:
 
 
 def cmd_idle(args: argparse.Namespace) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    # As users run it: a tracer provider, and span enrichment on (the default, made explicit
+    # so that the host tax includes the send/receive programs whatever the default becomes).
     provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
-    instrumentor = instrument(provider)
+    instrumentor = instrument(provider, tracer_provider=TracerProvider(), span_enrichment=True)
     calib = load_calibration(args.calibrate) if args.calibrate else None
+    source = instrumentor.pipeline.source
     emit({"ready": True, "pid": os.getpid(), "prog_ids": own_prog_ids(),
-          "variant": getattr(instrumentor.pipeline.source, "variant", "?")})
+          "variant": getattr(source, "variant", "?"), "tracks_threads": getattr(source, "tracks_threads", False)})
     sys.stdin.read()  # until the parent closes our stdin
     if calib is not None:
         calib.close()

@@ -12,14 +12,12 @@
  *   tcp:tcp_destroy_sock       final close reason, forgets the socket
  *   tcp:tcp_probe              zero-window transitions (per received segment)
  *   sock:sock_send_length,     which thread used which connection when (span
- *   sock:sock_recv_length      enrichment only; kernel 6.3+)
+ *   sock:sock_recv_length      enrichment), and in claim mode which process
+ *                              accepted a socket (kernel 6.3+; one program per
+ *                              tracepoint for both, attached when either is on)
  *   iter/tcp                   bytes, RTT samples and listen drops of live
  *                              sockets, and adoption of sockets that existed
  *                              before load (run by the reader thread)
- *   sock:sock_recv_length,     claim mode only (attached by user space once a
- *   sock:sock_send_length      listener is shared with another process, after
- *                              fork): the first process to read or write an
- *                              accepted socket owns it (Linux 6.3+)
  * Minimum kernel: 5.8 (tp_btf, ring buffer, iter/tcp, ns pid helper).
  *
  * Maps:
@@ -38,6 +36,10 @@
  *   conn_events  ring buffer of per-connection records for span enrichment
  *              (connection, retransmit, reset, zero window, gone); never wakes
  *   threads    tid -> the connections the thread used lately (span enrichment)
+ *   owned_filter (.bss) counting filter over socks' keys: a slot counts the
+ *              tracked sockets whose pointer hashes to it, so most other
+ *              sockets on the host are turned away by one load, no map lookup
+ *   listen_filter (.bss) the same over the listeners' ports
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -78,6 +80,42 @@ const volatile __u64 rtt_sample_ns = 5000000000ULL;
 const volatile __u32 span_mode = 0;	/* 1: feed conn_events and threads */
 
 __u64 next_conn_id = 0;
+/* The target's tgid as the kernel names it (init pid namespace), learned the
+ * first time the pid-namespace helper says the current task is the target. */
+__u32 target_host_tgid = 0;
+
+/*
+ * Cheap rejection of other processes' sockets, on every TCP event of the host.
+ * A slot is incremented before a socket is inserted into socks and decremented
+ * after it is deleted, so it is never below the number of tracked sockets that
+ * hash to it: a zero slot proves the socket untracked (no false negatives); a
+ * nonzero one means "look it up". 8192 slots: 32 KiB, cache-resident.
+ */
+#define OWNED_SLOTS_LOG2 13
+#define LISTEN_SLOTS_LOG2 12
+__u32 owned_filter[1 << OWNED_SLOTS_LOG2] = {};
+__u32 listen_filter[1 << LISTEN_SLOTS_LOG2] = {};
+
+/* BTF-typed programs only: the verifier lets no pointer be multiplied, but
+ * the distance between two pointers is a number. The raw_tp copies (untyped
+ * pointers) neither consult nor maintain the filter. */
+static __always_inline __u32 owned_slot(const void *sk)
+{
+	__u64 x = (__u64)sk - (__u64)&owned_filter;
+
+	asm volatile("" : "+r"(x));	/* keep the subtraction before the multiply */
+	return (x * 0x9E3779B97F4A7C15ULL) >> (64 - OWNED_SLOTS_LOG2);
+}
+
+static __always_inline __u32 listen_slot(__u16 port)
+{
+	return ((__u32)port * 0x9E3779B1U) >> (32 - LISTEN_SLOTS_LOG2);
+}
+
+static __always_inline bool maybe_tracked(int direct, const void *sk)
+{
+	return !direct || owned_filter[owned_slot(sk)] != 0;
+}
 
 struct sock_state {
 	struct flow_key key;
@@ -98,7 +136,8 @@ struct sock_state {
 	__u32 last_tid;		/* the thread that last sent or received on it */
 	__u64 handshake_ns;	/* server in claim mode: reported once claimed */
 	__u16 peer_port;	/* the peer's actual port */
-	__u16 __pad1[3];
+	__u8 slot;		/* where note_use() last put it in a thread's slots */
+	__u8 __pad1[5];
 };
 
 struct listener_key {
@@ -192,15 +231,56 @@ static __always_inline void stat_inc(__u32 idx)
 		__sync_fetch_and_add(v, 1);
 }
 
+/* Process context only: whether the current task belongs to the target. */
 static __always_inline bool owned_by_target(void)
 {
 	struct bpf_pidns_info ns = {};
+	__u32 tgid;
 
 	if (!target_tgid)
 		return true;
-	if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
+	tgid = bpf_get_current_pid_tgid() >> 32;
+	if (target_host_tgid)	/* a process's pid namespace never changes */
+		return tgid == target_host_tgid;
+	if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)) || ns.tgid != target_tgid)
 		return false;
-	return ns.tgid == target_tgid;
+	target_host_tgid = tgid;
+	return true;
+}
+
+/* The socket's state if this process tracks it: the filter first. */
+static __always_inline struct sock_state *tracked(int direct, const void *sk)
+{
+	__u64 skp = (__u64)sk;
+
+	if (!maybe_tracked(direct, sk))
+		return NULL;
+	return bpf_map_lookup_elem(&socks, &skp);
+}
+
+/* listeners, with the same discipline as socks and owned_filter. */
+static __always_inline void add_listener(const struct listener_key *lk, __u64 skp)
+{
+	__u32 slot = listen_slot(lk->port);
+
+	__sync_fetch_and_add(&listen_filter[slot], 1);
+	if (bpf_map_update_elem(&listeners, lk, &skp, BPF_ANY)) {
+		__sync_fetch_and_sub(&listen_filter[slot], 1);
+		stat_inc(STAT_LISTENERS_FULL);
+	}
+}
+
+static __always_inline void remove_listener(const struct listener_key *lk)
+{
+	if (!bpf_map_delete_elem(&listeners, lk))
+		__sync_fetch_and_sub(&listen_filter[listen_slot(lk->port)], 1);
+}
+
+static __always_inline __u64 *find_listener(const struct listener_key *lk)
+{
+	if (!listen_filter[listen_slot(lk->port)])
+		return NULL;
+	return bpf_map_lookup_elem(&listeners, lk);
 }
 
 static __always_inline struct flow_counters *counters_for(const struct flow_key *key)
@@ -225,17 +305,35 @@ static __always_inline struct flow_counters *counters_for(const struct flow_key 
  * Field reads. The tp_btf and iterator programs get BTF-typed pointers the
  * verifier checks, so they read fields with plain loads; the raw_tp copies get
  * untyped pointers and must go through bpf_probe_read_kernel (BPF_CORE_READ), a
- * helper call per field. The handlers take `direct` as a constant at every call
- * site, so each program is compiled with only its own kind of read.
+ * helper call per field. The handlers take `direct` (READ_*) as a constant at
+ * every call site, so each program is compiled with only its own kind of read.
+ *
+ * READ_CAST adds bpf_rdonly_cast (kernel 6.2+) for memory the verifier cannot
+ * type by itself (the TCP header behind skb->data, a listener reached through
+ * a pointer kept in a map): a typed read-only view whose loads are plain,
+ * fault-checked loads. The kfunc is weak: the tp_btf programs that use it are
+ * loaded only where vmlinux BTF has it, and elsewhere their `_nocast` copies
+ * (READ_BTF) are, which probe-read those few fields.
  */
+#define READ_PROBE 0	/* raw_tp */
+#define READ_BTF 1	/* tp_btf, iterator */
+#define READ_CAST 2	/* tp_btf with bpf_rdonly_cast */
+
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
+
+#define CAST(type, ptr) ((type *)bpf_rdonly_cast((ptr), bpf_core_type_id_kernel(type)))
+
 #define RD(direct, src, a, ...)                                                 \
 	((direct) ? ___arrow((src), a, ##__VA_ARGS__) : BPF_CORE_READ((src), a, ##__VA_ARGS__))
 #define RD_BITFIELD(direct, src, field)                                         \
 	((direct) ? BPF_CORE_READ_BITFIELD((src), field) : BPF_CORE_READ_BITFIELD_PROBED((src), field))
 
 /* tcp_sock fields lie past struct sock: a direct read needs the checked cast. */
-static __always_inline const struct tcp_sock *tcp_of(bool direct, const struct sock *sk)
+static __always_inline const struct tcp_sock *tcp_of(int direct, const struct sock *sk)
 {
+	/* READ_CAST: only ever asked of a tracked socket, which is TCP (track()) */
+	if (direct == READ_CAST)
+		return CAST(const struct tcp_sock, sk);
 	return direct ? bpf_skc_to_tcp_sock((void *)sk) : (const struct tcp_sock *)sk;
 }
 
@@ -246,13 +344,24 @@ static __always_inline const struct tcp_sock *tcp_of(bool direct, const struct s
 			__sync_fetch_and_add(&__c->field, (n));         \
 	} while (0)
 
-static __always_inline __u32 sk_netns(bool direct, const struct sock *sk)
+/* COUNT into *cp, the counters of `key` looked up at most once per program
+ * run (a handler that counts several things for one socket passes the same
+ * cp along: one flows lookup instead of one per field). */
+#define COUNT_INTO(cp, key, field, n)                                   \
+	do {                                                            \
+		if (!*(cp))                                             \
+			*(cp) = counters_for(key);                      \
+		if (*(cp))                                              \
+			__sync_fetch_and_add(&(*(cp))->field, (n));     \
+	} while (0)
+
+static __always_inline __u32 sk_netns(int direct, const struct sock *sk)
 {
 	return RD(direct, sk, __sk_common.skc_net.net, ns.inum);
 }
 
 /* The peer as the contract names it: address, family and the service port. */
-static __always_inline void peer_key(bool direct, struct flow_key *k, const struct sock_common *skc,
+static __always_inline void peer_key(int direct, struct flow_key *k, const struct sock_common *skc,
 				     __u8 role, __u16 local_port)
 {
 	__u16 family = RD(direct, skc, skc_family);
@@ -284,13 +393,18 @@ static __always_inline void peer_key(bool direct, struct flow_key *k, const stru
 		k->port = local_port;
 }
 
-static __always_inline struct sock_state *track(bool direct, const struct sock *sk, const struct flow_key *key,
+static __always_inline struct sock_state *track(int direct, const struct sock *sk, const struct flow_key *key,
 						__u16 flags, __u64 now)
 {
 	__u64 skp = (__u64)sk;
+	__u32 slot = direct ? owned_slot(sk) : 0;
 	struct sock_state *st;
 
+	if (direct)	/* before the insert: see owned_filter */
+		__sync_fetch_and_add(&owned_filter[slot], 1);
 	if (bpf_map_update_elem(&socks, &skp, &zero_state, BPF_NOEXIST)) {
+		if (direct)
+			__sync_fetch_and_sub(&owned_filter[slot], 1);
 		stat_inc(STAT_SOCKS_FULL);
 		return NULL;
 	}
@@ -356,13 +470,13 @@ static __always_inline void conn_event(const struct sock_state *st, __u8 kind, _
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
-static __always_inline __u32 read_srtt_us(bool direct, const struct tcp_sock *tp)
+static __always_inline __u32 read_srtt_us(int direct, const struct tcp_sock *tp)
 {
 	return RD(direct, tp, srtt_us) >> 3;
 }
 
 /* Remember that thread `tid` used the connection now (span enrichment). */
-static __always_inline void note_use(__u32 tid, const struct sock_state *st, __u64 now)
+static __always_inline void note_use(__u32 tid, struct sock_state *st, __u64 now)
 {
 	struct thread_conns *tc;
 	__u64 oldest = ~0ULL;
@@ -376,6 +490,14 @@ static __always_inline void note_use(__u32 tid, const struct sock_state *st, __u
 		tc = bpf_map_lookup_elem(&threads, &tid);
 		if (!tc)
 			return;
+	}
+	/* The usual case, a thread using the same connection again: its slot
+	 * from last time, without the scan (conn_ids are unique). */
+	i = st->slot;
+	if (i < THREAD_SLOTS && tc->slot[i].conn_id == st->conn_id) {
+		tc->slot[i].last_ns = now;
+		tc->slot[i].srtt_us = st->srtt_us;
+		return;
 	}
 	for (i = 0; i < THREAD_SLOTS; i++) {
 		if (tc->slot[i].conn_id == st->conn_id) {
@@ -391,6 +513,7 @@ static __always_inline void note_use(__u32 tid, const struct sock_state *st, __u
 		tc->slot[victim].conn_id = st->conn_id;
 		tc->slot[victim].last_ns = now;
 		tc->slot[victim].srtt_us = st->srtt_us;
+		st->slot = victim;
 	}
 }
 
@@ -400,7 +523,8 @@ static __always_inline void note_use(__u32 tid, const struct sock_state *st, __u
  * out by the baseline taken at ESTABLISHED, a FIN is taken off here once it
  * has been acknowledged (ours) or received (theirs: SOCK_DONE).
  */
-static __always_inline void account_bytes(bool direct, struct sock_state *st, const struct tcp_sock *tp)
+static __always_inline void account_bytes(int direct, struct sock_state *st, const struct tcp_sock *tp,
+					  struct flow_counters **cp)
 {
 	__u64 acked = RD(direct, tp, bytes_acked);
 	__u64 received = RD(direct, tp, bytes_received);
@@ -413,28 +537,28 @@ static __always_inline void account_bytes(bool direct, struct sock_state *st, co
 		received--;
 
 	if (acked > st->bytes_acked) {
-		COUNT(&st->key, bytes_acked, acked - st->bytes_acked);
+		COUNT_INTO(cp, &st->key, bytes_acked, acked - st->bytes_acked);
 		st->bytes_acked = acked;
 	}
 	if (received > st->bytes_received) {
-		COUNT(&st->key, bytes_received, received - st->bytes_received);
+		COUNT_INTO(cp, &st->key, bytes_received, received - st->bytes_received);
 		st->bytes_received = received;
 	}
 }
 
 /* What ESTABLISHED counts; deferred to the claim for a pending socket. */
-static __always_inline void count_established(struct sock_state *st)
+static __always_inline void count_established(struct sock_state *st, struct flow_counters **cp)
 {
-	COUNT(&st->key, attempts_ok, 1);
+	COUNT_INTO(cp, &st->key, attempts_ok, 1);
 	if (st->flags & SF_NO_WSCALE)
-		COUNT(&st->key, wscale_disabled, 1);
+		COUNT_INTO(cp, &st->key, wscale_disabled, 1);
 	if (st->handshake_ns)
 		submit(st, FLOW_EVENT_HANDSHAKE, 0, st->established_ns, st->handshake_ns);
 	else if (st->key.role == FLOW_ROLE_SERVER)
 		stat_inc(STAT_SYN_WAIT_MISSED);
 }
 
-static __always_inline void on_established(bool direct, const struct sock *sk,
+static __always_inline void on_established(int direct, const struct sock *sk,
 					   const struct tcp_sock *tp, struct sock_state *st, __u64 now)
 {
 	const struct tcp_options_received *opt = __builtin_preserve_access_index(&tp->rx_opt);
@@ -454,13 +578,20 @@ static __always_inline void on_established(bool direct, const struct sock *sk,
 		/* SYN wait: the request that made this socket is the tail of the
 		 * listener's accept queue; its first SYN-ACK left when the SYN came. */
 		struct listener_key lk = { .netns = sk_netns(direct, sk), .port = st->key.port };
-		__u64 *lsk = bpf_map_lookup_elem(&listeners, &lk);
+		__u64 *lsk = find_listener(&lk);
 		struct inet_connection_sock *icsk;
 		struct request_sock *req;
 		struct sock *child = NULL;
 		__u64 snt_synack_us = 0;
 
-		if (lsk) {
+		if (lsk && direct == READ_CAST) {
+			icsk = CAST(struct inet_connection_sock, (void *)*lsk);
+			req = icsk->icsk_accept_queue.rskq_accept_tail;
+			if (req) {
+				child = req->sk;
+				snt_synack_us = CAST(struct tcp_request_sock, req)->snt_synack;
+			}
+		} else if (lsk) {
 			/* a stored pointer, untyped to the verifier: probe reads */
 			icsk = (struct inet_connection_sock *)*lsk;
 			req = BPF_CORE_READ(icsk, icsk_accept_queue.rskq_accept_tail);
@@ -474,7 +605,9 @@ static __always_inline void on_established(bool direct, const struct sock *sk,
 	}
 	st->handshake_ns = handshake_ns;
 	if (!(st->flags & SF_PENDING)) {
-		count_established(st);
+		struct flow_counters *c = NULL;
+
+		count_established(st, &c);
 		conn_event(st, FLOW_EVENT_CONN, 0, now, handshake_ns);
 	}
 }
@@ -514,30 +647,31 @@ static __always_inline __u8 close_reason(int err, __u16 flags)
 	return CLOSE_NORMAL;
 }
 
-static __always_inline void finalize_close(struct sock_state *st)
+static __always_inline void finalize_close(struct sock_state *st, struct flow_counters **cp)
 {
 	__u8 reason = close_reason(st->err, st->flags);
 
 	st->flags |= SF_FINAL;
-	COUNT(&st->key, closes[reason & 7], 1);
+	COUNT_INTO(cp, &st->key, closes[reason & 7], 1);
 	submit(st, FLOW_EVENT_CLOSE, reason, st->closed_ns, st->closed_ns - st->established_ns);
 }
 
-static __always_inline void forget(bool direct, const struct sock *sk, struct sock_state *st)
+static __always_inline void forget(int direct, const struct sock *sk, struct sock_state *st)
 {
 	__u64 skp = (__u64)sk;
 
 	if (st->flags & SF_LISTENER) {
 		struct listener_key lk = { .netns = sk_netns(direct, sk), .port = st->key.port };
 
-		bpf_map_delete_elem(&listeners, &lk);
+		remove_listener(&lk);
 	} else {
 		conn_event(st, FLOW_EVENT_GONE, 0, bpf_ktime_get_ns(), 0);
 	}
-	bpf_map_delete_elem(&socks, &skp);
+	if (!bpf_map_delete_elem(&socks, &skp) && direct)	/* after the delete: see owned_filter */
+		__sync_fetch_and_sub(&owned_filter[owned_slot(sk)], 1);
 }
 
-static __always_inline void listener_drops(bool direct, const struct sock *sk, struct sock_state *st)
+static __always_inline void listener_drops(int direct, const struct sock *sk, struct sock_state *st)
 {
 	__u32 drops = RD(direct, sk, sk_drops.counter);
 
@@ -547,29 +681,35 @@ static __always_inline void listener_drops(bool direct, const struct sock *sk, s
 	}
 }
 
-static __always_inline void count_closed(bool direct, const struct tcp_sock *tp, struct sock_state *st)
+static __always_inline void count_closed(int direct, const struct tcp_sock *tp, struct sock_state *st,
+					 struct flow_counters **cp)
 {
-	account_bytes(direct, st, tp);
-	COUNT(&st->key, closed, 1);
+	account_bytes(direct, st, tp, cp);
+	COUNT_INTO(cp, &st->key, closed, 1);
 	/* A reason already certain is final now; an apparently normal close may
 	 * still be followed by our RST (unread data, SO_LINGER 0), so it is
 	 * settled when the socket is destroyed. */
 	if (close_reason(st->err, st->flags) != CLOSE_NORMAL)
-		finalize_close(st);
+		finalize_close(st, cp);
 }
 
-static __always_inline int handle_set_state(bool direct, const struct sock *sk, int oldstate,
+static __always_inline int handle_set_state(int direct, const struct sock *sk, int oldstate,
 					    int newstate)
 {
 	__u64 skp = (__u64)sk;
 	const struct tcp_sock *tp;
 	struct sock_state *st;
+	struct flow_counters *c = NULL;
 	struct flow_key key;
 	__u64 now;
 
+	/* Every state change on the host: other processes' sockets leave after
+	 * one load (owned_filter) unless this may be the birth of one of ours. */
+	st = tracked(direct, sk);
+	if (!st && newstate != TCP_SYN_SENT && newstate != TCP_LISTEN && newstate != TCP_SYN_RECV)
+		return 0;
 	if (RD_BITFIELD(direct, sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
-	st = bpf_map_lookup_elem(&socks, &skp);
 
 	if (!st) {
 		/* Not ours (yet): the cheapest tests first, the clock only for
@@ -596,16 +736,18 @@ static __always_inline int handle_set_state(bool direct, const struct sock *sk, 
 			st = track(direct, sk, &key, SF_LISTENER, bpf_ktime_get_ns());
 			lk.netns = sk_netns(direct, sk);
 			lk.port = key.port;
-			if (st && bpf_map_update_elem(&listeners, &lk, &skp, BPF_ANY))
-				stat_inc(STAT_LISTENERS_FULL);
+			if (st)
+				add_listener(&lk, skp);
 		} else if (newstate == TCP_SYN_RECV) {
 			/* An accepted socket is born in softirq: it is ours if its
-			 * listener is. */
+			 * listener is. The port's filter slot first. */
 			struct listener_key lk = {
-				.netns = sk_netns(direct, sk),
 				.port = RD(direct, sk, __sk_common.skc_num),
 			};
 
+			if (!listen_filter[listen_slot(lk.port)])
+				return 0;
+			lk.netns = sk_netns(direct, sk);
 			if (!bpf_map_lookup_elem(&listeners, &lk))
 				return 0;
 			peer_key(direct, &key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
@@ -651,19 +793,19 @@ static __always_inline int handle_set_state(bool direct, const struct sock *sk, 
 	}
 	if (st->flags & SF_PENDING)
 		return 0;	/* counted if this process claims it before it is destroyed */
-	count_closed(direct, tp, st);
+	count_closed(direct, tp, st, &c);
 	return 0;
 }
 
-static __always_inline int handle_destroy(bool direct, const struct sock *sk)
+static __always_inline int handle_destroy(int direct, const struct sock *sk)
 {
-	__u64 skp = (__u64)sk;
-	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
+	struct sock_state *st = tracked(direct, sk);
+	struct flow_counters *c = NULL;
 
 	if (!st)
 		return 0;
 	if ((st->flags & SF_CLOSED) && !(st->flags & (SF_FINAL | SF_PENDING)))
-		finalize_close(st);
+		finalize_close(st, &c);
 	forget(direct, sk, st);
 	return 0;
 }
@@ -676,9 +818,8 @@ static __always_inline __u32 skb_segs(const struct sk_buff *skb)
 	return segs ? segs : 1;
 }
 
-static __always_inline int handle_retransmit(const struct sock *sk, const struct sk_buff *skb, int err)
+static __always_inline int handle_retransmit(int direct, const struct sock *sk, const struct sk_buff *skb, int err)
 {
-	__u64 skp = (__u64)sk;
 	struct sock_state *st;
 	__u32 segs;
 
@@ -687,7 +828,7 @@ static __always_inline int handle_retransmit(const struct sock *sk, const struct
 	 * host queue (-EBUSY): count exactly what it counts. */
 	if (err == -EBUSY)
 		return 0;
-	st = bpf_map_lookup_elem(&socks, &skp);
+	st = tracked(direct, sk);
 	if (!st || (st->flags & SF_PENDING))	/* a claim takes tcp_sock.total_retrans */
 		return 0;
 	segs = skb_segs(skb);
@@ -697,11 +838,10 @@ static __always_inline int handle_retransmit(const struct sock *sk, const struct
 	return 0;
 }
 
-static __always_inline int handle_retransmit_synack(bool direct, const struct sock *listener,
+static __always_inline int handle_retransmit_synack(int direct, const struct sock *listener,
 						    const struct request_sock *req)
 {
-	__u64 skp = (__u64)listener;
-	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
+	struct sock_state *st = tracked(direct, listener);
 	struct flow_key key;
 
 	if (!st || !(st->flags & SF_LISTENER))
@@ -714,14 +854,13 @@ static __always_inline int handle_retransmit_synack(bool direct, const struct so
 	return 0;
 }
 
-static __always_inline int handle_reset(const struct sock *sk, __u8 flag)
+static __always_inline int handle_reset(int direct, const struct sock *sk, __u8 flag)
 {
-	__u64 skp = (__u64)sk;
 	struct sock_state *st;
 
 	if (!sk)
 		return 0;
-	st = bpf_map_lookup_elem(&socks, &skp);
+	st = tracked(direct, sk);
 	if (!st || (st->flags & SF_LISTENER))
 		return 0;
 	st->flags |= flag;
@@ -747,10 +886,9 @@ struct tcphdr_min {
 
 #define TCP_FLAG_RST 0x0004	/* in the flags word, host order */
 
-static __always_inline int handle_probe(bool direct, const struct sock *sk, const struct sk_buff *skb)
+static __always_inline int handle_probe(int direct, const struct sock *sk, const struct sk_buff *skb)
 {
-	__u64 skp = (__u64)sk;
-	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
+	struct sock_state *st = tracked(direct, sk);
 	const struct tcp_sock *tp;
 	struct tcphdr_min th;
 	unsigned char *data;
@@ -761,9 +899,16 @@ static __always_inline int handle_probe(bool direct, const struct sock *sk, cons
 	tp = tcp_of(direct, sk);
 	if (!tp)
 		return 0;
-	data = RD(direct, skb, data);	/* the header it points to: a probe read either way */
-	if (bpf_probe_read_kernel(&th, sizeof(th), data))
-		return 0;
+	if (direct == READ_CAST) {
+		const struct tcphdr *h = CAST(const struct tcphdr, skb->data);
+
+		th.window = h->window;
+		th.flags = BPF_CORE_READ_BITFIELD(h, rst) ? bpf_htons(TCP_FLAG_RST) : 0;
+	} else {
+		data = RD(direct, skb, data);	/* untyped to the verifier: a probe read */
+		if (bpf_probe_read_kernel(&th, sizeof(th), data))
+			return 0;
+	}
 	/* The peer's window: this segment's, or (for a window the peer advertised
 	 * in a segment coalesced away) the one the socket last recorded. */
 	if (!(bpf_ntohs(th.flags) & TCP_FLAG_RST)) {
@@ -790,112 +935,112 @@ static __always_inline int handle_probe(bool direct, const struct sock *sk, cons
 	return 0;
 }
 
-/* A send or receive by a thread of this process (process context): which
- * connection the thread used, when, and its RTT then. */
-static __always_inline int handle_sock_io(bool direct, const struct sock *sk)
-{
-	__u64 skp = (__u64)sk;
-	const struct tcp_sock *tp;
-	struct sock_state *st;
-	__u64 now;
-
-	/* Every send and receive on the host: the map lookup rejects other
-	 * processes' sockets more cheaply than the pid-namespace helper. */
-	if (!span_mode || !sk)
-		return 0;
-	st = bpf_map_lookup_elem(&socks, &skp);
-	if (!st || (st->flags & SF_LISTENER) || !owned_by_target())
-		return 0;
-	tp = tcp_of(direct, sk);
-	if (!tp)
-		return 0;
-	now = bpf_ktime_get_ns();
-	st->last_tid = (__u32)bpf_get_current_pid_tgid();
-	st->srtt_us = read_srtt_us(direct, tp);
-	note_use(st->last_tid, st, now);
-	return 0;
-}
-
 /*
  * Claim mode: this process reads or writes an accepted socket still pending,
  * so it is the one that accepted it. What happened before is counted now.
  */
-static __always_inline int handle_claim(bool direct, const struct sock *sk)
+static __always_inline void claim(int direct, struct sock_state *st, const struct tcp_sock *tp, __u32 tid)
 {
-	__u64 skp = (__u64)sk;
-	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
-	const struct tcp_sock *tp;
+	struct flow_counters *c = NULL;
 	__u32 retrans;
 
-	if (!st || !(st->flags & SF_PENDING) || !owned_by_target())
-		return 0;
-	tp = tcp_of(direct, sk);
-	if (!tp)
-		return 0;
 	st->flags &= ~SF_PENDING;
-	st->tid = (__u32)bpf_get_current_pid_tgid();
+	st->tid = tid;
 	if (!(st->flags & SF_ESTABLISHED))
-		return 0;
-	count_established(st);
+		return;
+	count_established(st, &c);
 	conn_event(st, FLOW_EVENT_CONN, 0, st->established_ns, st->handshake_ns);
 	/* SYN-ACK retransmits of its request included, as the kernel counts them */
 	retrans = RD(direct, tp, total_retrans);
 	if (retrans) {
 		st->retrans_segs = retrans;
-		COUNT(&st->key, retrans_segs, retrans);
+		COUNT_INTO(&c, &st->key, retrans_segs, retrans);
 	}
 	if (st->flags & SF_RST_SENT)
-		COUNT(&st->key, resets_sent, 1);
+		COUNT_INTO(&c, &st->key, resets_sent, 1);
 	if (st->flags & SF_RST_RECEIVED)
-		COUNT(&st->key, resets_received, 1);
+		COUNT_INTO(&c, &st->key, resets_received, 1);
 	if (st->flags & SF_CLOSED)
-		count_closed(direct, tp, st);
+		count_closed(direct, tp, st, &c);
+}
+
+/*
+ * A send or receive by a thread (process context), on every TCP socket of the
+ * host while attached: attached for span enrichment (span_mode: which
+ * connection the thread used, when, and its RTT then) and, once user space
+ * turns claim mode on, for claims. One program per tracepoint serves both, so
+ * a pre-fork server pays one run per send. Other processes' sockets leave
+ * after one load (owned_filter); SF_PENDING exists only in claim mode.
+ */
+static __always_inline int handle_sock_io(int direct, const struct sock *sk)
+{
+	const struct tcp_sock *tp;
+	struct sock_state *st;
+	__u32 tid;
+
+	if (!sk)
+		return 0;
+	st = tracked(direct, sk);
+	if (!st || (st->flags & SF_LISTENER) || !(span_mode || (st->flags & SF_PENDING)) ||
+	    !owned_by_target())
+		return 0;
+	tp = tcp_of(direct, sk);
+	if (!tp)
+		return 0;
+	tid = (__u32)bpf_get_current_pid_tgid();	/* cheap: no pid namespace walk */
+	if (st->flags & SF_PENDING)
+		claim(direct, st, tp, tid);
+	if (!span_mode)
+		return 0;
+	st->last_tid = tid;
+	st->srtt_us = read_srtt_us(direct, tp);
+	note_use(tid, st, bpf_ktime_get_ns());
 	return 0;
 }
 
 /* --- attach points: tp_btf, and raw_tp copies loaded only where tp_btf is not --- */
 
 #define HOOKS(kind, direct)                                                                     \
-SEC(#kind "/inet_sock_set_state")                                                              \
-int BPF_PROG(kind##_set_state, const struct sock *sk, int oldstate, int newstate)               \
-{ return handle_set_state(direct, sk, oldstate, newstate); }                                          \
 SEC(#kind "/tcp_destroy_sock")                                                                 \
 int BPF_PROG(kind##_destroy_sock, const struct sock *sk)                                       \
 { return handle_destroy(direct, sk); }                                                                \
 SEC(#kind "/tcp_retransmit_skb")                                                               \
 int BPF_PROG(kind##_retransmit_skb, const struct sock *sk, const struct sk_buff *skb)          \
-{ return handle_retransmit(sk, skb, 0); }                                                     \
+{ return handle_retransmit(direct, sk, skb, 0); }                                                     \
 SEC(#kind "/tcp_retransmit_skb")                                                               \
 int BPF_PROG(kind##_retransmit_skb_err, const struct sock *sk, const struct sk_buff *skb,      \
 	     int err)                                                                          \
-{ return handle_retransmit(sk, skb, err); }                                                   \
+{ return handle_retransmit(direct, sk, skb, err); }                                                   \
 SEC(#kind "/tcp_retransmit_synack")                                                            \
 int BPF_PROG(kind##_retransmit_synack, const struct sock *sk, const struct request_sock *req)  \
 { return handle_retransmit_synack(direct, sk, req); }                                                 \
 SEC(#kind "/tcp_send_reset")                                                                   \
 int BPF_PROG(kind##_send_reset, const struct sock *sk)                                         \
-{ return handle_reset(sk, SF_RST_SENT); }                                                     \
+{ return handle_reset(direct, sk, SF_RST_SENT); }                                                     \
 SEC(#kind "/tcp_receive_reset")                                                                \
 int BPF_PROG(kind##_receive_reset, const struct sock *sk)                                      \
-{ return handle_reset(sk, SF_RST_RECEIVED); }                                                 \
-SEC(#kind "/tcp_probe")                                                                        \
-int BPF_PROG(kind##_probe, const struct sock *sk, const struct sk_buff *skb)                   \
-{ return handle_probe(direct, sk, skb); }                                                             \
+{ return handle_reset(direct, sk, SF_RST_RECEIVED); }                                                 \
 SEC(#kind "/sock_send_length")                                                                 \
 int BPF_PROG(kind##_send_length, const struct sock *sk, int ret, int flags)                    \
 { return handle_sock_io(direct, sk); }                                                                \
 SEC(#kind "/sock_recv_length")                                                                 \
 int BPF_PROG(kind##_recv_length, const struct sock *sk, int ret, int flags)                    \
-{ return handle_sock_io(direct, sk); }                                                             \
-SEC(#kind "/sock_recv_length")                                                                 \
-int BPF_PROG(kind##_claim_recv, const struct sock *sk, int ret, int flags)                      \
-{ return handle_claim(direct, sk); }                                                                  \
-SEC(#kind "/sock_send_length")                                                                 \
-int BPF_PROG(kind##_claim_send, const struct sock *sk, int ret, int flags)                      \
-{ return handle_claim(direct, sk); }
+{ return handle_sock_io(direct, sk); }
 
-HOOKS(tp_btf, true)
-HOOKS(raw_tp, false)
+/* The programs that use bpf_rdonly_cast, and their copies for older kernels. */
+#define CAST_HOOKS(kind, suffix, direct)                                                        \
+SEC(#kind "/inet_sock_set_state")                                                              \
+int BPF_PROG(kind##_set_state##suffix, const struct sock *sk, int oldstate, int newstate)      \
+{ return handle_set_state(direct, sk, oldstate, newstate); }                                    \
+SEC(#kind "/tcp_probe")                                                                        \
+int BPF_PROG(kind##_probe##suffix, const struct sock *sk, const struct sk_buff *skb)          \
+{ return handle_probe(direct, sk, skb); }
+
+HOOKS(tp_btf, READ_BTF)
+CAST_HOOKS(tp_btf, , READ_CAST)
+CAST_HOOKS(tp_btf, _nocast, READ_BTF)
+HOOKS(raw_tp, READ_PROBE)
+CAST_HOOKS(raw_tp, , READ_PROBE)
 
 /* --- iterator: live sockets --- */
 
@@ -909,15 +1054,21 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 	struct sock *sk;
 	__u64 skp, now;
 
-	if (!skc)
+	if (!skc) {
+		/* The end of a pass, run by the process that reads the iterator:
+		 * if that is the target, owned_by_target() learns its kernel tgid
+		 * here, before the process opens any connection of its own. */
+		if (!target_host_tgid)
+			owned_by_target();
 		return 0;
+	}
 	tp = bpf_skc_to_tcp_sock(skc);
 	if (!tp)
 		return 0;	/* time-wait and request sockets */
 	sk = (struct sock *)tp;
 	skp = (__u64)sk;
 	now = bpf_ktime_get_ns();
-	st = bpf_map_lookup_elem(&socks, &skp);
+	st = tracked(READ_BTF, sk);
 
 	if (!st) {
 		struct socket *sock;
@@ -942,8 +1093,7 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 			st = track(true, sk, &key, SF_LISTENER, now);
 			if (!st)
 				return 0;
-			if (bpf_map_update_elem(&listeners, &lk, &skp, BPF_ANY))
-				stat_inc(STAT_LISTENERS_FULL);
+			add_listener(&lk, skp);
 			st->drops = sk->sk_drops.counter;
 			return 0;
 		}
@@ -952,7 +1102,7 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 			return 0;
 		{
 			struct listener_key lk = { .netns = sk_netns(true, sk), .port = sk->__sk_common.skc_num };
-			bool server = bpf_map_lookup_elem(&listeners, &lk) != NULL;
+			bool server = find_listener(&lk) != NULL;
 
 			peer_key(true, &key, skc, server ? FLOW_ROLE_SERVER : FLOW_ROLE_CLIENT, lk.port);
 		}
@@ -975,7 +1125,11 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 	}
 	if (!(st->flags & SF_ESTABLISHED) || (st->flags & (SF_CLOSED | SF_PENDING)))
 		return 0;
-	account_bytes(true, st, tp);
+	{
+		struct flow_counters *c = NULL;
+
+		account_bytes(true, st, tp, &c);
+	}
 	st->srtt_us = tp->srtt_us >> 3;
 	if (st->srtt_us && now - st->last_rtt_ns >= rtt_sample_ns) {
 		struct flow_event e = {};

@@ -10,6 +10,11 @@
     a live view of this host's TCP flows, per peer (see :mod:`otel_ebpf_flows._watch`);
     snapshots as text or JSON lines when the output is not a terminal. Exit status
     0 on a clean exit (q, Ctrl-C, SIGTERM), 1 if the probes cannot load.
+``agent``
+    the node agent (see :mod:`otel_ebpf_flows._agent` and docs/agent.md): exports the
+    metrics of this host's services over OTLP under each one's Resource, and serves
+    span enrichment to unprivileged services over a Unix socket. Runs until SIGTERM;
+    exit status 0 on a clean stop, 1 if it cannot start.
 """
 
 from __future__ import annotations
@@ -34,10 +39,25 @@ def _doctor(args: argparse.Namespace) -> int:
     for line in format_checks(checks, color=use_color(sys.stdout)):
         print(line)
     failed = sum(1 for c in checks if c.ok is False)
+    mode = next((c.detail.split(" ", 1)[0].rstrip(":") for c in checks if c.name == "mode"), "off")
+    if mode == "agent" and all(c.name == "privileges" for c in checks if c.ok is False):
+        print("\nKernel TCP telemetry will work here in mode agent: the node agent exports this process's "
+              "metrics and spans are enriched through it (no probes load in this process).")
+        return EXIT_OK
     if failed:
-        print(f"\nKernel TCP telemetry will NOT work here: {failed} check(s) failed "
-              "(instrument() would log a warning and do nothing).")
+        if mode in ("sock_diag", "agent"):
+            print(f"\nFull kernel TCP telemetry will NOT work here: {failed} check(s) failed; "
+                  f"instrument() would run in {mode} mode (see the mode line above).")
+        else:
+            print(f"\nKernel TCP telemetry will NOT work here: {failed} check(s) failed "
+                  "(instrument() would log a warning and do nothing).")
         return EXIT_FAIL
+    if mode == "off":
+        print("\nKernel TCP telemetry is turned off here (see the mode line above).")
+        return EXIT_FAIL
+    if mode != "ebpf":
+        print(f"\ninstrument() would run in {mode} mode here (see the mode line above).")
+        return EXIT_OK
     if args.no_load:
         print("\nThe requirements are met (the probes were not loaded: --no-load).")
     else:
@@ -58,6 +78,15 @@ def _watch(args: argparse.Namespace) -> int:
     view = View(sort=args.sort, reverse=args.reverse, limit=args.limit,
                 keep=Filter(ports=tuple(args.port), networks=tuple(args.peer), role=args.role))
     return run_watch(interval=args.interval, view=view, count=args.count, batch=args.batch, as_json=args.json)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from ._agent import Selector, run_agent
+
+    logging.getLogger("otel_ebpf_flows").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    selector = Selector(declared=not args.no_declared, pids=tuple(args.pid), cgroups=tuple(args.cgroup),
+                        names=tuple(args.name))
+    return run_agent(selector, args.scan_interval, None if args.no_span_service else args.socket, args.socket_group)
 
 
 def _interval(text: str) -> float:
@@ -97,6 +126,16 @@ def _peer(text: str) -> object:
         return parse_network(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP address or CIDR block") from None
+
+
+def _scan_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError("expected from 0.1 to 3600 seconds")
+    return value
 
 
 def _positive_seconds(text: str) -> float:
@@ -162,6 +201,36 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print text snapshots even on a terminal (the default when output is not one)")
     watch.add_argument("--json", action="store_true", help="print each snapshot as one JSON line")
     watch.set_defaults(func=_watch)
+
+    from ._config import DEFAULT_AGENT_SOCKET
+
+    agent = sub.add_parser(
+        "agent", help="node agent: metrics of this host's services over OTLP, span data for unprivileged ones",
+        description="Observe this host's processes that declare a service (OTEL_SERVICE_NAME or service.name in "
+        "OTEL_RESOURCE_ATTRIBUTES), or that a selector names, and export each one's kernel TCP metrics over "
+        "OTLP (standard OTEL_EXPORTER_OTLP_* variables) under its own Resource. Unprivileged instrumented "
+        "services get span enrichment over a Unix socket, each its own process's data only. Needs root, or "
+        "CAP_BPF + CAP_PERFMON + CAP_SYS_PTRACE. See docs/agent.md.",
+    )
+    agent.add_argument("--scan-interval", type=_scan_interval, default=5.0, metavar="SECONDS",
+                       help="seconds between scans of /proc for processes that start and exit (default: 5)")
+    agent.add_argument("--pid", type=_positive_int, action="append", default=[], metavar="PID",
+                       help="also observe this process (repeatable)")
+    agent.add_argument("--cgroup", action="append", default=[], metavar="PATH",
+                       help="also observe processes in this cgroup or below it, e.g. /system.slice/app.service "
+                       "(repeatable)")
+    agent.add_argument("--name", action="append", default=[], metavar="NAME",
+                       help="also observe processes with this comm or executable name (repeatable)")
+    agent.add_argument("--no-declared", action="store_true",
+                       help="observe only what --pid/--cgroup/--name select, not every process that declares a "
+                       "service in its environment")
+    agent.add_argument("--socket", default=DEFAULT_AGENT_SOCKET, metavar="PATH",
+                       help=f"the span service's Unix socket (default: {DEFAULT_AGENT_SOCKET})")
+    agent.add_argument("--socket-group", metavar="GROUP",
+                       help="group allowed to connect to the socket (mode 0660); default: root only")
+    agent.add_argument("--no-span-service", action="store_true", help="export metrics only; no socket")
+    agent.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    agent.set_defaults(func=_agent)
     return parser
 
 
@@ -173,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_UNAVAILABLE
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+        format=("%(asctime)s " if args.func is _agent else "") + "%(levelname)s %(name)s: %(message)s",
     )
     try:
         return int(args.func(args))

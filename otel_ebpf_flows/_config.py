@@ -9,7 +9,7 @@ instrumentor turns that into one logged warning and a no-op).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import attrs
 
@@ -35,6 +35,18 @@ ENV_MAX_SPAN_EVENTS = "OTEL_PYTHON_EBPF_FLOWS_MAX_SPAN_EVENTS"
 ENV_DEGRADED_HANDSHAKE = "OTEL_PYTHON_EBPF_FLOWS_DEGRADED_HANDSHAKE_THRESHOLD"
 #: A span whose connection's smoothed RTT is at least this many seconds is degraded (default 0.25).
 ENV_DEGRADED_RTT = "OTEL_PYTHON_EBPF_FLOWS_DEGRADED_RTT_THRESHOLD"
+#: Where the numbers come from: auto (default: ebpf if the probes load, else agent if a node agent's
+#: socket is there, else sock_diag), ebpf, agent, sock_diag (unprivileged fallback) or off.
+ENV_MODE = "OTEL_PYTHON_EBPF_FLOWS_MODE"
+#: Seconds between sock_diag dumps in sock_diag mode (default 1): shorter connections can be missed.
+ENV_SOCK_DIAG_INTERVAL = "OTEL_PYTHON_EBPF_FLOWS_SOCK_DIAG_INTERVAL"
+
+#: Accepted values of ``mode``.
+MODES = ("auto", "ebpf", "agent", "sock_diag", "off")
+#: The node agent's socket (``otel-ebpf-flows agent``): used for span enrichment when this process
+#: cannot load probes itself (default /run/otel-ebpf-flows/agent.sock).
+ENV_AGENT_SOCKET = "OTEL_PYTHON_EBPF_FLOWS_AGENT_SOCKET"
+DEFAULT_AGENT_SOCKET = "/run/otel-ebpf-flows/agent.sock"
 
 
 def _bound(x: float) -> str:
@@ -64,9 +76,23 @@ def _in_range(
     return check
 
 
+def _one_of(choices: Tuple[str, ...]) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    def check(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in choices:
+            raise ConfigurationError(f"{attribute.name}={value!r} is invalid: expected one of {', '.join(choices)}")
+
+    return check
+
+
 def _boolean(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigurationError(f"{attribute.name}={value!r} is invalid: expected true or false")
+
+
+def _socket_path(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or len(value.encode()) > 107:
+        raise ConfigurationError(f"{attribute.name}={value!r} is invalid: expected an absolute path of at most "
+                                 "107 bytes (a Unix socket's limit)")
 
 
 @attrs.frozen
@@ -83,6 +109,9 @@ class Config:
     max_span_events: int = attrs.field(default=16, validator=_in_range(0, 1024, whole=True))
     degraded_handshake_threshold: float = attrs.field(default=0.5, validator=_in_range(0.000001, 3600))
     degraded_rtt_threshold: float = attrs.field(default=0.25, validator=_in_range(0.000001, 3600))
+    mode: str = attrs.field(default="auto", validator=_one_of(MODES))
+    sock_diag_interval: float = attrs.field(default=1.0, validator=_in_range(0.05, 60))
+    agent_socket: str = attrs.field(default=DEFAULT_AGENT_SOCKET, validator=_socket_path)
 
 
 _ENV: Dict[str, str] = {
@@ -96,15 +125,26 @@ _ENV: Dict[str, str] = {
     "max_span_events": ENV_MAX_SPAN_EVENTS,
     "degraded_handshake_threshold": ENV_DEGRADED_HANDSHAKE,
     "degraded_rtt_threshold": ENV_DEGRADED_RTT,
+    "mode": ENV_MODE,
+    "sock_diag_interval": ENV_SOCK_DIAG_INTERVAL,
+    "agent_socket": ENV_AGENT_SOCKET,
 }
 _INT_FIELDS = {"max_peers", "max_connections", "max_flows", "ring_buffer_bytes", "max_span_events"}
 _BOOL_FIELDS = {"span_enrichment"}
+_CHOICE_FIELDS = {"mode": MODES}
+_STR_FIELDS = {"agent_socket"}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
 def _parse(name: str, var: str, text: str) -> Any:
     text = text.strip()
+    if name in _CHOICE_FIELDS:
+        if text.lower() not in _CHOICE_FIELDS[name]:
+            raise ConfigurationError(f"{var}={text!r} is invalid: expected one of {', '.join(_CHOICE_FIELDS[name])}")
+        return text.lower()
+    if name in _STR_FIELDS:
+        return text
     if name in _BOOL_FIELDS:
         if text.lower() in _TRUE:
             return True

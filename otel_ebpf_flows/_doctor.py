@@ -3,7 +3,9 @@
 :func:`run_checks` goes through what the library needs, in the order it needs
 it (Linux, a kernel with BTF, privilege, the system libbpf, the shipped object),
 then really loads and attaches the probes the way ``instrument()`` does and
-detaches them again. Each step is a :class:`Check`: passed (``ok=True``),
+detaches them again; last, it names the mode ``instrument()`` would run in
+(ebpf, agent, sock_diag or off) and, for sock_diag, what that mode cannot see.
+Each step is a :class:`Check`: passed (``ok=True``),
 failed (``ok=False``, with a concrete ``fix``) or a warning (``ok=None``: worth
 knowing, not in the way). No check raises: an unexpected error is a failed
 check that carries the error.
@@ -21,10 +23,11 @@ from typing import Callable, List, Optional, Sequence, TextIO, Tuple
 import attrs
 
 from . import _kernel, _libbpf
-from ._config import Config, load_config
+from ._config import ENV_MODE, Config, load_config
+from ._sockdiag import CANNOT_SEE, SockDiagSource
 from .exceptions import ConfigurationError
 
-MIN_KERNEL = (5, 8)
+MIN_KERNEL = (5, 9)
 TRACEFS = "/sys/kernel/tracing"
 LOCKDOWN = "/sys/kernel/security/lockdown"
 
@@ -90,7 +93,7 @@ def _platform() -> Check:
     if sys.platform.startswith("linux"):
         return Check("platform", True, f"Linux {platform.machine()}")
     return Check("platform", False, f"{sys.platform}: eBPF needs Linux",
-                 "run on Linux 5.8 or newer; elsewhere instrument() is a logged no-op")
+                 "run on Linux 5.9 or newer; elsewhere instrument() is a logged no-op")
 
 
 def kernel_version(release: str) -> Optional[Tuple[int, int]]:
@@ -139,6 +142,28 @@ def _privileges() -> Check:
         "interpreter runs gets them), or in Kubernetes securityContext.capabilities.add: "
         "[\"BPF\", \"PERFMON\"]",
     )
+
+
+def _agent_check(config: Config) -> Check:
+    """Without privilege: whether mode agent (the node agent's socket) is there instead."""
+    from ._agent_client import AgentClient, AgentUnavailable
+
+    path = config.agent_socket
+    if not os.path.exists(path):
+        return Check("agent", None, f"mode agent: no node agent socket at {path}",
+                     "run `otel-ebpf-flows agent` as root on this host (docs/agent.md): it exports this "
+                     "process's metrics and enriches its spans without privilege here")
+    client = AgentClient(path)
+    try:
+        client.connect()
+    except AgentUnavailable as exc:
+        return Check("agent", None, f"mode agent: {exc}",
+                     "check that the agent runs, that this user may connect (its --socket-group), and that "
+                     "this process declares its service (OTEL_SERVICE_NAME) or the agent selects it")
+    finally:
+        client.close()
+    return Check("agent", True, f"mode agent: the agent at {path} answers: it exports this process's metrics "
+                 "(when it observes it) and spans are enriched through it; no probes load here")
 
 
 def _loaded_libbpf_path() -> str:
@@ -305,6 +330,53 @@ def _load_and_attach(config: Config, verbose: bool) -> List[Check]:
             libbpf_log.setLevel(saved[2])
 
 
+FULL_MODE_FIX = ("for full (ebpf) mode, fix the failures above (privileges: grant CAP_BPF and CAP_PERFMON), "
+                 "or run the otel-ebpf-flows node agent on this host")
+
+
+def _sock_diag_works() -> Optional[str]:
+    """None if a sock_diag dump of this network namespace works here, else why not."""
+    source = SockDiagSource(inodes=lambda: ())
+    try:
+        source.start(lambda _event: None)
+    except Exception as exc:
+        return str(exc)
+    finally:
+        source.close()
+    return None
+
+
+def _mode(config: Config, ebpf_ok: bool, agent_ok: bool) -> Check:
+    """The mode ``instrument()`` would run in, with this configuration, in this process."""
+    if config.mode == "off":
+        return Check("mode", None, f"off: {ENV_MODE}=off, instrument() does nothing",
+                     f"unset {ENV_MODE} (or set it to auto) to turn the instrumentation on")
+    if config.mode in ("auto", "ebpf") and ebpf_ok:
+        return Check("mode", True, "ebpf: instrument() loads the probes (every metric, span enrichment)")
+    if config.mode == "ebpf":
+        return Check("mode", False, "off: mode is ebpf and the probes cannot be used here, so instrument() does "
+                     "nothing", f"fix the failures above, or set {ENV_MODE}=auto to fall back to the node agent "
+                     "or to sock_diag")
+    if config.mode in ("auto", "agent"):
+        if agent_ok:
+            return Check("mode", True, "agent: instrument() reads this process's flows from the node agent")
+        if config.mode == "agent":
+            return Check("mode", False, "off: mode is agent and no otel-ebpf-flows node agent is reachable",
+                         f"start the otel-ebpf-flows node agent on this host, or set {ENV_MODE}=auto")
+    failure = _sock_diag_works()
+    if failure is not None:
+        return Check("mode", False, f"off: the probes cannot be used and the sock_diag fallback fails: {failure}",
+                     "fix the failures above; sock_diag needs a NETLINK_SOCK_DIAG socket, which a seccomp "
+                     "profile may block")
+    chosen = f"chosen by {ENV_MODE}=sock_diag" if config.mode == "sock_diag" else "the fallback"
+    detail = (f"sock_diag ({chosen}): instrument() reads this process's own sockets from sock_diag/TCP_INFO "
+              f"every {config.sock_diag_interval:g} s; every point carries ebpf_flows.source=sock_diag\n"
+              f"it cannot see: {CANNOT_SEE}")
+    if config.mode == "sock_diag" and ebpf_ok:
+        return Check("mode", None, detail, f"unset {ENV_MODE} for full (ebpf) mode: the probes work here")
+    return Check("mode", None, detail, FULL_MODE_FIX)
+
+
 def run_checks(load: bool = True, verbose: bool = False) -> List[Check]:
     """Every check, in order; with ``load``, the probes are really loaded and attached.
 
@@ -331,14 +403,19 @@ def run_checks(load: bool = True, verbose: bool = False) -> List[Check]:
         check = Check("configuration", False, f"unexpected error: {type(exc).__name__}: {exc}",
                       "report this at the project's issue tracker with the output of this command")
     checks.append(check)
-    if not load:
-        return checks
-    if not will_work(checks) or config is None:
-        checks.append(Check("load", None, "not attempted: a requirement above is missing",
-                            "fix the failures above, then run doctor again"))
-        return checks
-    try:
-        checks += _load_and_attach(config, verbose)
-    except Exception as exc:  # pragma: no cover - _load_and_attach catches its own
-        checks.append(Check("load", False, f"unexpected error: {exc}", ""))
+    if config is not None and not _kernel.has_privilege():
+        checks.append(_guard("agent", lambda: _agent_check(config)))
+    if load:
+        if not will_work(checks) or config is None:
+            checks.append(Check("load", None, "not attempted: a requirement above is missing",
+                                "fix the failures above, then run doctor again"))
+        else:
+            try:
+                checks += _load_and_attach(config, verbose)
+            except Exception as exc:  # pragma: no cover - _load_and_attach catches its own
+                checks.append(Check("load", False, f"unexpected error: {exc}", ""))
+    if config is not None:
+        ebpf_ok = will_work(checks)
+        agent_ok = any(c.name == "agent" and c.ok for c in checks)
+        checks.append(_guard("mode", lambda: _mode(config, ebpf_ok, agent_ok)))
     return checks

@@ -4,13 +4,17 @@ It is an OpenTelemetry ``BaseInstrumentor`` registered as the ``ebpf_flows``
 entry point, so ``opentelemetry-instrument python app.py`` loads it, and
 ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=ebpf_flows`` turns it off.
 ``instrument()`` never raises into the application: where eBPF cannot be used it
-logs one warning that names what is missing and how to fix it, and does nothing.
+logs one warning that names what is missing and how to fix it, and (in the
+default ``mode=auto``, on Linux) falls back to the node agent or to the
+unprivileged sock_diag mode (see ``_sockdiag``); where nothing can run, it does
+nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from typing import Any, Callable, Collection, Dict, FrozenSet, Optional, Tuple
 
@@ -19,10 +23,12 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.metrics import MeterProvider, get_meter
 
 from . import _spans
-from ._config import Config, load_config
-from ._kernel import KernelSource, own_socket_inodes
+from ._config import ENV_MODE, Config, load_config
+from ._kernel import KernelSource, has_privilege, own_socket_inodes
+from ._sockdiag import CANNOT_SEE, SockDiagSource
+from ._sockdiag import MARKER as SOCK_DIAG_MARKER
 from ._telemetry import Instruments, Pipeline
-from .exceptions import EbpfFlowsError
+from .exceptions import EbpfFlowsError, UnsupportedEnvironment
 from .version import __version__
 
 _log = logging.getLogger("otel_ebpf_flows")
@@ -46,6 +52,8 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     _instruments: Dict[int, Tuple[Any, Instruments]] = {}
     # What a forked child restarts with (see _after_fork_in_child); None when not instrumented.
     _setup: Optional[Tuple[Config, Instruments, Optional[trace.TracerProvider]]] = None
+    # Mode "agent": span enrichment through the node agent (see _agent_client); None otherwise.
+    _agent: Optional[Any] = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ()
@@ -61,6 +69,8 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             meter_provider: Optional[MeterProvider] = kwargs.pop("meter_provider", None)
             tracer_provider: Optional[trace.TracerProvider] = kwargs.pop("tracer_provider", None)
             config = load_config(kwargs)
+            if _instrument_via_agent(cls, config, tracer_provider):
+                return
             meter = get_meter(SCOPE_NAME, __version__, meter_provider)
             with cls._lock:
                 entry = cls._instruments.get(id(meter))
@@ -69,12 +79,18 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 else:
                     instruments = Instruments(meter, lambda: cls._pipeline)
                     cls._instruments[id(meter)] = (meter, instruments)
+            if config.mode == "off":
+                _log.info("otel-ebpf-flows: kernel TCP telemetry is off (%s=off)", ENV_MODE)
+                return
             pipeline = _make_pipeline(config, instruments, tracer_provider)
             source = pipeline.source
             with cls._lock:
                 cls._pipeline = pipeline
                 cls._setup = (config, instruments, tracer_provider)
-            _log.info("otel-ebpf-flows: kernel TCP telemetry on (%s programs)", getattr(source, "variant", "?"))
+            if isinstance(source, SockDiagSource):
+                _log.warning("otel-ebpf-flows: %s", sock_diag_notice(source))
+            else:
+                _log.info("otel-ebpf-flows: kernel TCP telemetry on (%s programs)", getattr(source, "variant", "?"))
         except EbpfFlowsError as exc:
             _log.warning("otel-ebpf-flows: kernel TCP telemetry is off: %s", exc)
         except Exception:
@@ -86,6 +102,9 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         with cls._lock:
             pipeline, cls._pipeline = cls._pipeline, None
             cls._setup = None
+            agent, cls._agent = cls._agent, None
+        if agent is not None:
+            agent.stop()
         if pipeline is not None:
             try:
                 pipeline.stop()
@@ -93,7 +112,90 @@ class EbpfFlowsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 _log.warning("otel-ebpf-flows: error while detaching", exc_info=True)
 
 
+def _instrument_via_agent(cls: Any, config: Config, tracer_provider: Optional[trace.TracerProvider]) -> bool:
+    """Mode "agent": without the privilege to load probes, and with the node agent's socket present,
+    enrich spans through the agent and register no metric instrument (the agent exports this
+    process's metrics under its Resource). True if this mode was chosen."""
+    if config.mode not in ("auto", "agent") or (config.mode == "auto" and has_privilege()):
+        return False
+    if not os.path.exists(config.agent_socket):
+        if config.mode == "agent":
+            raise UnsupportedEnvironment(
+                f"mode=agent, but there is no otel-ebpf-flows node agent socket at {config.agent_socket}: start "
+                f"`otel-ebpf-flows agent` on this host (docs/agent.md) or set {ENV_MODE}=auto")
+        return False
+    from ._agent_client import AgentClient, AgentSpans
+
+    if not config.span_enrichment:
+        _log.info("otel-ebpf-flows: mode agent: the agent at %s exports this process's metrics; span "
+                  "enrichment is off (OTEL_PYTHON_EBPF_FLOWS_SPAN_ENRICHMENT)", config.agent_socket)
+        return True
+    client = AgentClient(config.agent_socket)
+    client.reconnect()  # a failure is logged once, and retried in the background
+    spans = _span_enrichment(client, config)
+    assert spans is not None
+    client.on_event = spans.on_conn_event
+    agent = AgentSpans(client, spans, _attacher(spans, tracer_provider), config.poll_interval)
+    agent.setup = (config, tracer_provider)  # what a forked child starts again with
+    agent.start()
+    with cls._lock:
+        old, cls._agent = cls._agent, agent
+    if old is not None:
+        old.stop()
+    _log.info("otel-ebpf-flows: mode agent (no privilege to load probes here): spans are enriched through the "
+              "agent at %s; this process registers no metrics, the agent exports them under its Resource",
+              config.agent_socket)
+    return True
+
+
 def _make_pipeline(config: Config, instruments: Instruments, tracer_provider: Optional[trace.TracerProvider],
+                   inherited: Optional[FrozenSet[int]] = None) -> Pipeline:
+    """The pipeline of mode ebpf or sock_diag: the first that ``config.mode`` allows and that starts.
+
+    ``auto``: ebpf if the probes load, else sock_diag. A named mode is that mode or nothing (its
+    error is raised). Mode agent (no privilege here, the node agent's socket present) is chosen
+    before this, by ``_instrument_via_agent``: it registers no instruments and needs no pipeline.
+    """
+    why = ""
+    if config.mode in ("auto", "ebpf"):
+        try:
+            return _ebpf_pipeline(config, instruments, tracer_provider, inherited)
+        except EbpfFlowsError as exc:
+            if config.mode == "ebpf" or not sys.platform.startswith("linux"):  # no fallback off Linux
+                raise
+            why = str(exc)
+    # mode agent was chosen (or refused) by _instrument_via_agent before any instrument was made
+    return _sock_diag_pipeline(config, instruments, inherited, why)
+
+
+def _sock_diag_pipeline(config: Config, instruments: Instruments, inherited: Optional[FrozenSet[int]],
+                        why: str) -> Pipeline:
+    """The unprivileged fallback: this process's sockets from sock_diag dumps (see _sockdiag)."""
+    source = SockDiagSource(config, inherited=inherited, why=why)
+    pipeline = Pipeline(source, instruments, config.max_peers, min(config.poll_interval, config.sock_diag_interval),
+                        config.sock_diag_interval, marker=SOCK_DIAG_MARKER)
+    try:
+        pipeline.start()
+    except UnsupportedEnvironment as exc:
+        raise UnsupportedEnvironment(f"{why}; {exc}" if why else str(exc)) from None
+    return pipeline
+
+
+def sock_diag_notice(source: SockDiagSource) -> str:
+    """The one line instrument() logs in sock_diag mode: why, what it cannot see, how to get full mode."""
+    reason, _, fix = source.why.partition("; ")
+    if reason:
+        how = (f"{fix or 'fix what `otel-ebpf-flows doctor` reports'}, or run the otel-ebpf-flows node agent "
+               "(`otel-ebpf-flows doctor` says what this host lacks)")
+    else:
+        how = f"mode=auto ({ENV_MODE} unset) where the probes can load"
+    return (f"kernel TCP telemetry runs in sock_diag mode {f'because {reason}' if reason else '(mode=sock_diag)'}: "
+            f"this process's connections are read from sock_diag/TCP_INFO every "
+            f"{source.config.sock_diag_interval:g} s (points carry ebpf_flows.source=sock_diag); it cannot see "
+            f"{CANNOT_SEE}. For full mode: {how}")
+
+
+def _ebpf_pipeline(config: Config, instruments: Instruments, tracer_provider: Optional[trace.TracerProvider],
                    inherited: Optional[FrozenSet[int]] = None) -> Pipeline:
     """Load the probes for this process and start its reader (and span enrichment)."""
     source = KernelSource(config, span_mode=config.span_enrichment, inherited=inherited)
@@ -111,7 +213,7 @@ def _make_pipeline(config: Config, instruments: Instruments, tracer_provider: Op
     return pipeline
 
 
-def _span_enrichment(source: KernelSource, config: Config) -> Optional[_spans.SpanEnrichment]:
+def _span_enrichment(source: _spans.ConnectionSource, config: Config) -> Optional[_spans.SpanEnrichment]:
     if not config.span_enrichment:
         return None
     return _spans.SpanEnrichment(
@@ -183,6 +285,13 @@ def _after_fork_in_child() -> None:
     held.
     """
     cls = EbpfFlowsInstrumentor
+    agent, cls._agent = cls._agent, None
+    if agent is not None:  # mode agent: the child asks the agent for its own process's data
+        cls._lock = threading.Lock()
+        _spans.after_fork_in_child()
+        agent.client.close()
+        threading.Thread(target=_instrument_via_agent, args=(cls, *agent.setup),
+                         name="otel-ebpf-flows-restart", daemon=True).start()
     pipeline, setup = cls._pipeline, cls._setup
     if pipeline is None:
         return

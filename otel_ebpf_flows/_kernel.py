@@ -45,14 +45,19 @@ HOOKS = (
     "receive_reset",
     "probe",
 )
-# Span enrichment: which thread used which connection (kernel 6.3+).
-THREAD_HOOKS = ("send_length", "recv_length")
-THREAD_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
+# One program per send/receive tracepoint (kernel 6.3+) serves both span
+# enrichment (which thread used which connection), attached at start, and
+# claim mode (a listener shared with other processes after fork: the first
+# process to read or write an accepted socket owns it), attached on demand.
+IO_HOOKS = ("send_length", "recv_length")
+# tp_btf programs that use the bpf_rdonly_cast kfunc (Linux 6.2+) for the TCP
+# header and the listener's accept queue; each has a `_nocast` copy that
+# probe-reads those fields instead, loaded where the kernel refuses the first.
+CAST_HOOKS = ("set_state", "probe")
+IO_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
+THREAD_HOOKS = CLAIM_HOOKS = IO_HOOKS
+THREAD_TRACEPOINTS = CLAIM_TRACEPOINTS = IO_TRACEPOINTS
 ITERATOR = "sample_sockets"
-# Claim mode (a listener shared with other processes after fork): the first
-# process to read or write an accepted socket owns it. Attached on demand.
-CLAIM_HOOKS = ("claim_recv", "claim_send")
-CLAIM_TRACEPOINTS = ("sock_recv_length", "sock_send_length")  # Linux 6.3+
 CONTROL_SEEDING = 0
 CONTROL_CLAIM = 1
 MAX_SEEDS = 4096  # the seeds map's size in tcp_flows.bpf.c
@@ -243,12 +248,13 @@ class KernelSource:
         if self._host_wide:  # room for every socket now open (and some that open meanwhile)
             self._max_seeds = max(MAX_SEEDS, min(MAX_HOST_SEEDS, 2 * len(all_socket_inodes())))
         err: Optional[BpfError] = None
-        for variant in self._variants:
+        attempts = [(v, cast) for v in self._variants for cast in ((True, False) if v == "tp_btf" else (False,))]
+        for variant, cast in attempts:
             try:
-                self._open(path, variant)
+                self._open(path, variant, cast)
                 break
             except BpfError as exc:
-                _log.debug("loading the %s programs failed: %s", variant, exc)
+                _log.debug("loading the %s programs%s failed: %s", variant, "" if cast else " (no casts)", exc)
                 self.close()
                 err = exc
         else:
@@ -353,6 +359,10 @@ class KernelSource:
         self.attached = []
         self.claiming = False
 
+    def probe_stats(self) -> ProbeStats:
+        """Self-telemetry now, without sampling the sockets."""
+        return self._read_probe_stats()
+
     def has_listeners(self) -> bool:
         """Whether this process has a listening socket the probes know of."""
         obj = self._require()
@@ -379,10 +389,11 @@ class KernelSource:
                 "in each worker")
             return False
         obj.map("control").update(ctypes.c_uint32(CONTROL_CLAIM), ctypes.c_uint32(1))
-        for hook in CLAIM_HOOKS:
-            name = f"{self.variant}_{hook}"
-            obj.attach(name)
-            self.attached.append(name)
+        if not self.tracks_threads:  # span enrichment attached them already
+            for hook in IO_HOOKS:
+                name = f"{self.variant}_{hook}"
+                obj.attach(name)
+                self.attached.append(name)
         self.claiming = True
         return True
 
@@ -393,7 +404,7 @@ class KernelSource:
             raise EbpfFlowsError("the kernel source is not started")
         return self._obj
 
-    def _open(self, path: str, variant: str) -> None:
+    def _open(self, path: str, variant: str, cast: bool = False) -> None:
         cfg = self._config
         obj = _libbpf.BpfObject(path)
         self._obj = obj
@@ -418,22 +429,24 @@ class KernelSource:
         if self._max_seeds != MAX_SEEDS:
             obj.map("seeds").set_max_entries(self._max_seeds)
         retransmit_has_err = _libbpf.vmlinux_tracepoint_arity("tcp_retransmit_skb") == 3
-        tracks_threads = self._span_mode and all(
-            _libbpf.vmlinux_tracepoint_arity(tp) is not None for tp in THREAD_TRACEPOINTS)
+        has_io = all(_libbpf.vmlinux_tracepoint_arity(tp) is not None for tp in IO_TRACEPOINTS)
+        tracks_threads = self._span_mode and has_io
         if self._span_mode and not tracks_threads:
             _log.info("otel-ebpf-flows: this kernel has no sock:sock_send_length tracepoint (6.3+): "
                       "spans find their connections by peer only")
-        can_claim = all(_libbpf.vmlinux_tracepoint_arity(tp) is not None for tp in CLAIM_TRACEPOINTS)
+        can_claim = has_io
         for kind in ("tp_btf", "raw_tp"):
             for hook in HOOKS:
                 obj.set_autoload(f"{kind}_{hook}", kind == variant)
-            for hook in CLAIM_HOOKS:
-                obj.set_autoload(f"{kind}_{hook}", kind == variant and can_claim)
+            if kind == "tp_btf":
+                for hook in CAST_HOOKS:
+                    obj.set_autoload(f"{kind}_{hook}", kind == variant and cast)
+                    obj.set_autoload(f"{kind}_{hook}_nocast", kind == variant and not cast)
             obj.set_autoload(f"{kind}_retransmit_skb_err", kind == variant and retransmit_has_err)
             if kind == variant and retransmit_has_err:
                 obj.set_autoload(f"{kind}_retransmit_skb", False)
-            for hook in THREAD_HOOKS:
-                obj.set_autoload(f"{kind}_{hook}", kind == variant and tracks_threads)
+            for hook in IO_HOOKS:  # loaded for claim mode as well, attached on demand
+                obj.set_autoload(f"{kind}_{hook}", kind == variant and has_io)
         obj.load()
         flows = obj.map("flows")
         for role in (_records.FLOW_ROLE_CLIENT, _records.FLOW_ROLE_SERVER):
@@ -443,10 +456,12 @@ class KernelSource:
             name = f"{variant}_{hook}"
             if hook == "retransmit_skb" and retransmit_has_err:
                 name += "_err"
+            if variant == "tp_btf" and hook in CAST_HOOKS and not cast:
+                name += "_nocast"
             obj.attach(name)
             attached.append(name)
         if tracks_threads:
-            for hook in THREAD_HOOKS:
+            for hook in IO_HOOKS:
                 obj.attach(f"{variant}_{hook}")
                 attached.append(f"{variant}_{hook}")
         self.tracks_threads = tracks_threads

@@ -22,6 +22,7 @@ from typing import (
     Iterable,
     Iterator,
     List,
+    Mapping,
     Optional,
     Protocol,
     Set,
@@ -148,7 +149,9 @@ def series_attributes(key: FlowKey, address: str) -> Dict[str, Any]:
 class Aggregator:
     """Monotonic per-series totals from cumulative per-key kernel counters."""
 
-    def __init__(self, max_peers: int) -> None:
+    def __init__(self, max_peers: int, marker: Optional[Mapping[str, str]] = None) -> None:
+        # attributes on every point (sock_diag mode: ebpf_flows.source=sock_diag)
+        self._marker: Dict[str, str] = dict(marker or {})
         self._peers: Dict[str, PeerTable] = {}
         self._max_peers = max_peers
         self._last: Dict[FlowKey, Counters] = {}
@@ -168,9 +171,9 @@ class Aggregator:
 
     def attributes(self, metric: str, key: FlowKey) -> Dict[str, Any]:
         if metric == LISTEN_OVERFLOWS:
-            return {LOCAL_PORT: key.port}
+            return {LOCAL_PORT: key.port, **self._marker}
         address = OTHER if key.address is None else self.peers(metric).address(key.address)
-        return series_attributes(key, address)
+        return {**series_attributes(key, address), **self._marker}
 
     def series(self, metric: str, key: FlowKey) -> Dict[str, Any]:
         """:meth:`attributes`, built once per (metric, key): callers must not change it."""
@@ -222,7 +225,7 @@ class Aggregator:
         if metric == ACTIVE:
             return [(v, dict(s)) for s, v in self._active.items()]
         if metric in self._probes:
-            return [(v, {PROBE_NAME: n}) for n, v in sorted(self._probes[metric].items())]
+            return [(v, {PROBE_NAME: n, **self._marker}) for n, v in sorted(self._probes[metric].items())]
         return [(v, dict(s)) for s, v in self._totals[metric].items()]
 
 
@@ -325,13 +328,14 @@ class Pipeline:
     def __init__(self, source: Source, instruments: Instruments, max_peers: int,
                  poll_interval: float, sample_interval: float,
                  spans: Optional[SpanEnrichment] = None,
-                 attach_spans: Optional[Callable[[], bool]] = None) -> None:
+                 attach_spans: Optional[Callable[[], bool]] = None,
+                 marker: Optional[Mapping[str, str]] = None) -> None:
         self.source = source
         #: the span side (None: span enrichment off)
         self.spans = spans
         # called by the reader until it returns True (a global tracer provider set late)
         self._attach_spans = attach_spans
-        self.aggregator = Aggregator(max_peers)
+        self.aggregator = Aggregator(max_peers, marker)
         self._instruments = instruments
         self._poll_interval = poll_interval
         self._sample_interval = sample_interval

@@ -36,6 +36,7 @@ def test_doctor_passes_here_and_names_every_probe(kernel_ok: None) -> None:
         assert re.search(rf"^\[ OK \] {re.escape(check)}\s", out, re.M), f"{check} not OK:\n{out}"
     for hook in HOOKS:  # every program, by name, attached
         assert re.search(rf"^\[ OK \] attach tp_btf_{hook}(_err)?\s+attached$", out, re.M), f"{hook}:\n{out}"
+    assert re.search(r"^\[ OK \] mode\s+ebpf: instrument\(\) loads the probes", out, re.M), out
     assert out.rstrip().endswith("Kernel TCP telemetry will work here (tp_btf programs).")
 
 
@@ -47,7 +48,31 @@ def test_doctor_without_privilege_fails_and_says_what_to_do(nobody_python: str) 
     fix = next(line for line in out.splitlines() if "fix:" in line and "setcap cap_bpf,cap_perfmon+ep" in line)
     assert os.path.realpath(nobody_python) in fix, fix  # the interpreter to give the capabilities to
     assert re.search(r"^\[WARN\] load\s+not attempted", out, re.M), out
-    assert "Kernel TCP telemetry will NOT work here: 1 check(s) failed" in out, out
+    # the mode instrument() would pick without privilege, what it cannot see, and how to get full mode
+    assert re.search(r"^\[WARN\] mode\s+sock_diag \(the fallback\): instrument\(\) reads this process's own "
+                     r"sockets from sock_diag/TCP_INFO every 1 s", out, re.M), out
+    assert re.search(r"^\s+it cannot see: connections opened and closed between two polls, handshake durations, "
+                     r"failed connects, resets, close reasons", out, re.M), out
+    assert re.search(r"^\s+fix: for full \(ebpf\) mode, fix the failures above \(privileges: grant CAP_BPF and "
+                     r"CAP_PERFMON\), or run the otel-ebpf-flows node agent", out, re.M), out
+    assert out.rstrip().endswith("Full kernel TCP telemetry will NOT work here: 1 check(s) failed; instrument() "
+                                 "would run in sock_diag mode (see the mode line above)."), out
+
+
+@pytest.mark.parametrize(("mode", "line", "status", "last"), [
+    ("sock_diag", r"\[WARN\] mode\s+sock_diag \(chosen by OTEL_PYTHON_EBPF_FLOWS_MODE=sock_diag\)", 0,
+     "instrument() would run in sock_diag mode here (see the mode line above)."),
+    ("off", r"\[WARN\] mode\s+off: OTEL_PYTHON_EBPF_FLOWS_MODE=off, instrument\(\) does nothing", 1,
+     "Kernel TCP telemetry is turned off here (see the mode line above)."),
+])
+def test_doctor_names_the_mode_the_environment_asks_for(kernel_ok: None, mode: str, line: str, status: int,
+                                                        last: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "otel_ebpf_flows", "doctor", "--no-load"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OTEL_PYTHON_EBPF_FLOWS_MODE": mode})
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    assert re.search(rf"^{line}", proc.stdout, re.M), proc.stdout
+    assert proc.stdout.rstrip().endswith(last), proc.stdout
 
 
 # --- demo -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Run by tests/kernel/test_degradation.py under a degraded condition (no privilege, no libbpf, ...).
 
-python tests/kernel/degraded.py [--simulate tp_btf_refused|not_linux]
+python tests/kernel/degraded.py [--simulate tp_btf_refused|rdonly_cast_missing|not_linux]
 
 In a network namespace whose loopback the caller brought up. Instruments this
 process on a real SDK MeterProvider, makes 3 connections to its own listener,
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--simulate", choices=["tp_btf_refused", "not_linux"])
+    p.add_argument("--simulate", choices=["tp_btf_refused", "rdonly_cast_missing", "not_linux"])
     args = p.parse_args()
     if args.simulate == "not_linux":
         sys.platform = "darwin"  # before the package is imported: what it sees on macOS
@@ -39,14 +39,17 @@ def main() -> None:
     from otel_ebpf_flows import EbpfFlowsInstrumentor, _doctor, _libbpf
     from otel_ebpf_flows.exceptions import BpfError
 
-    if args.simulate == "tp_btf_refused":  # the kernel refuses the first load (tp_btf), as old kernels do
+    if args.simulate in ("tp_btf_refused", "rdonly_cast_missing"):
+        # tp_btf_refused: the kernel refuses both tp_btf loads (with bpf_rdonly_cast, then
+        # without), as kernels before 5.5 do; rdonly_cast_missing: only the first, as 5.5-6.1 do
+        refused = 2 if args.simulate == "tp_btf_refused" else 1
         real_load = _libbpf.BpfObject.load
         calls = []
 
         def load(self: _libbpf.BpfObject) -> None:
             calls.append(1)
-            if len(calls) == 1:
-                raise BpfError("the kernel refused to load tcp_flows.bpf.o (simulated: tp_btf)", 22)
+            if len(calls) <= refused:
+                raise BpfError(f"the kernel refused to load tcp_flows.bpf.o (simulated: {args.simulate})", 22)
             real_load(self)
 
         _libbpf.BpfObject.load = load  # type: ignore[method-assign]
@@ -89,6 +92,7 @@ def main() -> None:
     print(json.dumps({
         "on": pipeline is not None,
         "variant": getattr(getattr(pipeline, "source", None), "variant", None),
+        "attached": getattr(getattr(pipeline, "source", None), "attached", None),
         "records": records,
         "attempts": attempts,
         "mib": mib_delta(before, mib()),

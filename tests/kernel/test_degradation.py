@@ -1,5 +1,6 @@
-"""Degradation matrix: each missing piece gives ONE clear warning, a no-op (the app unharmed), and
-a `doctor` that says what is missing and how to fix it; exactly CAP_BPF + CAP_PERFMON works.
+"""Degradation matrix: each missing piece gives ONE clear warning, the unprivileged sock_diag
+fallback on Linux (a no-op elsewhere, or with mode=ebpf; the app unharmed either way), and a
+`doctor` that says what is missing and how to fix it; exactly CAP_BPF + CAP_PERFMON works.
 
 Each condition is produced for real where one machine can: another uid and capability set
 (setpriv), libbpf hidden or replaced and BTF hidden in a private mount namespace. Two are
@@ -69,12 +70,19 @@ def failed(r: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     return {c["name"]: c for c in r["doctor"]["checks"] if c["ok"] is False}
 
 
-def assert_off_and_unharmed(r: Dict[str, Any], *words: str) -> str:
-    assert r["on"] is False, r
+def assert_off_and_unharmed(r: Dict[str, Any], *words: str, fallback: bool = True) -> str:
+    """ONE warning naming the problem; on Linux the sock_diag fallback runs (doctor's mode line says so)."""
     msgs = warnings(r)
     assert len(msgs) == 1, msgs  # ONE line
     for word in words:
         assert word in msgs[0], (word, msgs[0])
+    mode = [c for c in r["doctor"]["checks"] if c["name"] == "mode"]
+    if fallback:
+        assert r["on"] is True and r["variant"] == "sock_diag", r
+        assert "kernel TCP telemetry runs in sock_diag mode because" in msgs[0], msgs[0]
+        assert mode and mode[0]["ok"] is None and mode[0]["detail"].startswith("sock_diag (the fallback)"), mode
+    else:
+        assert r["on"] is False, r
     assert r["mib"]["Tcp.ActiveOpens"] == 3 and r["mib"]["Tcp.PassiveOpens"] == 3  # the app ran on
     assert r["doctor"]["will_work"] is False
     return msgs[0]
@@ -86,6 +94,18 @@ def test_nobody_without_capabilities(unprivileged_python):
     assert r["uid"] == 65534
     assert_off_and_unharmed(r, "CAP_BPF and CAP_PERFMON", "setcap")
     assert "privileges" in failed(r) and "setcap" in failed(r)["privileges"]["fix"]
+
+
+def test_nobody_without_capabilities_in_ebpf_mode(unprivileged_python):
+    """mode=ebpf forbids the fallback: one warning and nothing else, as before sock_diag mode."""
+    env, path, python = unprivileged_python
+    r = run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+             "--bounding-set=-all", env, path, "OTEL_PYTHON_EBPF_FLOWS_MODE=ebpf", python])
+    assert r["uid"] == 65534
+    assert_off_and_unharmed(r, "kernel TCP telemetry is off: loading eBPF programs needs root or CAP_BPF and "
+                            "CAP_PERFMON", fallback=False)
+    assert set(failed(r)) == {"privileges", "mode"}
+    assert failed(r)["mode"]["detail"].startswith("off: mode is ebpf")
 
 
 def test_exactly_cap_bpf_and_cap_perfmon_as_nobody(unprivileged_python):
@@ -147,8 +167,21 @@ def test_tp_btf_refused_falls_back_to_raw_tp(kernel_ok):
     assert r["mib"]["Tcp.ActiveOpens"] == 3
 
 
+def test_kernel_without_rdonly_cast_loads_the_nocast_copies(kernel_ok):
+    """Simulated: the first load (tp_btf programs using the bpf_rdonly_cast kfunc, Linux 6.2+)
+    is refused; the tp_btf `_nocast` copies that probe-read the TCP header and the listener's
+    accept queue are real and must count exactly."""
+    r = run([sys.executable], args=["--simulate", "rdonly_cast_missing"])
+    assert r["on"] is True and r["variant"] == "tp_btf", r
+    assert {"tp_btf_set_state_nocast", "tp_btf_probe_nocast"} <= set(r["attached"]), r["attached"]
+    assert not {"tp_btf_set_state", "tp_btf_probe"} & set(r["attached"]), r["attached"]
+    assert warnings(r) == [], r["records"]
+    assert r["attempts"] == {"client": 3, "server": 3}, r
+    assert r["mib"]["Tcp.ActiveOpens"] == 3 and r["mib"]["Tcp.PassiveOpens"] == 3, r["mib"]
+
+
 def test_import_and_instrument_on_a_non_linux_platform(kernel_ok):
     """Simulated: sys.platform says darwin before the package is imported."""
     r = run([sys.executable], args=["--simulate", "not_linux"])
-    assert_off_and_unharmed(r, "eBPF needs Linux", "darwin")
+    assert_off_and_unharmed(r, "eBPF needs Linux", "darwin", fallback=False)
     assert list(failed(r)) == ["platform"]

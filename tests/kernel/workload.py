@@ -648,8 +648,10 @@ def tampered_object() -> Dict[str, Any]:
         Telemetry()
     except RuntimeError as exc:
         tel_error = str(exc)
+    pipeline = EbpfFlowsInstrumentor().pipeline
     return {"records": records, "error": tel_error, "before": before, "after": bpf_fds(),
-            "pipeline": EbpfFlowsInstrumentor().pipeline is not None, "path": path}
+            "pipeline": pipeline is not None, "path": path,
+            "variant": getattr(getattr(pipeline, "source", None), "variant", None)}
 
 
 @scenario

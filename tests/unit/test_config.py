@@ -65,9 +65,34 @@ SETTINGS = {
         [0.0, 3601.0],
         "1e-06 to 3600",
     ),
+    "mode": (
+        "OTEL_PYTHON_EBPF_FLOWS_MODE",
+        "auto",
+        "sock_diag",
+        "sock_diag",
+        ["bogus", "sockdiag", "ebpf,agent"],
+        "one of auto, ebpf, agent, sock_diag, off",
+    ),
+    "sock_diag_interval": (
+        "OTEL_PYTHON_EBPF_FLOWS_SOCK_DIAG_INTERVAL",
+        1.0,
+        0.5,
+        "0.5",
+        [0.0, 0.01, 61.0],
+        "0.05 to 60",
+    ),
+    "agent_socket": (
+        "OTEL_PYTHON_EBPF_FLOWS_AGENT_SOCKET",
+        "/run/otel-ebpf-flows/agent.sock",
+        "/tmp/agent.sock",
+        "/tmp/agent.sock",
+        ["agent.sock", "/" + "x" * 107, "/a\0b"],
+        "an absolute path",
+    ),
 }
 INT_SETTINGS = ["max_peers", "max_connections", "max_flows", "ring_buffer_bytes", "max_span_events"]
 BOOL_SETTINGS = ["span_enrichment"]
+STR_SETTINGS = ["mode", "agent_socket"]
 ENV_NAMES = [var for var, *_ in SETTINGS.values()]
 
 
@@ -104,7 +129,8 @@ def test_each_variable_sets_its_value(name):
     var, _default, value, text, _bad, _accepted = SETTINGS[name]
     config = load_config({}, environ={var: f"  {text}\n"})
     assert getattr(config, name) == value
-    assert type(getattr(config, name)) is (int if name in INT_SETTINGS else bool if name in BOOL_SETTINGS else float)
+    assert type(getattr(config, name)) is (
+        int if name in INT_SETTINGS else bool if name in BOOL_SETTINGS else str if name in STR_SETTINGS else float)
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
@@ -150,7 +176,8 @@ def test_unparsable_variable_names_variable_text_and_the_kind(name, text):
         load_config({}, environ={var: text})
     message = str(info.value)
     assert f"{var}={text!r}" in message
-    kind = "a whole number" if name in INT_SETTINGS else "true or false" if name in BOOL_SETTINGS else "a number"
+    kind = ("a whole number" if name in INT_SETTINGS else "true or false" if name in BOOL_SETTINGS
+            else SETTINGS[name][5] if name in STR_SETTINGS else "a number")
     assert kind in message
 
 
@@ -253,3 +280,22 @@ def test_arbitrary_keywords_give_a_valid_config_or_a_configuration_error(kwargs)
         assert getattr(config, name) == value
         if name in INT_SETTINGS:
             assert type(value) is int
+
+
+# -- mode ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["auto", "EBPF", " Agent ", "sock_diag", "off"])
+def test_mode_variable_takes_every_mode_in_any_case(text):
+    assert load_config({}, environ={"OTEL_PYTHON_EBPF_FLOWS_MODE": text}).mode == text.strip().lower()
+
+
+@pytest.mark.parametrize("bad", ["EBPF", 1, None, True, ["auto"]])
+def test_mode_keyword_takes_only_the_exact_names(bad):
+    with pytest.raises(ConfigurationError) as info:
+        load_config({"mode": bad}, environ={})
+    assert str(info.value) == f"mode={bad!r} is invalid: expected one of auto, ebpf, agent, sock_diag, off"
+
+
+def test_the_modes_are_exactly_these():
+    assert config_module.MODES == ("auto", "ebpf", "agent", "sock_diag", "off")

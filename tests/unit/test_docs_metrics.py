@@ -21,7 +21,7 @@ from opentelemetry.sdk.metrics import Histogram, ObservableCounter, ObservableUp
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.metrics.export import Sum
 
-from otel_ebpf_flows import _kernel, _records
+from otel_ebpf_flows import _kernel, _records, _sockdiag
 from otel_ebpf_flows._instrumentor import SCOPE_NAME
 from otel_ebpf_flows._source import CLOSE_REASONS, CONNECT_ERRORS, Counters, FlowEvent, FlowKey, ProbeStats, Role
 from otel_ebpf_flows._telemetry import Instruments, Pipeline
@@ -135,13 +135,25 @@ def probe_names() -> Dict[str, Set[str]]:
     source._obj = Obj()  # type: ignore[assignment]
     assert _records.STAT_MAX > 0
     stats = source._read_probe_stats()
-    return {"ebpf_flows.probe.events.lost": set(stats.events_lost),
-            "ebpf_flows.probe.map.evictions": set(stats.map_evictions)}
+    # sock_diag mode's, read from a source that never dumped
+    fallback = _sockdiag.SockDiagSource(inodes=lambda: ()).sample().probes
+    return {"ebpf_flows.probe.events.lost": set(stats.events_lost) | set(fallback.events_lost),
+            "ebpf_flows.probe.map.evictions": set(stats.map_evictions) | set(fallback.map_evictions)}
 
 
 @pytest.fixture(scope="module")
 def registered() -> Any:
     """(instruments created, one collection) with every series shape the aggregator makes."""
+    return _register(None)
+
+
+@pytest.fixture(scope="module")
+def registered_sock_diag() -> Any:
+    """The same, through a pipeline marked as sock_diag mode's."""
+    return _register(_sockdiag.MARKER)
+
+
+def _register(marker: Any) -> Any:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -151,7 +163,7 @@ def registered() -> Any:
     current: List[Pipeline] = []
     instruments = Instruments(meter, lambda: current[0] if current else None)  # type: ignore[arg-type]
     source = FakeSource()
-    pipeline = Pipeline(source, instruments, 200, 0.005, 0.01)
+    pipeline = Pipeline(source, instruments, 200, 0.005, 0.01, marker=marker)
     pipeline.start()
     current.append(pipeline)
     try:
@@ -263,3 +275,18 @@ def test_the_checks_cited_exist(doc) -> None:
     assert cited
     for test in cited:
         assert f"def {test}(" in sources, f"docs/metrics.md cites {test}, which does not exist"
+
+
+def test_the_sock_diag_mode_attribute_is_on_every_point_and_documented(doc, registered, registered_sock_diag) -> None:
+    """sock_diag mode: the same points, each with the mode attribute the document names; ebpf mode: never."""
+    rows = _table(doc, "mode attribute", "value", "on")
+    assert [(_tick(r["mode attribute"]), _tick(r["value"])) for r in rows] == list(_sockdiag.MARKER.items())
+    (key, value), = _sockdiag.MARKER.items()
+    _, plain = registered
+    _, marked = registered_sock_diag
+    assert set(marked.metrics) == set(plain.metrics)
+    for name, metric in marked.metrics.items():
+        got = sorted(tuple(sorted(p.attributes.items())) for p in metric.data.data_points)
+        want = sorted(tuple(sorted({**p.attributes, key: value}.items())) for p in plain.metrics[name].data.data_points)
+        assert got == want, name
+        assert all(key not in p.attributes for p in plain.metrics[name].data.data_points), name

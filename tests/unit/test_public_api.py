@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from importlib import metadata
 from typing import List
 
@@ -10,6 +11,7 @@ import pytest
 
 import otel_ebpf_flows
 from otel_ebpf_flows import EbpfFlowsInstrumentor, UnsupportedEnvironment, _instrumentor, _kernel
+from otel_ebpf_flows._sockdiag import SockDiagSource
 
 from .fakes import FakeSource
 
@@ -94,16 +96,17 @@ def _warnings(caplog) -> List[logging.LogRecord]:
 FIX = "grant CAP_BPF and CAP_PERFMON (the fix)"
 
 
-def test_an_unsupported_environment_logs_one_warning_and_does_nothing(
+def test_an_unsupported_environment_in_ebpf_mode_logs_one_warning_and_does_nothing(
     instrumentor, provider, monkeypatch, caplog
 ):
+    """mode=ebpf: the probes or nothing (before sock_diag mode, what every unprivileged process got)."""
     def unsupported() -> None:
         raise UnsupportedEnvironment(f"loading eBPF programs needs privilege; {FIX}")
 
     monkeypatch.setattr(_kernel, "check_environment", unsupported)
     caplog.set_level(logging.DEBUG)
 
-    instrumentor.instrument(meter_provider=provider)  # never raises
+    instrumentor.instrument(meter_provider=provider, mode="ebpf")  # never raises
 
     warnings = _warnings(caplog)
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
@@ -126,6 +129,68 @@ def test_an_unsupported_environment_logs_one_warning_and_does_nothing(
     source = instrumentor.pipeline.source
     instrumentor.uninstrument()
     assert source.closed and instrumentor.pipeline is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sock_diag is Linux's")
+def test_an_unsupported_environment_falls_back_to_sock_diag_with_one_warning(
+    instrumentor, provider, monkeypatch, caplog
+):
+    def unsupported() -> None:
+        raise UnsupportedEnvironment(f"loading eBPF programs needs privilege; {FIX}")
+
+    monkeypatch.setattr(_kernel, "check_environment", unsupported)
+    caplog.set_level(logging.DEBUG)
+
+    instrumentor.instrument(meter_provider=provider)  # mode auto; never raises
+
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    message = warnings[0].getMessage()
+    assert message.startswith("otel-ebpf-flows: kernel TCP telemetry runs in sock_diag mode because loading eBPF "
+                              "programs needs privilege: ")
+    assert "it cannot see connections opened and closed between two polls" in message
+    assert f"For full mode: {FIX}, or run the otel-ebpf-flows node agent" in message
+    assert warnings[0].exc_info is None
+    pipeline = instrumentor.pipeline
+    assert pipeline is not None and isinstance(pipeline.source, SockDiagSource)
+    caplog.clear()
+    instrumentor.uninstrument()
+    assert instrumentor.pipeline is None and _warnings(caplog) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sock_diag is Linux's")
+def test_mode_sock_diag_is_used_even_where_the_probes_would_load(instrumentor, provider, monkeypatch, caplog):
+    monkeypatch.setattr(_instrumentor, "KernelSource", lambda config, **_kw: FakeSource())
+    caplog.set_level(logging.DEBUG)
+    instrumentor.instrument(meter_provider=provider, mode="sock_diag", sock_diag_interval=0.5)
+    assert isinstance(instrumentor.pipeline.source, SockDiagSource)
+    (warning,) = [w.getMessage() for w in _warnings(caplog)]
+    assert warning.startswith("otel-ebpf-flows: kernel TCP telemetry runs in sock_diag mode (mode=sock_diag): "
+                              "this process's connections are read from sock_diag/TCP_INFO every 0.5 s")
+    assert warning.endswith("For full mode: mode=auto (OTEL_PYTHON_EBPF_FLOWS_MODE unset) where the probes can load")
+    instrumentor.uninstrument()
+
+
+def test_mode_off_does_nothing_and_says_so_quietly(instrumentor, provider, monkeypatch, caplog):
+    monkeypatch.setenv("OTEL_PYTHON_EBPF_FLOWS_MODE", "off")
+    monkeypatch.setattr(_instrumentor, "KernelSource", lambda config, **_kw: FakeSource())
+    caplog.set_level(logging.DEBUG)
+    instrumentor.instrument(meter_provider=provider)
+    assert instrumentor.pipeline is None and _warnings(caplog) == []
+    assert any("kernel TCP telemetry is off (OTEL_PYTHON_EBPF_FLOWS_MODE=off)" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_mode_agent_without_an_agent_logs_one_warning(instrumentor, provider, monkeypatch, caplog):
+    monkeypatch.setattr(_instrumentor, "KernelSource", lambda config, **_kw: FakeSource())
+    caplog.set_level(logging.DEBUG)
+    instrumentor.instrument(meter_provider=provider, mode="agent")
+    warnings = _warnings(caplog)
+    assert [w.getMessage() for w in warnings] == [
+        "otel-ebpf-flows: kernel TCP telemetry is off: mode=agent, but there is no otel-ebpf-flows node agent "
+        "socket at /run/otel-ebpf-flows/agent.sock: start `otel-ebpf-flows agent` on this host (docs/agent.md) "
+        "or set OTEL_PYTHON_EBPF_FLOWS_MODE=auto"]
+    assert instrumentor.pipeline is None
 
 
 @pytest.mark.parametrize(
