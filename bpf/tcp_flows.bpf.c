@@ -23,7 +23,8 @@
  * Minimum kernel: 5.8 (tp_btf, ring buffer, iter/tcp, ns pid helper).
  *
  * Maps:
- *   socks      sock pointer -> sock_state: the sockets this process owns
+ *   socks      sock pointer -> sock_state: the sockets this process owns (user
+ *              space also reads it: see sock_state in tcp_flows.h)
  *   listeners  (netns, port) -> listener sock: finds the owner of accepted sockets
  *   flows      flow_key -> flow_counters: cumulative counters per peer; when full,
  *              counters go to the reserved overflow keys user space inserts
@@ -38,6 +39,8 @@
  *   conn_events  ring buffer of per-connection records for span enrichment
  *              (connection, retransmit, reset, zero window, gone); never wakes
  *   threads    tid -> the connections the thread used lately (span enrichment)
+ *   busy       per CPU, per hook_id: 1 while the hook's main program runs here
+ *   rescued    hook_id -> events its nested copy handled (see tcp_flows.h)
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -57,17 +60,6 @@
 #define ECONNREFUSED 111
 #define EHOSTUNREACH 113
 
-#define SF_RST_SENT (1 << 0)
-#define SF_RST_RECEIVED (1 << 1)
-#define SF_PEER_ZERO_WIN (1 << 2)
-#define SF_OUR_ZERO_WIN (1 << 3)
-#define SF_ESTABLISHED (1 << 4)
-#define SF_LISTENER (1 << 5)
-#define SF_CLOSED (1 << 6)
-#define SF_FINAL (1 << 7)
-#define SF_FIN_SENT (1 << 8)
-#define SF_PENDING (1 << 9)	/* claim mode: accepted, not yet used by this process */
-#define SF_NO_WSCALE (1 << 10)
 
 /* Set by user space before load. */
 const volatile __u32 target_tgid = 0;	/* in the pid namespace below; 0: every process */
@@ -79,27 +71,6 @@ const volatile __u32 span_mode = 0;	/* 1: feed conn_events and threads */
 
 __u64 next_conn_id = 0;
 
-struct sock_state {
-	struct flow_key key;
-	__u16 flags;		/* SF_* */
-	__u8 err;		/* sk_err at CLOSE */
-	__u8 __pad0;
-	__u32 tid;
-	__u32 drops;		/* listener: sk_drops already counted */
-	__u64 conn_id;
-	__u64 start_ns;		/* connect() (client), listen() or ESTABLISHED (server) */
-	__u64 established_ns;
-	__u64 closed_ns;
-	__u64 bytes_acked;	/* already counted */
-	__u64 bytes_received;
-	__u64 retrans_segs;
-	__u64 last_rtt_ns;
-	__u32 srtt_us;
-	__u32 last_tid;		/* the thread that last sent or received on it */
-	__u64 handshake_ns;	/* server in claim mode: reported once claimed */
-	__u16 peer_port;	/* the peer's actual port */
-	__u16 __pad1[3];
-};
 
 struct listener_key {
 	__u32 netns;
@@ -170,8 +141,26 @@ struct {
 	__type(value, __u32);
 } control SEC(".maps");
 
+/* Per CPU: 1 while the main program of a hook runs on this CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, HOOK_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+} busy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, HOOK_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} rescued SEC(".maps");
+
 #define CONTROL_SEEDING 0
 #define CONTROL_CLAIM 1
+
+/* How far the SYN-wait lookup walks an accept queue (connections not yet accepted). */
+#define ACCEPT_QUEUE_WALK 64
 
 static const struct flow_counters zero_counters;
 
@@ -301,6 +290,7 @@ static __always_inline struct sock_state *track(bool direct, const struct sock *
 	st->flags = flags;
 	st->start_ns = now;
 	st->peer_port = bpf_ntohs(RD(direct, sk, __sk_common.skc_dport));
+	st->netns = sk_netns(direct, sk);
 	st->conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
 	return st;
 }
@@ -451,25 +441,35 @@ static __always_inline void on_established(bool direct, const struct sock *sk,
 	if (st->key.role == FLOW_ROLE_CLIENT) {
 		handshake_ns = now - st->start_ns;
 	} else {
-		/* SYN wait: the request that made this socket is the tail of the
-		 * listener's accept queue; its first SYN-ACK left when the SYN came. */
+		/* SYN wait: the request that made this socket was just queued on the
+		 * listener's accept queue, as its tail unless a handshake completing
+		 * on another CPU queued one behind it: then it is found from the head.
+		 * Its first SYN-ACK left when the SYN came. */
 		struct listener_key lk = { .netns = sk_netns(direct, sk), .port = st->key.port };
 		__u64 *lsk = bpf_map_lookup_elem(&listeners, &lk);
 		struct inet_connection_sock *icsk;
-		struct request_sock *req;
-		struct sock *child = NULL;
+		struct request_sock *req = NULL;
 		__u64 snt_synack_us = 0;
+		int i;
 
 		if (lsk) {
 			/* a stored pointer, untyped to the verifier: probe reads */
 			icsk = (struct inet_connection_sock *)*lsk;
 			req = BPF_CORE_READ(icsk, icsk_accept_queue.rskq_accept_tail);
-			if (req) {
-				child = BPF_CORE_READ(req, sk);
-				snt_synack_us = BPF_CORE_READ((struct tcp_request_sock *)req, snt_synack);
+			if (req && BPF_CORE_READ(req, sk) != sk) {
+				req = BPF_CORE_READ(icsk, icsk_accept_queue.rskq_accept_head);
+				for (i = 0; i < ACCEPT_QUEUE_WALK && req; i++) {
+					if (BPF_CORE_READ(req, sk) == sk)
+						break;
+					req = BPF_CORE_READ(req, dl_next);
+				}
+				if (i == ACCEPT_QUEUE_WALK)
+					req = NULL;
 			}
 		}
-		if (child == sk && snt_synack_us && now / 1000 >= snt_synack_us)
+		if (req)
+			snt_synack_us = BPF_CORE_READ((struct tcp_request_sock *)req, snt_synack);
+		if (snt_synack_us && now / 1000 >= snt_synack_us)
 			handshake_ns = now - snt_synack_us * 1000;
 	}
 	st->handshake_ns = handshake_ns;
@@ -558,6 +558,41 @@ static __always_inline void count_closed(bool direct, const struct tcp_sock *tp,
 		finalize_close(st);
 }
 
+/* The socket reached CLOSE (or, if that transition was skipped, is destroyed). */
+static __always_inline void on_close(bool direct, const struct sock *sk, struct sock_state *st)
+{
+	const struct tcp_sock *tp = tcp_of(direct, sk);
+	unsigned long sk_flags;
+
+	if (!tp)
+		return;
+	st->flags |= SF_CLOSED;
+	st->closed_ns = bpf_ktime_get_ns();
+	st->srtt_us = read_srtt_us(direct, tp);
+	st->err = RD(direct, sk, sk_err);
+
+	if (!(st->flags & SF_ESTABLISHED)) {
+		/* A client attempt that never completed; an embryonic server
+		 * socket is simply forgotten. */
+		if (st->key.role == FLOW_ROLE_CLIENT)
+			COUNT(&st->key, attempts_failed[attempt_error(st->err, st) & 7], 1);
+		forget(direct, sk, st);
+		return;
+	}
+	if (st->flags & SF_PENDING)
+		return;	/* counted if this process claims it before it is destroyed */
+	count_closed(direct, tp, st);
+	/* Already closed by the application (orphaned): nothing can follow but its
+	 * destruction, so the reason is final now and the socket is forgotten here,
+	 * not left to the destroy hook alone. */
+	sk_flags = RD(direct, sk, __sk_common.skc_flags);
+	if (sk_flags & (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DEAD))) {
+		if (!(st->flags & SF_FINAL))
+			finalize_close(st);
+		forget(direct, sk, st);
+	}
+}
+
 static __always_inline int handle_set_state(bool direct, const struct sock *sk, int oldstate,
 					    int newstate)
 {
@@ -631,27 +666,8 @@ static __always_inline int handle_set_state(bool direct, const struct sock *sk, 
 		forget(direct, sk, st);
 		return 0;
 	}
-	if (st->flags & SF_CLOSED)
-		return 0;
-	tp = tcp_of(direct, sk);
-	if (!tp)
-		return 0;
-	st->flags |= SF_CLOSED;
-	st->closed_ns = bpf_ktime_get_ns();
-	st->srtt_us = read_srtt_us(direct, tp);
-	st->err = RD(direct, sk, sk_err);
-
-	if (!(st->flags & SF_ESTABLISHED)) {
-		/* A client attempt that never completed; an embryonic server
-		 * socket is simply forgotten. */
-		if (st->key.role == FLOW_ROLE_CLIENT)
-			COUNT(&st->key, attempts_failed[attempt_error(st->err, st) & 7], 1);
-		forget(direct, sk, st);
-		return 0;
-	}
-	if (st->flags & SF_PENDING)
-		return 0;	/* counted if this process claims it before it is destroyed */
-	count_closed(direct, tp, st);
+	if (!(st->flags & SF_CLOSED))
+		on_close(direct, sk, st);
 	return 0;
 }
 
@@ -662,6 +678,13 @@ static __always_inline int handle_destroy(bool direct, const struct sock *sk)
 
 	if (!st)
 		return 0;
+	if (!(st->flags & (SF_CLOSED | SF_LISTENER))) {
+		/* its CLOSE transition was skipped (see NESTED); on_close may forget it */
+		on_close(direct, sk, st);
+		st = bpf_map_lookup_elem(&socks, &skp);
+		if (!st)
+			return 0;
+	}
 	if ((st->flags & SF_CLOSED) && !(st->flags & (SF_FINAL | SF_PENDING)))
 		finalize_close(st);
 	forget(direct, sk, st);
@@ -855,32 +878,66 @@ static __always_inline int handle_claim(bool direct, const struct sock *sk)
 
 /* --- attach points: tp_btf, and raw_tp copies loaded only where tp_btf is not --- */
 
+/*
+ * Main programs mark their hook busy on this CPU while they run. The nested
+ * copy of a hook (same tracepoint, attached as well) acts only when it finds
+ * the hook busy here: for an event raised while the main program was
+ * interrupted on this CPU, which the kernel skipped for the main program.
+ * Otherwise it returns at once, so every event is handled exactly once.
+ */
+#define MAIN(hook, call)                                                        \
+	({                                                                      \
+		__u32 __h = (hook);                                             \
+		__u32 *__b = bpf_map_lookup_elem(&busy, &__h);                  \
+		int __r;                                                        \
+		if (__b)                                                        \
+			*__b = 1;                                               \
+		__r = (call);                                                   \
+		if (__b)                                                        \
+			*__b = 0;                                               \
+		__r;                                                            \
+	})
+#define NESTED(hook, call)                                                      \
+	({                                                                      \
+		__u32 __h = (hook);                                             \
+		__u32 *__b = bpf_map_lookup_elem(&busy, &__h);                  \
+		__u64 *__n;                                                     \
+		int __r = 0;                                                    \
+		if (__b && *__b) {                                              \
+			__n = bpf_map_lookup_elem(&rescued, &__h);              \
+			if (__n)                                                \
+				__sync_fetch_and_add(__n, 1);                   \
+			__r = (call);                                           \
+		}                                                               \
+		__r;                                                            \
+	})
+
 #define HOOKS(kind, direct)                                                                     \
 SEC(#kind "/inet_sock_set_state")                                                              \
 int BPF_PROG(kind##_set_state, const struct sock *sk, int oldstate, int newstate)               \
-{ return handle_set_state(direct, sk, oldstate, newstate); }                                          \
+{ return MAIN(HOOK_SET_STATE, handle_set_state(direct, sk, oldstate, newstate)); }                                          \
 SEC(#kind "/tcp_destroy_sock")                                                                 \
 int BPF_PROG(kind##_destroy_sock, const struct sock *sk)                                       \
-{ return handle_destroy(direct, sk); }                                                                \
+{ return MAIN(HOOK_DESTROY_SOCK, handle_destroy(direct, sk)); }                                                                \
 SEC(#kind "/tcp_retransmit_skb")                                                               \
 int BPF_PROG(kind##_retransmit_skb, const struct sock *sk, const struct sk_buff *skb)          \
-{ return handle_retransmit(sk, skb, 0); }                                                     \
+{ return MAIN(HOOK_RETRANSMIT_SKB, handle_retransmit(sk, skb, 0)); }                                                     \
 SEC(#kind "/tcp_retransmit_skb")                                                               \
 int BPF_PROG(kind##_retransmit_skb_err, const struct sock *sk, const struct sk_buff *skb,      \
 	     int err)                                                                          \
-{ return handle_retransmit(sk, skb, err); }                                                   \
+{ return MAIN(HOOK_RETRANSMIT_SKB, handle_retransmit(sk, skb, err)); }                                                   \
 SEC(#kind "/tcp_retransmit_synack")                                                            \
 int BPF_PROG(kind##_retransmit_synack, const struct sock *sk, const struct request_sock *req)  \
-{ return handle_retransmit_synack(direct, sk, req); }                                                 \
+{ return MAIN(HOOK_RETRANSMIT_SYNACK, handle_retransmit_synack(direct, sk, req)); }                                                 \
 SEC(#kind "/tcp_send_reset")                                                                   \
 int BPF_PROG(kind##_send_reset, const struct sock *sk)                                         \
-{ return handle_reset(sk, SF_RST_SENT); }                                                     \
+{ return MAIN(HOOK_SEND_RESET, handle_reset(sk, SF_RST_SENT)); }                                                     \
 SEC(#kind "/tcp_receive_reset")                                                                \
 int BPF_PROG(kind##_receive_reset, const struct sock *sk)                                      \
-{ return handle_reset(sk, SF_RST_RECEIVED); }                                                 \
+{ return MAIN(HOOK_RECEIVE_RESET, handle_reset(sk, SF_RST_RECEIVED)); }                                                 \
 SEC(#kind "/tcp_probe")                                                                        \
 int BPF_PROG(kind##_probe, const struct sock *sk, const struct sk_buff *skb)                   \
-{ return handle_probe(direct, sk, skb); }                                                             \
+{ return MAIN(HOOK_PROBE, handle_probe(direct, sk, skb)); }                                                             \
 SEC(#kind "/sock_send_length")                                                                 \
 int BPF_PROG(kind##_send_length, const struct sock *sk, int ret, int flags)                    \
 { return handle_sock_io(direct, sk); }                                                                \
@@ -896,6 +953,37 @@ int BPF_PROG(kind##_claim_send, const struct sock *sk, int ret, int flags)      
 
 HOOKS(tp_btf, true)
 HOOKS(raw_tp, false)
+
+/* The nested copies (see MAIN and NESTED above). */
+#define NESTED_HOOKS(kind, direct)                                                              \
+SEC(#kind "/inet_sock_set_state")                                                              \
+int BPF_PROG(kind##_set_state_nested, const struct sock *sk, int oldstate, int newstate)        \
+{ return NESTED(HOOK_SET_STATE, handle_set_state(direct, sk, oldstate, newstate)); }            \
+SEC(#kind "/tcp_destroy_sock")                                                                 \
+int BPF_PROG(kind##_destroy_sock_nested, const struct sock *sk)                                \
+{ return NESTED(HOOK_DESTROY_SOCK, handle_destroy(direct, sk)); }                              \
+SEC(#kind "/tcp_retransmit_skb")                                                               \
+int BPF_PROG(kind##_retransmit_skb_nested, const struct sock *sk, const struct sk_buff *skb)   \
+{ return NESTED(HOOK_RETRANSMIT_SKB, handle_retransmit(sk, skb, 0)); }                         \
+SEC(#kind "/tcp_retransmit_skb")                                                               \
+int BPF_PROG(kind##_retransmit_skb_err_nested, const struct sock *sk, const struct sk_buff *skb, \
+	     int err)                                                                          \
+{ return NESTED(HOOK_RETRANSMIT_SKB, handle_retransmit(sk, skb, err)); }                       \
+SEC(#kind "/tcp_retransmit_synack")                                                            \
+int BPF_PROG(kind##_retransmit_synack_nested, const struct sock *sk, const struct request_sock *req) \
+{ return NESTED(HOOK_RETRANSMIT_SYNACK, handle_retransmit_synack(direct, sk, req)); }          \
+SEC(#kind "/tcp_send_reset")                                                                   \
+int BPF_PROG(kind##_send_reset_nested, const struct sock *sk)                                  \
+{ return NESTED(HOOK_SEND_RESET, handle_reset(sk, SF_RST_SENT)); }                             \
+SEC(#kind "/tcp_receive_reset")                                                                \
+int BPF_PROG(kind##_receive_reset_nested, const struct sock *sk)                               \
+{ return NESTED(HOOK_RECEIVE_RESET, handle_reset(sk, SF_RST_RECEIVED)); }                      \
+SEC(#kind "/tcp_probe")                                                                        \
+int BPF_PROG(kind##_probe_nested, const struct sock *sk, const struct sk_buff *skb)            \
+{ return NESTED(HOOK_PROBE, handle_probe(direct, sk, skb)); }
+
+NESTED_HOOKS(tp_btf, true)
+NESTED_HOOKS(raw_tp, false)
 
 /* --- iterator: live sockets --- */
 
@@ -969,6 +1057,7 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		return 0;
 	}
 
+	st->seen_ns = now;
 	if (st->flags & SF_LISTENER) {
 		listener_drops(true, sk, st);
 		return 0;

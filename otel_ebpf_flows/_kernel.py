@@ -17,7 +17,10 @@ import os
 import re
 import sys
 import threading
+import time
 from typing import Callable, Collection, Dict, FrozenSet, List, Optional, Tuple
+
+import attrs
 
 from . import _libbpf, _records
 from ._config import Config
@@ -44,6 +47,10 @@ HOOKS = (
     "receive_reset",
     "probe",
 )
+# Each of HOOKS (in the order of enum hook_id) also has a "_nested" copy that
+# handles the events the kernel skipped for the main program while it was
+# interrupted on the same CPU (see tcp_flows.h); what neither handled is lost.
+NESTED_SUFFIX = "_nested"
 # Span enrichment: which thread used which connection (kernel 6.3+).
 THREAD_HOOKS = ("send_length", "recv_length")
 THREAD_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
@@ -219,6 +226,12 @@ class KernelSource:
         self._decode_errors = 0
         self.variant = ""
         self.attached: List[str] = []
+        self._main_programs: List[str] = []  # in HOOKS order
+        # Sockets found gone without their CLOSE ever reaching the probes (see _sweep):
+        # counted as closes with reason _OTHER, per key, and in self-telemetry.
+        self._swept: Dict[FlowKey, int] = {}
+        self._passes: List[int] = []  # CLOCK_MONOTONIC ns at the start of the last two iterator passes
+        self._netns = 0
 
     # -- Source ----------------------------------------------------------------
 
@@ -282,8 +295,10 @@ class KernelSource:
 
     def sample(self) -> Snapshot:
         obj = self._require()
+        started = time.monotonic_ns()  # the clock of bpf_ktime_get_ns
         for event in _records.decode_events(obj.run_iterator(ITERATOR)):
             self._on_event(event)
+        self._sweep(started)
         if self._ring is not None:
             self._ring.consume()
         return Snapshot(counters=self._read_counters(), probes=self._read_probe_stats())
@@ -343,6 +358,10 @@ class KernelSource:
         cfg = self._config
         obj = _libbpf.BpfObject(path)
         self._obj = obj
+        try:  # the namespace whose socket table the iterator walks (see _sweep)
+            self._netns = os.stat("/proc/self/ns/net").st_ino
+        except OSError:
+            self._netns = 0
         st = os.stat("/proc/self/ns/pid")
         obj.set_globals(
             ".rodata",
@@ -375,9 +394,12 @@ class KernelSource:
                 obj.set_autoload(f"{kind}_{hook}", kind == variant)
             for hook in CLAIM_HOOKS:
                 obj.set_autoload(f"{kind}_{hook}", kind == variant and can_claim)
-            obj.set_autoload(f"{kind}_retransmit_skb_err", kind == variant and retransmit_has_err)
-            if kind == variant and retransmit_has_err:
-                obj.set_autoload(f"{kind}_retransmit_skb", False)
+            for hook in HOOKS:
+                obj.set_autoload(f"{kind}_{hook}{NESTED_SUFFIX}", kind == variant)
+            for sfx in ("", NESTED_SUFFIX):
+                obj.set_autoload(f"{kind}_retransmit_skb_err{sfx}", kind == variant and retransmit_has_err)
+                if kind == variant and retransmit_has_err:
+                    obj.set_autoload(f"{kind}_retransmit_skb{sfx}", False)
             for hook in THREAD_HOOKS:
                 obj.set_autoload(f"{kind}_{hook}", kind == variant and tracks_threads)
         obj.load()
@@ -391,6 +413,10 @@ class KernelSource:
                 name += "_err"
             obj.attach(name)
             attached.append(name)
+        self._main_programs = list(attached)
+        for name in list(attached):
+            obj.attach(name + NESTED_SUFFIX)
+            attached.append(name + NESTED_SUFFIX)
         if tracks_threads:
             for hook in THREAD_HOOKS:
                 obj.attach(f"{variant}_{hook}")
@@ -435,6 +461,42 @@ class KernelSource:
             for ino in inodes[:limit]:
                 seeds.delete(ctypes.c_uint64(ino))
 
+    def _sweep(self, started: int) -> None:
+        """Count and forget tracked sockets that are gone though their CLOSE never reached the probes.
+
+        A connection's close is normally counted by the kernel programs. Rarely the
+        kernel does not run them for a socket's last transitions (see docs/metrics.md,
+        ``tcp_flows.unseen_close``): its entry would stay in the socks map, the
+        connection counted as active for ever. An established socket that is not
+        closed is in its namespace's socket table, which the iterator walks on every
+        sample; one it visited in neither of the last two passes, though it was
+        established before both began, is gone.
+        """
+        self._passes = (self._passes + [started])[-2:]
+        if len(self._passes) < 2 or not self._netns:
+            return
+        since = self._passes[0]
+        socks = self._require().map("socks")
+        gone = []
+        skip = _records.SF_CLOSED | _records.SF_LISTENER | _records.SF_PENDING
+        for skp, st in socks.items(ctypes.c_uint64, _records.CSockState):
+            if (st.flags & _records.SF_ESTABLISHED and not st.flags & skip and st.netns == self._netns
+                    and st.established_ns < since and st.seen_ns < since):
+                gone.append((skp.value, bytes(st.key)))
+        if not gone:
+            return
+        counted = {bytes(k) for k, _ in self._require().map("flows").items(_records.CFlowKey, _records.CFlowCounters)}
+        for skp_value, raw_key in gone:
+            socks.delete(ctypes.c_uint64(skp_value))
+            raw = _records.CFlowKey.from_buffer_copy(raw_key)
+            if raw_key not in counted:  # the kernel counted it under its role's overflow key
+                raw = _records.overflow_key(raw.role)
+            try:
+                key = _records.decode_key(raw)
+            except _records.RecordError:
+                continue
+            self._swept[key] = self._swept.get(key, 0) + 1
+
     def _on_record(self, data: bytes) -> None:
         try:
             event = _records.decode_event(data)
@@ -457,7 +519,27 @@ class KernelSource:
                 _log.debug("ignoring a malformed flow key: %s", exc)
                 continue
             out[key] = _records.decode_counters(raw_val)
+        for key, n in self._swept.items():
+            c = out.get(key, Counters())
+            out[key] = attrs.evolve(c, closed=c.closed + n, closes={**c.closes, "_OTHER": c.closes["_OTHER"] + n})
         return out
+
+    def _skipped(self) -> int:
+        """Tracepoint events the kernel ran neither a main program nor its nested copy for."""
+        if not self._main_programs:
+            return 0
+        obj = self._require()
+        rescued = obj.map("rescued")
+        total = 0
+        for i, name in enumerate(self._main_programs):  # HOOKS order: enum hook_id
+            n = ctypes.c_uint64()
+            rescued.lookup(ctypes.c_uint32(i), n)
+            try:
+                misses = obj.recursion_misses(name)
+            except BpfError:
+                misses = 0
+            total += max(0, misses - n.value)
+        return total
 
     def _read_probe_stats(self) -> ProbeStats:
         stats = self._require().map("stats")
@@ -472,6 +554,8 @@ class KernelSource:
                 "tcp_flows.syn_wait": vals[_records.STAT_SYN_WAIT_MISSED],
                 "tcp_flows.conn_events": vals[_records.STAT_CONN_EVENTS_LOST],
                 "tcp_flows.decode": self._decode_errors,
+                "tcp_flows.unseen_close": sum(self._swept.values()),
+                "tcp_flows.skipped": self._skipped(),
             },
             map_evictions={
                 "tcp_flows.socks": vals[_records.STAT_SOCKS_FULL],
