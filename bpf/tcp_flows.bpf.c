@@ -41,6 +41,7 @@
  *   threads    tid -> the connections the thread used lately (span enrichment)
  *   busy       per CPU, per hook_id: 1 while the hook's main program runs here
  *   rescued    hook_id -> events its nested copy handled (see tcp_flows.h)
+ *   parents    forked child: sockets its parent counted before the fork, never claimed
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -140,6 +141,15 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } control SEC(".maps");
+
+/* A forked child: the sockets its parent had already counted as its own when it
+ * forked (established on a shared listener before claim mode): never taken on. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u8);
+} parents SEC(".maps");
 
 /* Per CPU: 1 while the main program of a hook runs on this CPU. */
 struct {
@@ -850,6 +860,31 @@ static __always_inline int handle_claim(bool direct, const struct sock *sk)
 	const struct tcp_sock *tp;
 	__u32 retrans;
 
+	if (!st && sk && RD_BITFIELD(direct, sk, sk_protocol) == IPPROTO_TCP) {
+		/* A connection accepted on one of our listeners whose handshake
+		 * completed before these probes were loaded: a forked worker
+		 * accepting from the queue it shares with its parent, whose own
+		 * probes hold it pending for whoever uses it. Taken on now, as
+		 * established from the start (the kernel's byte counts of a passive
+		 * socket start at 0 at ESTABLISHED). */
+		struct listener_key lk = {
+			.netns = sk_netns(direct, sk),
+			.port = RD(direct, sk, __sk_common.skc_num),
+		};
+		struct flow_key key;
+		int state = RD(direct, sk, __sk_common.skc_state);
+
+		if (state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT)
+			return 0;
+		if (!bpf_map_lookup_elem(&listeners, &lk) || bpf_map_lookup_elem(&parents, &skp) ||
+		    !owned_by_target())
+			return 0;
+		peer_key(direct, &key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
+		st = track(direct, sk, &key, SF_PENDING | SF_ESTABLISHED, bpf_ktime_get_ns());
+		if (!st)
+			return 0;
+		st->established_ns = st->start_ns;
+	}
 	if (!st || !(st->flags & SF_PENDING) || !owned_by_target())
 		return 0;
 	tp = tcp_of(direct, sk);

@@ -66,6 +66,11 @@ TCP_LISTEN_HEX = "0A"
 MAX_HOST_SEEDS = 1 << 20  # host-wide: the seeds map is resized to fit every socket, up to this
 
 
+def _int(key: object) -> int:
+    """A u64 map key as read: an int from a batch read, a c_uint64 otherwise."""
+    return key if isinstance(key, int) else int(key.value)
+
+
 def object_path(name: str = OBJECT_NAME) -> str:
     return os.path.join(BPF_DIR, name)
 
@@ -200,7 +205,8 @@ class KernelSource:
 
     def __init__(self, config: Optional[Config] = None, pid: Optional[int] = None,
                  variants: Tuple[str, ...] = VARIANTS, span_mode: bool = False,
-                 inherited: Optional[Collection[int]] = None, host_wide: bool = False) -> None:
+                 inherited: Optional[Collection[int]] = None, host_wide: bool = False,
+                 parents: Collection[int] = ()) -> None:
         if host_wide and pid:
             raise ValueError("a host-wide KernelSource observes every process: pass no pid")
         self._config = config or Config()
@@ -210,6 +216,7 @@ class KernelSource:
         self._variants = variants
         self._span_mode = span_mode
         self._inherited = None if inherited is None else frozenset(inherited)
+        self._parents = list(parents)[:MAX_SEEDS]  # see server_sockets_counted
         #: Whether this kernel has the claim hooks (sock_recv_length, sock_send_length).
         self.can_claim = False
         #: Whether claim mode is on (accepted sockets count once this process uses them).
@@ -259,6 +266,10 @@ class KernelSource:
                 with self._conn_lock:
                     self._conn_ring = obj.ring_buffer("conn_events", self._on_record)
                     self._threads = obj.map("threads")
+            if self._parents:
+                parents = self._require().map("parents")
+                for skp in self._parents:
+                    parents.update(ctypes.c_uint64(skp), ctypes.c_uint8(1))
             if self._inherited is not None and self._inherited & listening_socket_inodes():
                 self.enable_claim()
             self._seed_existing_sockets()
@@ -313,6 +324,16 @@ class KernelSource:
             self._obj = None
         self.attached = []
         self.claiming = False
+
+    def server_sockets_counted(self) -> List[int]:
+        """Accepted sockets already counted as this process's (a forked child never takes them on)."""
+        obj = self._require()
+        out = []
+        skip = _records.SF_PENDING | _records.SF_LISTENER | _records.SF_CLOSED
+        for skp, st in obj.map("socks").items(ctypes.c_uint64, _records.CSockState):
+            if st.key.role == _records.FLOW_ROLE_SERVER and st.flags & _records.SF_ESTABLISHED and not st.flags & skip:
+                out.append(_int(skp))
+        return out
 
     def has_listeners(self) -> bool:
         """Whether this process has a listening socket the probes know of."""
@@ -482,7 +503,7 @@ class KernelSource:
         for skp, st in socks.items(ctypes.c_uint64, _records.CSockState):
             if (st.flags & _records.SF_ESTABLISHED and not st.flags & skip and st.netns == self._netns
                     and st.established_ns < since and st.seen_ns < since):
-                gone.append((skp.value, bytes(st.key)))
+                gone.append((_int(skp), bytes(st.key)))
         if not gone:
             return
         counted = {bytes(k) for k, _ in self._require().map("flows").items(_records.CFlowKey, _records.CFlowCounters)}
