@@ -551,6 +551,8 @@ static __always_inline void listener_drops(bool direct, const struct sock *sk, s
 {
 	__u32 drops = RD(direct, sk, sk_drops.counter);
 
+	if (st->flags & SF_PENDING)
+		return;	/* a listener inherited at fork: its creator counts its drops */
 	if (drops > st->drops) {
 		COUNT(&st->key, listen_overflows, drops - st->drops);
 		st->drops = drops;
@@ -885,7 +887,7 @@ static __always_inline int handle_claim(bool direct, const struct sock *sk)
 			return 0;
 		st->established_ns = st->start_ns;
 	}
-	if (!st || !(st->flags & SF_PENDING) || !owned_by_target())
+	if (!st || (st->flags & (SF_PENDING | SF_LISTENER)) != SF_PENDING || !owned_by_target())
 		return 0;
 	tp = tcp_of(direct, sk);
 	if (!tp)
@@ -1068,6 +1070,10 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 			if (bpf_map_update_elem(&listeners, &lk, &skp, BPF_ANY))
 				stat_inc(STAT_LISTENERS_FULL);
 			st->drops = sk->sk_drops.counter;
+			/* Claim mode while adopting: a forked child's inherited
+			 * listener, whose drops its creator already counts. */
+			if (control_on(CONTROL_CLAIM))
+				st->flags |= SF_PENDING;
 			return 0;
 		}
 		if (state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT && state != TCP_FIN_WAIT1 &&

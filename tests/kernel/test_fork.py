@@ -33,3 +33,12 @@ def test_workers_serving_at_once_after_fork_are_counted_exactly(run_scenario):
     assert sum(p["counted"] for p in everyone) == r["clients"], r
     assert r["parent"]["counted"] == r["early"], r  # the handshakes completed before the fork
     assert all(p["counted"] <= p["served"] for p in r["children"]), r
+
+
+def test_listen_overflows_of_a_shared_listener_are_counted_once(run_scenario):
+    r = run_scenario("fork_shared_overflows")
+    assert r["child"]["restarted"] is True, r
+    assert r["mib"]["TcpExt.ListenOverflows"] > 0, "the flood did not overflow the queue: no test"
+    # the listener's creator counts its drops; the child that inherited it does not count them again
+    assert r["parent"]["overflows"] + r["child"]["overflows"] == r["mib"]["TcpExt.ListenOverflows"], r
+    assert r["child"]["overflows"] == 0, r

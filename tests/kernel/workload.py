@@ -524,6 +524,47 @@ def fork_serve_at_once() -> Dict[str, Any]:
 
 
 @scenario
+def fork_shared_overflows() -> Dict[str, Any]:
+    """A full listen queue shared by a parent and its forked child: each drop counted once."""
+    import json
+    import os
+
+    from otel_ebpf_flows import EbpfFlowsInstrumentor
+
+    setup_netns()
+    full = socket.socket()
+    full.bind(("127.0.0.1", 5578))
+    full.listen(1)  # never accepted
+    tel = Telemetry()
+    before = mib()
+
+    def overflows(rows: Any) -> int:
+        return sum(p["value"] for p in rows if p["name"] == "ebpf_flows.tcp.listen.overflows")
+
+    rfd, wfd = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rfd)
+            os.close(go_w)
+            os.read(go_r, 1)  # the flood is over
+            os.write(wfd, json.dumps({"restarted": EbpfFlowsInstrumentor().pipeline is not None,
+                                      "overflows": overflows(tel.points())}).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    os.close(go_r)
+    finish(peer("flood", "5578", "--count", "8", "--hold", "2.5"))
+    os.write(go_w, b"g")
+    with os.fdopen(rfd) as f:
+        child = json.loads(f.read())
+    os.waitpid(pid, 0)
+    parent = {"overflows": overflows(tel.points())}
+    return {"parent": parent, "child": child, "mib": mib_delta(before, mib())}
+
+
+@scenario
 def gunicorn_workers() -> Dict[str, Any]:
     """examples/gunicorn with 3 workers: each worker's metrics against what it served and opened."""
     import glob
