@@ -18,7 +18,7 @@ import re
 import sys
 import threading
 import time
-from typing import Callable, Collection, Dict, FrozenSet, List, Optional, Tuple
+from typing import Callable, Collection, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import attrs
 
@@ -66,7 +66,7 @@ TCP_LISTEN_HEX = "0A"
 MAX_HOST_SEEDS = 1 << 20  # host-wide: the seeds map is resized to fit every socket, up to this
 
 
-def _int(key: object) -> int:
+def _int(key: Union[int, ctypes.c_uint64]) -> int:
     """A u64 map key as read: an int from a batch read, a c_uint64 otherwise."""
     return key if isinstance(key, int) else int(key.value)
 
