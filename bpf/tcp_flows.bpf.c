@@ -21,7 +21,8 @@
  * Minimum kernel: 5.8 (tp_btf, ring buffer, iter/tcp, ns pid helper).
  *
  * Maps:
- *   socks      sock pointer -> sock_state: the sockets this process owns
+ *   socks      sock pointer -> sock_state: the sockets this process owns (user
+ *              space also reads it: see sock_state in tcp_flows.h)
  *   listeners  (netns, port) -> listener sock: finds the owner of accepted sockets
  *   flows      flow_key -> flow_counters: cumulative counters per peer; when full,
  *              counters go to the reserved overflow keys user space inserts
@@ -40,6 +41,9 @@
  *              tracked sockets whose pointer hashes to it, so most other
  *              sockets on the host are turned away by one load, no map lookup
  *   listen_filter (.bss) the same over the listeners' ports
+ *   busy       per CPU, per hook_id: 1 while the hook's main program runs here
+ *   rescued    hook_id -> events its nested copy handled (see tcp_flows.h)
+ *   parents    forked child: sockets its parent counted before the fork, never claimed
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -59,17 +63,6 @@
 #define ECONNREFUSED 111
 #define EHOSTUNREACH 113
 
-#define SF_RST_SENT (1 << 0)
-#define SF_RST_RECEIVED (1 << 1)
-#define SF_PEER_ZERO_WIN (1 << 2)
-#define SF_OUR_ZERO_WIN (1 << 3)
-#define SF_ESTABLISHED (1 << 4)
-#define SF_LISTENER (1 << 5)
-#define SF_CLOSED (1 << 6)
-#define SF_FINAL (1 << 7)
-#define SF_FIN_SENT (1 << 8)
-#define SF_PENDING (1 << 9)	/* claim mode: accepted, not yet used by this process */
-#define SF_NO_WSCALE (1 << 10)
 
 /* Set by user space before load. */
 const volatile __u32 target_tgid = 0;	/* in the pid namespace below; 0: every process */
@@ -117,28 +110,6 @@ static __always_inline bool maybe_tracked(int direct, const void *sk)
 	return !direct || owned_filter[owned_slot(sk)] != 0;
 }
 
-struct sock_state {
-	struct flow_key key;
-	__u16 flags;		/* SF_* */
-	__u8 err;		/* sk_err at CLOSE */
-	__u8 __pad0;
-	__u32 tid;
-	__u32 drops;		/* listener: sk_drops already counted */
-	__u64 conn_id;
-	__u64 start_ns;		/* connect() (client), listen() or ESTABLISHED (server) */
-	__u64 established_ns;
-	__u64 closed_ns;
-	__u64 bytes_acked;	/* already counted */
-	__u64 bytes_received;
-	__u64 retrans_segs;
-	__u64 last_rtt_ns;
-	__u32 srtt_us;
-	__u32 last_tid;		/* the thread that last sent or received on it */
-	__u64 handshake_ns;	/* server in claim mode: reported once claimed */
-	__u16 peer_port;	/* the peer's actual port */
-	__u8 slot;		/* where note_use() last put it in a thread's slots */
-	__u8 __pad1[5];
-};
 
 struct listener_key {
 	__u32 netns;
@@ -209,8 +180,35 @@ struct {
 	__type(value, __u32);
 } control SEC(".maps");
 
+/* A forked child: the sockets its parent had already counted as its own when it
+ * forked (established on a shared listener before claim mode): never taken on. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u8);
+} parents SEC(".maps");
+
+/* Per CPU: 1 while the main program of a hook runs on this CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, HOOK_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+} busy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, HOOK_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} rescued SEC(".maps");
+
 #define CONTROL_SEEDING 0
 #define CONTROL_CLAIM 1
+
+/* How far the SYN-wait lookup walks an accept queue (connections not yet accepted). */
+#define ACCEPT_QUEUE_WALK 64
 
 static const struct flow_counters zero_counters;
 
@@ -415,6 +413,7 @@ static __always_inline struct sock_state *track(int direct, const struct sock *s
 	st->flags = flags;
 	st->start_ns = now;
 	st->peer_port = bpf_ntohs(RD(direct, sk, __sk_common.skc_dport));
+	st->netns = sk_netns(direct, sk);
 	st->conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
 	return st;
 }
@@ -575,32 +574,45 @@ static __always_inline void on_established(int direct, const struct sock *sk,
 	if (st->key.role == FLOW_ROLE_CLIENT) {
 		handshake_ns = now - st->start_ns;
 	} else {
-		/* SYN wait: the request that made this socket is the tail of the
-		 * listener's accept queue; its first SYN-ACK left when the SYN came. */
+		/* SYN wait: the request that made this socket was just queued on the
+		 * listener's accept queue, as its tail unless a handshake completing
+		 * on another CPU queued one behind it: then it is found from the head.
+		 * Its first SYN-ACK left when the SYN came. */
 		struct listener_key lk = { .netns = sk_netns(direct, sk), .port = st->key.port };
 		__u64 *lsk = find_listener(&lk);
 		struct inet_connection_sock *icsk;
-		struct request_sock *req;
-		struct sock *child = NULL;
+		struct request_sock *req = NULL;
 		__u64 snt_synack_us = 0;
+		bool walk = lsk != NULL;
+		int i;
 
 		if (lsk && direct == READ_CAST) {
 			icsk = CAST(struct inet_connection_sock, (void *)*lsk);
 			req = icsk->icsk_accept_queue.rskq_accept_tail;
-			if (req) {
-				child = req->sk;
+			if (req && req->sk == sk) {
 				snt_synack_us = CAST(struct tcp_request_sock, req)->snt_synack;
+				walk = false;
 			}
-		} else if (lsk) {
+			req = NULL;
+		}
+		if (walk) {
 			/* a stored pointer, untyped to the verifier: probe reads */
 			icsk = (struct inet_connection_sock *)*lsk;
 			req = BPF_CORE_READ(icsk, icsk_accept_queue.rskq_accept_tail);
-			if (req) {
-				child = BPF_CORE_READ(req, sk);
-				snt_synack_us = BPF_CORE_READ((struct tcp_request_sock *)req, snt_synack);
+			if (req && BPF_CORE_READ(req, sk) != sk) {
+				req = BPF_CORE_READ(icsk, icsk_accept_queue.rskq_accept_head);
+				for (i = 0; i < ACCEPT_QUEUE_WALK && req; i++) {
+					if (BPF_CORE_READ(req, sk) == sk)
+						break;
+					req = BPF_CORE_READ(req, dl_next);
+				}
+				if (i == ACCEPT_QUEUE_WALK)
+					req = NULL;
 			}
+			if (req)
+				snt_synack_us = BPF_CORE_READ((struct tcp_request_sock *)req, snt_synack);
 		}
-		if (child == sk && snt_synack_us && now / 1000 >= snt_synack_us)
+		if (snt_synack_us && now / 1000 >= snt_synack_us)
 			handshake_ns = now - snt_synack_us * 1000;
 	}
 	st->handshake_ns = handshake_ns;
@@ -675,6 +687,8 @@ static __always_inline void listener_drops(int direct, const struct sock *sk, st
 {
 	__u32 drops = RD(direct, sk, sk_drops.counter);
 
+	if (st->flags & SF_PENDING)
+		return;	/* a listener inherited at fork: its creator counts its drops */
 	if (drops > st->drops) {
 		COUNT(&st->key, listen_overflows, drops - st->drops);
 		st->drops = drops;
@@ -691,6 +705,42 @@ static __always_inline void count_closed(int direct, const struct tcp_sock *tp, 
 	 * settled when the socket is destroyed. */
 	if (close_reason(st->err, st->flags) != CLOSE_NORMAL)
 		finalize_close(st, cp);
+}
+
+/* The socket reached CLOSE (or, if that transition was skipped, is destroyed). */
+static __always_inline void on_close(int direct, const struct sock *sk, struct sock_state *st,
+				     struct flow_counters **cp)
+{
+	const struct tcp_sock *tp = tcp_of(direct, sk);
+	unsigned long sk_flags;
+
+	if (!tp)
+		return;
+	st->flags |= SF_CLOSED;
+	st->closed_ns = bpf_ktime_get_ns();
+	st->srtt_us = read_srtt_us(direct, tp);
+	st->err = RD(direct, sk, sk_err);
+
+	if (!(st->flags & SF_ESTABLISHED)) {
+		/* A client attempt that never completed; an embryonic server
+		 * socket is simply forgotten. */
+		if (st->key.role == FLOW_ROLE_CLIENT)
+			COUNT_INTO(cp, &st->key, attempts_failed[attempt_error(st->err, st) & 7], 1);
+		forget(direct, sk, st);
+		return;
+	}
+	if (st->flags & SF_PENDING)
+		return;	/* counted if this process claims it before it is destroyed */
+	count_closed(direct, tp, st, cp);
+	/* Already closed by the application (orphaned): nothing can follow but its
+	 * destruction, so the reason is final now and the socket is forgotten here,
+	 * not left to the destroy hook alone. */
+	sk_flags = RD(direct, sk, __sk_common.skc_flags);
+	if (sk_flags & (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DEAD))) {
+		if (!(st->flags & SF_FINAL))
+			finalize_close(st, cp);
+		forget(direct, sk, st);
+	}
 }
 
 static __always_inline int handle_set_state(int direct, const struct sock *sk, int oldstate,
@@ -773,27 +823,8 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 		forget(direct, sk, st);
 		return 0;
 	}
-	if (st->flags & SF_CLOSED)
-		return 0;
-	tp = tcp_of(direct, sk);
-	if (!tp)
-		return 0;
-	st->flags |= SF_CLOSED;
-	st->closed_ns = bpf_ktime_get_ns();
-	st->srtt_us = read_srtt_us(direct, tp);
-	st->err = RD(direct, sk, sk_err);
-
-	if (!(st->flags & SF_ESTABLISHED)) {
-		/* A client attempt that never completed; an embryonic server
-		 * socket is simply forgotten. */
-		if (st->key.role == FLOW_ROLE_CLIENT)
-			COUNT(&st->key, attempts_failed[attempt_error(st->err, st) & 7], 1);
-		forget(direct, sk, st);
-		return 0;
-	}
-	if (st->flags & SF_PENDING)
-		return 0;	/* counted if this process claims it before it is destroyed */
-	count_closed(direct, tp, st, &c);
+	if (!(st->flags & SF_CLOSED))
+		on_close(direct, sk, st, &c);
 	return 0;
 }
 
@@ -804,6 +835,13 @@ static __always_inline int handle_destroy(int direct, const struct sock *sk)
 
 	if (!st)
 		return 0;
+	if (!(st->flags & (SF_CLOSED | SF_LISTENER))) {
+		/* its CLOSE transition was skipped (see NESTED); on_close may forget it */
+		on_close(direct, sk, st, &c);
+		st = tracked(direct, sk);
+		if (!st)
+			return 0;
+	}
 	if ((st->flags & SF_CLOSED) && !(st->flags & (SF_FINAL | SF_PENDING)))
 		finalize_close(st, &c);
 	forget(direct, sk, st);
@@ -965,6 +1003,43 @@ static __always_inline void claim(int direct, struct sock_state *st, const struc
 }
 
 /*
+ * Claim mode only: a connection accepted on one of our listeners whose
+ * handshake completed before these probes were loaded (a forked worker
+ * accepting from the queue it shares with its parent, whose own probes hold
+ * it pending for whoever uses it). Taken on at its first read or write, as
+ * established from the start (the kernel's byte counts of a passive socket
+ * start at 0 at ESTABLISHED), unless the parent counted it before the fork.
+ */
+static __always_inline struct sock_state *adopt_accepted(int direct, const struct sock *sk)
+{
+	struct listener_key lk = {};
+	struct sock_state *st;
+	struct flow_key key;
+	__u64 skp = (__u64)sk;
+	int state;
+
+	if (!control_on(CONTROL_CLAIM))
+		return NULL;
+	lk.port = RD(direct, sk, __sk_common.skc_num);
+	if (!listen_filter[listen_slot(lk.port)])
+		return NULL;
+	if (RD_BITFIELD(direct, sk, sk_protocol) != IPPROTO_TCP)
+		return NULL;
+	state = RD(direct, sk, __sk_common.skc_state);
+	if (state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT)
+		return NULL;
+	lk.netns = sk_netns(direct, sk);
+	if (!bpf_map_lookup_elem(&listeners, &lk) || bpf_map_lookup_elem(&parents, &skp) ||
+	    !owned_by_target())
+		return NULL;
+	peer_key(direct, &key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
+	st = track(direct, sk, &key, SF_PENDING | SF_ESTABLISHED, bpf_ktime_get_ns());
+	if (st)
+		st->established_ns = st->start_ns;
+	return st;
+}
+
+/*
  * A send or receive by a thread (process context), on every TCP socket of the
  * host while attached: attached for span enrichment (span_mode: which
  * connection the thread used, when, and its RTT then) and, once user space
@@ -981,6 +1056,8 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 	if (!sk)
 		return 0;
 	st = tracked(direct, sk);
+	if (!st)
+		st = adopt_accepted(direct, sk);
 	if (!st || (st->flags & SF_LISTENER) || !(span_mode || (st->flags & SF_PENDING)) ||
 	    !owned_by_target())
 		return 0;
@@ -1000,29 +1077,63 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 
 /* --- attach points: tp_btf, and raw_tp copies loaded only where tp_btf is not --- */
 
+/*
+ * Main programs mark their hook busy on this CPU while they run. The nested
+ * copy of a hook (same tracepoint, attached as well) acts only when it finds
+ * the hook busy here: for an event raised while the main program was
+ * interrupted on this CPU, which the kernel skipped for the main program.
+ * Otherwise it returns at once, so every event is handled exactly once.
+ */
+#define MAIN(hook, call)                                                        \
+	({                                                                      \
+		__u32 __h = (hook);                                             \
+		__u32 *__b = bpf_map_lookup_elem(&busy, &__h);                  \
+		int __r;                                                        \
+		if (__b)                                                        \
+			*__b = 1;                                               \
+		__r = (call);                                                   \
+		if (__b)                                                        \
+			*__b = 0;                                               \
+		__r;                                                            \
+	})
+#define NESTED(hook, call)                                                      \
+	({                                                                      \
+		__u32 __h = (hook);                                             \
+		__u32 *__b = bpf_map_lookup_elem(&busy, &__h);                  \
+		__u64 *__n;                                                     \
+		int __r = 0;                                                    \
+		if (__b && *__b) {                                              \
+			__n = bpf_map_lookup_elem(&rescued, &__h);              \
+			if (__n)                                                \
+				__sync_fetch_and_add(__n, 1);                   \
+			__r = (call);                                           \
+		}                                                               \
+		__r;                                                            \
+	})
+
 #define HOOKS(kind, direct)                                                                     \
 SEC(#kind "/tcp_destroy_sock")                                                                 \
 int BPF_PROG(kind##_destroy_sock, const struct sock *sk)                                       \
-{ return handle_destroy(direct, sk); }                                                                \
+{ return MAIN(HOOK_DESTROY_SOCK, handle_destroy(direct, sk)); }                                \
 SEC(#kind "/tcp_retransmit_skb")                                                               \
 int BPF_PROG(kind##_retransmit_skb, const struct sock *sk, const struct sk_buff *skb)          \
-{ return handle_retransmit(direct, sk, skb, 0); }                                                     \
+{ return MAIN(HOOK_RETRANSMIT_SKB, handle_retransmit(direct, sk, skb, 0)); }                   \
 SEC(#kind "/tcp_retransmit_skb")                                                               \
 int BPF_PROG(kind##_retransmit_skb_err, const struct sock *sk, const struct sk_buff *skb,      \
 	     int err)                                                                          \
-{ return handle_retransmit(direct, sk, skb, err); }                                                   \
+{ return MAIN(HOOK_RETRANSMIT_SKB, handle_retransmit(direct, sk, skb, err)); }                 \
 SEC(#kind "/tcp_retransmit_synack")                                                            \
 int BPF_PROG(kind##_retransmit_synack, const struct sock *sk, const struct request_sock *req)  \
-{ return handle_retransmit_synack(direct, sk, req); }                                                 \
+{ return MAIN(HOOK_RETRANSMIT_SYNACK, handle_retransmit_synack(direct, sk, req)); }            \
 SEC(#kind "/tcp_send_reset")                                                                   \
 int BPF_PROG(kind##_send_reset, const struct sock *sk)                                         \
-{ return handle_reset(direct, sk, SF_RST_SENT); }                                                     \
+{ return MAIN(HOOK_SEND_RESET, handle_reset(direct, sk, SF_RST_SENT)); }                       \
 SEC(#kind "/tcp_receive_reset")                                                                \
 int BPF_PROG(kind##_receive_reset, const struct sock *sk)                                      \
-{ return handle_reset(direct, sk, SF_RST_RECEIVED); }                                                 \
+{ return MAIN(HOOK_RECEIVE_RESET, handle_reset(direct, sk, SF_RST_RECEIVED)); }                \
 SEC(#kind "/sock_send_length")                                                                 \
 int BPF_PROG(kind##_send_length, const struct sock *sk, int ret, int flags)                    \
-{ return handle_sock_io(direct, sk); }                                                                \
+{ return handle_sock_io(direct, sk); }                                                         \
 SEC(#kind "/sock_recv_length")                                                                 \
 int BPF_PROG(kind##_recv_length, const struct sock *sk, int ret, int flags)                    \
 { return handle_sock_io(direct, sk); }
@@ -1031,16 +1142,47 @@ int BPF_PROG(kind##_recv_length, const struct sock *sk, int ret, int flags)     
 #define CAST_HOOKS(kind, suffix, direct)                                                        \
 SEC(#kind "/inet_sock_set_state")                                                              \
 int BPF_PROG(kind##_set_state##suffix, const struct sock *sk, int oldstate, int newstate)      \
-{ return handle_set_state(direct, sk, oldstate, newstate); }                                    \
+{ return MAIN(HOOK_SET_STATE, handle_set_state(direct, sk, oldstate, newstate)); }             \
 SEC(#kind "/tcp_probe")                                                                        \
 int BPF_PROG(kind##_probe##suffix, const struct sock *sk, const struct sk_buff *skb)          \
-{ return handle_probe(direct, sk, skb); }
+{ return MAIN(HOOK_PROBE, handle_probe(direct, sk, skb)); }
 
 HOOKS(tp_btf, READ_BTF)
 CAST_HOOKS(tp_btf, , READ_CAST)
 CAST_HOOKS(tp_btf, _nocast, READ_BTF)
 HOOKS(raw_tp, READ_PROBE)
 CAST_HOOKS(raw_tp, , READ_PROBE)
+
+/* The nested copies (see MAIN and NESTED above); rare, so without casts. */
+#define NESTED_HOOKS(kind, direct)                                                              \
+SEC(#kind "/inet_sock_set_state")                                                              \
+int BPF_PROG(kind##_set_state_nested, const struct sock *sk, int oldstate, int newstate)        \
+{ return NESTED(HOOK_SET_STATE, handle_set_state(direct, sk, oldstate, newstate)); }            \
+SEC(#kind "/tcp_destroy_sock")                                                                 \
+int BPF_PROG(kind##_destroy_sock_nested, const struct sock *sk)                                \
+{ return NESTED(HOOK_DESTROY_SOCK, handle_destroy(direct, sk)); }                              \
+SEC(#kind "/tcp_retransmit_skb")                                                               \
+int BPF_PROG(kind##_retransmit_skb_nested, const struct sock *sk, const struct sk_buff *skb)   \
+{ return NESTED(HOOK_RETRANSMIT_SKB, handle_retransmit(direct, sk, skb, 0)); }                 \
+SEC(#kind "/tcp_retransmit_skb")                                                               \
+int BPF_PROG(kind##_retransmit_skb_err_nested, const struct sock *sk, const struct sk_buff *skb, \
+	     int err)                                                                          \
+{ return NESTED(HOOK_RETRANSMIT_SKB, handle_retransmit(direct, sk, skb, err)); }               \
+SEC(#kind "/tcp_retransmit_synack")                                                            \
+int BPF_PROG(kind##_retransmit_synack_nested, const struct sock *sk, const struct request_sock *req) \
+{ return NESTED(HOOK_RETRANSMIT_SYNACK, handle_retransmit_synack(direct, sk, req)); }          \
+SEC(#kind "/tcp_send_reset")                                                                   \
+int BPF_PROG(kind##_send_reset_nested, const struct sock *sk)                                  \
+{ return NESTED(HOOK_SEND_RESET, handle_reset(direct, sk, SF_RST_SENT)); }                     \
+SEC(#kind "/tcp_receive_reset")                                                                \
+int BPF_PROG(kind##_receive_reset_nested, const struct sock *sk)                               \
+{ return NESTED(HOOK_RECEIVE_RESET, handle_reset(direct, sk, SF_RST_RECEIVED)); }              \
+SEC(#kind "/tcp_probe")                                                                        \
+int BPF_PROG(kind##_probe_nested, const struct sock *sk, const struct sk_buff *skb)            \
+{ return NESTED(HOOK_PROBE, handle_probe(direct, sk, skb)); }
+
+NESTED_HOOKS(tp_btf, READ_BTF)
+NESTED_HOOKS(raw_tp, READ_PROBE)
 
 /* --- iterator: live sockets --- */
 
@@ -1095,6 +1237,10 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 				return 0;
 			add_listener(&lk, skp);
 			st->drops = sk->sk_drops.counter;
+			/* Claim mode while adopting: a forked child's inherited
+			 * listener, whose drops its creator already counts. */
+			if (control_on(CONTROL_CLAIM))
+				st->flags |= SF_PENDING;
 			return 0;
 		}
 		if (state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT && state != TCP_FIN_WAIT1 &&
@@ -1119,6 +1265,7 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		return 0;
 	}
 
+	st->seen_ns = now;
 	if (st->flags & SF_LISTENER) {
 		listener_drops(true, sk, st);
 		return 0;

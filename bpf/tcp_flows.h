@@ -60,6 +60,50 @@ struct flow_counters {
 	__u64 listen_overflows;		/* server keys with no address: listen-queue drops */
 };
 
+/* sock_state.flags */
+#define SF_RST_SENT (1 << 0)
+#define SF_RST_RECEIVED (1 << 1)
+#define SF_PEER_ZERO_WIN (1 << 2)
+#define SF_OUR_ZERO_WIN (1 << 3)
+#define SF_ESTABLISHED (1 << 4)
+#define SF_LISTENER (1 << 5)
+#define SF_CLOSED (1 << 6)
+#define SF_FINAL (1 << 7)
+#define SF_FIN_SENT (1 << 8)
+#define SF_PENDING (1 << 9)	/* claim mode: accepted, not yet used by this process */
+#define SF_NO_WSCALE (1 << 10)
+
+/*
+ * What the kernel keeps per tracked socket (the socks map). User space reads it
+ * only to find sockets gone without a word: established, never CLOSE, and not
+ * seen by the socket iterator (seen_ns) in the last two passes over their
+ * network namespace. See KernelSource._sweep.
+ */
+struct sock_state {
+	struct flow_key key;
+	__u16 flags;		/* SF_* */
+	__u8 err;		/* sk_err at CLOSE */
+	__u8 __pad0;
+	__u32 tid;
+	__u32 drops;		/* listener: sk_drops already counted */
+	__u64 conn_id;
+	__u64 start_ns;		/* connect() (client), listen() or ESTABLISHED (server) */
+	__u64 established_ns;
+	__u64 closed_ns;
+	__u64 bytes_acked;	/* already counted */
+	__u64 bytes_received;
+	__u64 retrans_segs;
+	__u64 last_rtt_ns;
+	__u32 srtt_us;
+	__u32 last_tid;		/* the thread that last sent or received on it */
+	__u64 handshake_ns;	/* server in claim mode: reported once claimed */
+	__u16 peer_port;	/* the peer's actual port */
+	__u8 slot;		/* where note_use() last put it in a thread's slots */
+	__u8 __pad1;
+	__u32 netns;		/* network namespace inode */
+	__u64 seen_ns;		/* when the socket iterator last visited it */
+};
+
 enum flow_event_kind {
 	FLOW_EVENT_HANDSHAKE = 1,	/* duration_ns: SYN sent/received -> ESTABLISHED */
 	FLOW_EVENT_CLOSE = 2,		/* duration_ns: ESTABLISHED -> CLOSE; reason: enum close_reason */
@@ -100,6 +144,25 @@ enum probe_stat {
 	STAT_LISTENERS_FULL = 4,	/* a listener could not be registered: its connections go unseen */
 	STAT_CONN_EVENTS_LOST = 5,	/* conn_events ring full: a span-enrichment record was dropped */
 	STAT_MAX = 6,
+};
+
+/*
+ * Hooks with a nested copy. The kernel runs a tracing program at most once at a
+ * time per CPU: an event raised while the program is already running on that
+ * CPU (a softirq that interrupted it in process context) skips it, counted
+ * only in the program's recursion_misses. Each of these hooks has a second
+ * program on the same tracepoint that handles exactly those events; user space
+ * reports misses - rescued[hook] as lost.
+ */
+enum hook_id {
+	HOOK_SET_STATE = 0,
+	HOOK_DESTROY_SOCK = 1,
+	HOOK_RETRANSMIT_SKB = 2,
+	HOOK_RETRANSMIT_SYNACK = 3,
+	HOOK_SEND_RESET = 4,
+	HOOK_RECEIVE_RESET = 5,
+	HOOK_PROBE = 6,
+	HOOK_MAX = 7,
 };
 
 /* Connections a thread used lately (span enrichment): the slot of a connection

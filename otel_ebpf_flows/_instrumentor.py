@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Any, Callable, Collection, Dict, FrozenSet, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
@@ -24,7 +24,7 @@ from opentelemetry.metrics import MeterProvider, get_meter
 
 from . import _spans
 from ._config import ENV_MODE, Config, load_config
-from ._kernel import KernelSource, has_privilege, own_socket_inodes
+from ._kernel import KernelSource, has_privilege, listening_socket_inodes, own_socket_inodes
 from ._sockdiag import CANNOT_SEE, SockDiagSource
 from ._sockdiag import MARKER as SOCK_DIAG_MARKER
 from ._telemetry import Instruments, Pipeline
@@ -149,7 +149,7 @@ def _instrument_via_agent(cls: Any, config: Config, tracer_provider: Optional[tr
 
 
 def _make_pipeline(config: Config, instruments: Instruments, tracer_provider: Optional[trace.TracerProvider],
-                   inherited: Optional[FrozenSet[int]] = None) -> Pipeline:
+                   inherited: Optional[FrozenSet[int]] = None, parents: Sequence[int] = ()) -> Pipeline:
     """The pipeline of mode ebpf or sock_diag: the first that ``config.mode`` allows and that starts.
 
     ``auto``: ebpf if the probes load, else sock_diag. A named mode is that mode or nothing (its
@@ -159,7 +159,7 @@ def _make_pipeline(config: Config, instruments: Instruments, tracer_provider: Op
     why = ""
     if config.mode in ("auto", "ebpf"):
         try:
-            return _ebpf_pipeline(config, instruments, tracer_provider, inherited)
+            return _ebpf_pipeline(config, instruments, tracer_provider, inherited, parents)
         except EbpfFlowsError as exc:
             if config.mode == "ebpf" or not sys.platform.startswith("linux"):  # no fallback off Linux
                 raise
@@ -196,9 +196,9 @@ def sock_diag_notice(source: SockDiagSource) -> str:
 
 
 def _ebpf_pipeline(config: Config, instruments: Instruments, tracer_provider: Optional[trace.TracerProvider],
-                   inherited: Optional[FrozenSet[int]] = None) -> Pipeline:
+                   inherited: Optional[FrozenSet[int]] = None, parents: Sequence[int] = ()) -> Pipeline:
     """Load the probes for this process and start its reader (and span enrichment)."""
-    source = KernelSource(config, span_mode=config.span_enrichment, inherited=inherited)
+    source = KernelSource(config, span_mode=config.span_enrichment, inherited=inherited, parents=parents)
     spans = _span_enrichment(source, config)
     pipeline = Pipeline(
         source, instruments, config.max_peers, config.poll_interval, config.sample_interval,
@@ -277,8 +277,9 @@ def _after_fork_in_child() -> None:
 
     The parent's probes follow the parent's pid and its reader thread does not
     exist here: the child closes its copies of the parent's kernel objects
-    (the parent's probes stay attached for the parent) and, in a thread of its
-    own so that the fork returns at once, loads the probes for itself on the
+    (the parent's probes stay attached for the parent) and loads the probes for
+    itself (before fork() returns when it inherited a listener, which it may
+    accept on at once; otherwise in a thread of its own) on the
     same instruments, hence the same MeterProvider. Sockets it inherited stay
     counted by the parent, except listeners, which both share in claim mode.
     The reader was quiesced across the fork, so no lock it uses is inherited
@@ -298,9 +299,12 @@ def _after_fork_in_child() -> None:
     cls._pipeline = None
     cls._lock = threading.Lock()  # in case another thread held it at fork
     _spans.after_fork_in_child()
+    parents: List[int] = []
     try:
         getattr(pipeline.source, "after_fork_in_child", lambda: None)()
         pipeline.resume()
+        if isinstance(pipeline.source, KernelSource) and pipeline.source.claiming:
+            parents = pipeline.source.server_sockets_counted()
         pipeline.source.close()
     except Exception:  # pragma: no cover - never fail a fork
         pass
@@ -313,7 +317,13 @@ def _after_fork_in_child() -> None:
         return
     try:
         inherited = frozenset(own_socket_inodes())
-        threading.Thread(target=_restart_in_child, args=(setup, inherited),
+        if inherited & listening_socket_inodes():
+            # A pre-fork worker: it may accept the moment fork() returns, so its probes
+            # are attached before then (tens of ms, see benchmarks/README.md), and a
+            # connection it takes from the shared queue is never counted by nobody.
+            _restart_in_child(setup, inherited, parents)
+            return
+        threading.Thread(target=_restart_in_child, args=(setup, inherited, parents),
                          name="otel-ebpf-flows-restart", daemon=True).start()
     except Exception:  # pragma: no cover - never fail a fork
         _log.warning("otel-ebpf-flows: kernel TCP telemetry is off in forked process %d: the restart "
@@ -321,11 +331,11 @@ def _after_fork_in_child() -> None:
 
 
 def _restart_in_child(setup: Tuple[Config, Instruments, Optional[trace.TracerProvider]],
-                      inherited: FrozenSet[int]) -> None:
+                      inherited: FrozenSet[int], parents: Sequence[int] = ()) -> None:
     cls = EbpfFlowsInstrumentor
     config, instruments, tracer_provider = setup
     try:
-        pipeline = _make_pipeline(config, instruments, tracer_provider, inherited)
+        pipeline = _make_pipeline(config, instruments, tracer_provider, inherited, parents)
     except EbpfFlowsError as exc:
         _log.warning("otel-ebpf-flows: kernel TCP telemetry is off in forked process %d: %s", os.getpid(), exc)
         return

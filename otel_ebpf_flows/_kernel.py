@@ -18,7 +18,9 @@ import re
 import sys
 import threading
 import time
-from typing import Callable, Collection, Dict, FrozenSet, List, Optional, Tuple
+from typing import Callable, Collection, Dict, FrozenSet, List, Optional, Tuple, Union
+
+import attrs
 
 from . import _libbpf, _records
 from ._config import Config
@@ -57,6 +59,10 @@ CAST_HOOKS = ("set_state", "probe")
 IO_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
 THREAD_HOOKS = CLAIM_HOOKS = IO_HOOKS
 THREAD_TRACEPOINTS = CLAIM_TRACEPOINTS = IO_TRACEPOINTS
+# Each of HOOKS also has a "_nested" copy that handles the
+# events the kernel skipped for the main program while it was interrupted on
+# the same CPU (see tcp_flows.h); what neither handled is counted as lost.
+NESTED_SUFFIX = "_nested"
 ITERATOR = "sample_sockets"
 CONTROL_SEEDING = 0
 CONTROL_CLAIM = 1
@@ -65,6 +71,11 @@ TCP_LISTEN_HEX = "0A"
 MAX_HOST_SEEDS = 1 << 20  # host-wide: the seeds map is resized to fit every socket, up to this
 # Reading side: how held-back RTT samples are handed on (see KernelSource.poll).
 MIN_SAMPLES_PER_POLL = 256
+
+
+def _int(key: Union[int, ctypes.c_uint64]) -> int:
+    """A u64 map key as read: an int from a batch read, a c_uint64 otherwise."""
+    return key if isinstance(key, int) else int(key.value)
 
 
 def object_path(name: str = OBJECT_NAME) -> str:
@@ -201,7 +212,8 @@ class KernelSource:
 
     def __init__(self, config: Optional[Config] = None, pid: Optional[int] = None,
                  variants: Tuple[str, ...] = VARIANTS, span_mode: bool = False,
-                 inherited: Optional[Collection[int]] = None, host_wide: bool = False) -> None:
+                 inherited: Optional[Collection[int]] = None, host_wide: bool = False,
+                 parents: Collection[int] = ()) -> None:
         if host_wide and pid:
             raise ValueError("a host-wide KernelSource observes every process: pass no pid")
         self._config = config or Config()
@@ -211,6 +223,7 @@ class KernelSource:
         self._variants = variants
         self._span_mode = span_mode
         self._inherited = None if inherited is None else frozenset(inherited)
+        self._parents = list(parents)[:MAX_SEEDS]  # see server_sockets_counted
         #: Whether this kernel has the claim hooks (sock_recv_length, sock_send_length).
         self.can_claim = False
         #: Whether claim mode is on (accepted sockets count once this process uses them).
@@ -238,6 +251,12 @@ class KernelSource:
         self._flows_seen: Dict[bytes, Tuple[bytes, FlowKey, Counters]] = {}
         self.variant = ""
         self.attached: List[str] = []
+        self._main_programs: List[str] = []  # in HOOKS order
+        # Sockets found gone without their CLOSE ever reaching the probes (see _sweep):
+        # counted as closes with reason _OTHER, per key, and in self-telemetry.
+        self._swept: Dict[FlowKey, int] = {}
+        self._passes: List[int] = []  # CLOCK_MONOTONIC ns at the start of the last two iterator passes
+        self._netns = 0
 
     # -- Source ----------------------------------------------------------------
 
@@ -266,6 +285,10 @@ class KernelSource:
                 with self._conn_lock:
                     self._conn_ring = obj.ring_buffer("conn_events", self._on_record)
                     self._threads = obj.map("threads")
+            if self._parents:
+                parents = self._require().map("parents")
+                for skp in self._parents:
+                    parents.update(ctypes.c_uint64(skp), ctypes.c_uint8(1))
             if self._inherited is not None and self._inherited & listening_socket_inodes():
                 self.enable_claim()
             self._seed_existing_sockets()
@@ -336,6 +359,7 @@ class KernelSource:
     def sample(self) -> Snapshot:
         """Counters now; the pass's RTT samples are handed on by the following polls."""
         obj = self._require()
+        started = time.monotonic_ns()  # the clock of bpf_ktime_get_ns
         data = obj.run_iterator(ITERATOR)
         if len(data) % _records.EVENT_SIZE:
             raise _records.RecordError(f"{len(data)} bytes is not a whole number of flow events")
@@ -343,6 +367,7 @@ class KernelSource:
             # what a previous pass left undelivered goes first (older samples)
             self._sampled = self._sampled[self._sampled_at:] + data
             self._sampled_at = 0
+        self._sweep(started)
         if self._ring is not None:
             self._ring.consume()
         return Snapshot(counters=self._read_counters(), probes=self._read_probe_stats())
@@ -362,6 +387,16 @@ class KernelSource:
     def probe_stats(self) -> ProbeStats:
         """Self-telemetry now, without sampling the sockets."""
         return self._read_probe_stats()
+
+    def server_sockets_counted(self) -> List[int]:
+        """Accepted sockets already counted as this process's (a forked child never takes them on)."""
+        obj = self._require()
+        out = []
+        skip = _records.SF_PENDING | _records.SF_LISTENER | _records.SF_CLOSED
+        for skp, st in obj.map("socks").items(ctypes.c_uint64, _records.CSockState):
+            if st.key.role == _records.FLOW_ROLE_SERVER and st.flags & _records.SF_ESTABLISHED and not st.flags & skip:
+                out.append(_int(skp))
+        return out
 
     def has_listeners(self) -> bool:
         """Whether this process has a listening socket the probes know of."""
@@ -408,6 +443,10 @@ class KernelSource:
         cfg = self._config
         obj = _libbpf.BpfObject(path)
         self._obj = obj
+        try:  # the namespace whose socket table the iterator walks (see _sweep)
+            self._netns = os.stat("/proc/self/ns/net").st_ino
+        except OSError:
+            self._netns = 0
         st = os.stat("/proc/self/ns/pid")
         obj.set_globals(
             ".rodata",
@@ -447,6 +486,11 @@ class KernelSource:
                 obj.set_autoload(f"{kind}_retransmit_skb", False)
             for hook in IO_HOOKS:  # loaded for claim mode as well, attached on demand
                 obj.set_autoload(f"{kind}_{hook}", kind == variant and has_io)
+            for hook in HOOKS:
+                obj.set_autoload(f"{kind}_{hook}{NESTED_SUFFIX}", kind == variant)
+            obj.set_autoload(f"{kind}_retransmit_skb_err{NESTED_SUFFIX}", kind == variant and retransmit_has_err)
+            if kind == variant and retransmit_has_err:
+                obj.set_autoload(f"{kind}_retransmit_skb{NESTED_SUFFIX}", False)
         obj.load()
         flows = obj.map("flows")
         for role in (_records.FLOW_ROLE_CLIENT, _records.FLOW_ROLE_SERVER):
@@ -460,6 +504,13 @@ class KernelSource:
                 name += "_nocast"
             obj.attach(name)
             attached.append(name)
+        self._main_programs = list(attached)
+        for hook in HOOKS:  # the nested copies probe-read: no _nocast variants of them
+            name = f"{variant}_{hook}"
+            if hook == "retransmit_skb" and retransmit_has_err:
+                name += "_err"
+            obj.attach(name + NESTED_SUFFIX)
+            attached.append(name + NESTED_SUFFIX)
         if tracks_threads:
             for hook in IO_HOOKS:
                 obj.attach(f"{variant}_{hook}")
@@ -503,6 +554,42 @@ class KernelSource:
             control.update(ctypes.c_uint32(CONTROL_SEEDING), ctypes.c_uint32(0))
             for ino in inodes[:limit]:
                 seeds.delete(ctypes.c_uint64(ino))
+
+    def _sweep(self, started: int) -> None:
+        """Count and forget tracked sockets that are gone though their CLOSE never reached the probes.
+
+        A connection's close is normally counted by the kernel programs. Rarely the
+        kernel does not run them for a socket's last transitions (see docs/metrics.md,
+        ``tcp_flows.unseen_close``): its entry would stay in the socks map, the
+        connection counted as active for ever. An established socket that is not
+        closed is in its namespace's socket table, which the iterator walks on every
+        sample; one it visited in neither of the last two passes, though it was
+        established before both began, is gone.
+        """
+        self._passes = (self._passes + [started])[-2:]
+        if len(self._passes) < 2 or not self._netns:
+            return
+        since = self._passes[0]
+        socks = self._require().map("socks")
+        gone = []
+        skip = _records.SF_CLOSED | _records.SF_LISTENER | _records.SF_PENDING
+        for skp, st in socks.items(ctypes.c_uint64, _records.CSockState):
+            if (st.flags & _records.SF_ESTABLISHED and not st.flags & skip and st.netns == self._netns
+                    and st.established_ns < since and st.seen_ns < since):
+                gone.append((_int(skp), bytes(st.key)))
+        if not gone:
+            return
+        counted = {bytes(k) for k, _ in self._require().map("flows").items(_records.CFlowKey, _records.CFlowCounters)}
+        for skp_value, raw_key in gone:
+            socks.delete(ctypes.c_uint64(skp_value))
+            raw = _records.CFlowKey.from_buffer_copy(raw_key)
+            if raw_key not in counted:  # the kernel counted it under its role's overflow key
+                raw = _records.overflow_key(raw.role)
+            try:
+                key = _records.decode_key(raw)
+            except _records.RecordError:
+                continue
+            self._swept[key] = self._swept.get(key, 0) + 1
 
     def _on_record(self, data: bytes) -> None:
         try:
@@ -558,7 +645,27 @@ class KernelSource:
             now[kb] = (vb, key, counters)
             out[key] = counters
         self._flows_seen = now
+        for key, n in self._swept.items():
+            c = out.get(key, Counters())
+            out[key] = attrs.evolve(c, closed=c.closed + n, closes={**c.closes, "_OTHER": c.closes["_OTHER"] + n})
         return out
+
+    def _skipped(self) -> int:
+        """Tracepoint events the kernel ran neither a main program nor its nested copy for."""
+        if not self._main_programs:
+            return 0
+        obj = self._require()
+        rescued = obj.map("rescued")
+        total = 0
+        for i, name in enumerate(self._main_programs):  # HOOKS order: enum hook_id
+            n = ctypes.c_uint64()
+            rescued.lookup(ctypes.c_uint32(i), n)
+            try:
+                misses = obj.recursion_misses(name)
+            except BpfError:
+                misses = 0
+            total += max(0, misses - n.value)
+        return total
 
     def _read_probe_stats(self) -> ProbeStats:
         stats = self._require().map("stats")
@@ -573,6 +680,8 @@ class KernelSource:
                 "tcp_flows.syn_wait": vals[_records.STAT_SYN_WAIT_MISSED],
                 "tcp_flows.conn_events": vals[_records.STAT_CONN_EVENTS_LOST],
                 "tcp_flows.decode": self._decode_errors,
+                "tcp_flows.unseen_close": sum(self._swept.values()),
+                "tcp_flows.skipped": self._skipped(),
             },
             map_evictions={
                 "tcp_flows.socks": vals[_records.STAT_SOCKS_FULL],

@@ -74,6 +74,7 @@ _SIGNATURES: Dict[str, Tuple[object, List[object]]] = {
     "bpf_program__attach_iter": (_c_void_p, [_c_void_p, _c_void_p]),
     "bpf_program__fd": (_c_int, [_c_void_p]),
     "bpf_link__fd": (_c_int, [_c_void_p]),
+    "bpf_obj_get_info_by_fd": (_c_int, [_c_int, _c_void_p, ctypes.POINTER(_c_u32)]),
     "bpf_link__destroy": (_c_int, [_c_void_p]),
     "bpf_iter_create": (_c_int, [_c_int]),
     "bpf_map_lookup_elem": (_c_int, [_c_int, _c_void_p, _c_void_p]),
@@ -95,6 +96,11 @@ _SIGNATURES: Dict[str, Tuple[object, List[object]]] = {
     "btf__type_by_id": (ctypes.POINTER(_BtfType), [_c_void_p, _c_u32]),
     "btf__name_by_offset": (_c_char_p, [_c_void_p, _c_u32]),
 }
+
+# struct bpf_prog_info (uapi/linux/bpf.h): its size up to and including the
+# recursion_misses field (Linux 5.12+), and that field's offset
+_PROG_INFO_SIZE = 216
+_PROG_INFO_RECURSION_MISSES = 208
 
 _lib: Optional[ctypes.CDLL] = None
 _lib_lock = threading.Lock()
@@ -484,6 +490,20 @@ class BpfObject:
         link = Link(self._lib, ptr, name)
         self._links.append(link)
         return link
+
+    def recursion_misses(self, name: str) -> int:
+        """How often the kernel skipped a loaded program because it was already running on that CPU."""
+        fd = self._lib.bpf_program__fd(self._prog_ptr(name))
+        if fd < 0:
+            raise _err(f"{name} is not loaded", fd)
+        info = (ctypes.c_uint8 * _PROG_INFO_SIZE)()
+        size = _c_u32(_PROG_INFO_SIZE)
+        rc = self._lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size))
+        if rc:
+            raise _err(f"cannot read the information of {name}", rc)
+        if size.value < _PROG_INFO_RECURSION_MISSES + 8:
+            return 0  # a kernel older than 5.12 neither counts nor skips this way
+        return int.from_bytes(bytes(info[_PROG_INFO_RECURSION_MISSES:_PROG_INFO_RECURSION_MISSES + 8]), "little")
 
     def run_iterator(self, name: str) -> bytes:
         """Run an iterator program once and return everything it wrote."""

@@ -54,7 +54,23 @@ STAT_LISTENERS_FULL = 4
 STAT_CONN_EVENTS_LOST = 5
 STAT_MAX = 6
 
+# enum hook_id: hooks with a nested copy, in _kernel.HOOKS order
+HOOK_SET_STATE = 0
+HOOK_DESTROY_SOCK = 1
+HOOK_RETRANSMIT_SKB = 2
+HOOK_RETRANSMIT_SYNACK = 3
+HOOK_SEND_RESET = 4
+HOOK_RECEIVE_RESET = 5
+HOOK_PROBE = 6
+HOOK_MAX = 7
+
 THREAD_SLOTS = 16
+
+# sock_state.flags (those user space reads)
+SF_ESTABLISHED = 1 << 4
+SF_LISTENER = 1 << 5
+SF_CLOSED = 1 << 6
+SF_PENDING = 1 << 9
 
 _U64 = ctypes.c_uint64
 
@@ -121,6 +137,33 @@ class CThreadConns(ctypes.Structure):
 #: struct thread_slot as one precompiled layout (conn_id, last_ns, srtt_us, __pad0)
 THREAD_SLOT = struct.Struct("=QQII")
 
+class CSockState(ctypes.Structure):
+    _fields_ = [
+        ("key", CFlowKey),
+        ("flags", ctypes.c_uint16),
+        ("err", ctypes.c_uint8),
+        ("__pad0", ctypes.c_uint8),
+        ("tid", ctypes.c_uint32),
+        ("drops", ctypes.c_uint32),
+        ("conn_id", _U64),
+        ("start_ns", _U64),
+        ("established_ns", _U64),
+        ("closed_ns", _U64),
+        ("bytes_acked", _U64),
+        ("bytes_received", _U64),
+        ("retrans_segs", _U64),
+        ("last_rtt_ns", _U64),
+        ("srtt_us", ctypes.c_uint32),
+        ("last_tid", ctypes.c_uint32),
+        ("handshake_ns", _U64),
+        ("peer_port", ctypes.c_uint16),
+        ("slot", ctypes.c_uint8),
+        ("__pad1", ctypes.c_uint8),
+        ("netns", ctypes.c_uint32),
+        ("seen_ns", _U64),
+    ]
+
+
 # name -> (ctypes mirror, C struct name) for the BTF cross-check
 MIRRORS: Dict[str, Tuple[type, str]] = {
     "flow_key": (CFlowKey, "flow_key"),
@@ -128,6 +171,7 @@ MIRRORS: Dict[str, Tuple[type, str]] = {
     "flow_event": (CFlowEvent, "flow_event"),
     "thread_slot": (CThreadSlot, "thread_slot"),
     "thread_conns": (CThreadConns, "thread_conns"),
+    "sock_state": (CSockState, "sock_state"),
 }
 
 _V4_PREFIX = bytes(10) + b"\xff\xff"

@@ -426,6 +426,8 @@ def completeness(probes: ProbeStats) -> Tuple[bool, str]:
         "tcp_flows.events": "records lost (ring buffer full)",
         "tcp_flows.syn_wait": "server handshakes not timed",
         "tcp_flows.decode": "malformed records",
+        "tcp_flows.skipped": "kernel events skipped by the probes",
+        "tcp_flows.unseen_close": "closes found late (reason unknown)",
         "tcp_flows.socks": "connections not tracked (map full)",
         "tcp_flows.flows": "counts folded into _OTHER (too many peers)",
         "tcp_flows.listeners": "listeners not registered (map full)",

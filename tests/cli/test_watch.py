@@ -135,7 +135,6 @@ def assert_terminal_restored(tmux: Tmux) -> None:
     assert tmux.display("#{alternate_on} #{cursor_flag}") == "0 1"  # main screen, cursor shown
 
 
-@pytest.mark.flaky(reruns=2)  # KNOWN DEFECT, issue 6 notes: a rare undercount under load; remove once fixed
 def test_screen_rows_reconcile_with_the_namespace_counters(tmux: Tmux) -> None:
     port = service_port()
     start_watch(tmux, port)
@@ -221,7 +220,6 @@ def stop(proc: subprocess.Popen) -> Tuple[int, str]:
     return proc.returncode, err
 
 
-@pytest.mark.flaky(reruns=2)  # KNOWN DEFECT, issue 6 notes: a rare undercount under load; remove once fixed
 def test_text_snapshots_when_output_is_a_pipe(kernel_ok: None) -> None:
     port = service_port()
     proc = spawn(*watch_args(port))
@@ -240,7 +238,6 @@ def test_text_snapshots_when_output_is_a_pipe(kernel_ok: None) -> None:
     assert status == 0, err
 
 
-@pytest.mark.flaky(reruns=2)  # KNOWN DEFECT, issue 6 notes: a rare undercount under load; remove once fixed
 def test_json_snapshots_reconcile_exactly(kernel_ok: None) -> None:
     port = service_port()
     proc = spawn(*watch_args(port, "--json"))

@@ -47,7 +47,6 @@ def pressure(kernel_ok: None) -> Dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.flaky(reruns=2)  # KNOWN DEFECT, issue 6 notes: a rare undercount under load; remove once fixed
 def test_thousands_of_connections_and_churn_exact(pressure):
     r = pressure
     roomy = r["roomy"]
@@ -55,21 +54,32 @@ def test_thousands_of_connections_and_churn_exact(pressure):
     assert_monotonic(roomy["collections"])
     assert probe(rows, "ebpf_flows.probe.map.evictions", "tcp_flows.socks") == 0
     assert probe(rows, "ebpf_flows.probe.map.evictions", "tcp_flows.flows") == 0
+    # events the kernel did not run the probes for (nor their nested copies): counted, host-wide
+    # (they may be other processes'), so the only allowance for a shortfall
+    skipped = probe(rows, "ebpf_flows.probe.events.lost", "tcp_flows.skipped")
+
+    def exact(got: int, want: int) -> None:
+        """Exact when nothing was skipped; otherwise short by at most what was counted as skipped."""
+        assert want - skipped <= got <= want if skipped else got == want, (got, want, skipped)
+
     # nothing evicted: exact against the kernel
     assert mib["Tcp.ActiveOpens"] == mib["Tcp.PassiveOpens"] == n
-    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client") == n
-    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == n
-    assert total(rows, "ebpf_flows.tcp.connection.closes") == 2 * n
-    assert total(rows, "ebpf_flows.tcp.connections.active") == 0
+    exact(total(rows, ATTEMPTS, ebpf_flows__tcp__role="client"), n)
+    exact(total(rows, ATTEMPTS, ebpf_flows__tcp__role="server"), n)
+    exact(total(rows, "ebpf_flows.tcp.connection.closes"), 2 * n)
+    assert abs(total(rows, "ebpf_flows.tcp.connections.active")) <= skipped
     # 1 byte per connection, client to server: acknowledged on one side, received on the other
-    assert total(rows, "ebpf_flows.tcp.io", network__io__direction="transmit") == n
-    assert total(rows, "ebpf_flows.tcp.io", network__io__direction="receive") == n
+    exact(total(rows, "ebpf_flows.tcp.io", network__io__direction="transmit"), n)
+    exact(total(rows, "ebpf_flows.tcp.io", network__io__direction="receive"), n)
     # every per-connection record arrived or was counted as lost (or, server side, as a SYN wait
     # whose start was not found): 2 handshakes and 2 closes per connection
     lost = probe(rows, "ebpf_flows.probe.events.lost", "tcp_flows.events")
     syn_wait = probe(rows, "ebpf_flows.probe.events.lost", "tcp_flows.syn_wait")
+    # a close the kernel never reported is counted (reason _OTHER) once found gone, without a duration
+    unseen = probe(rows, "ebpf_flows.probe.events.lost", "tcp_flows.unseen_close")
+    assert total(rows, "ebpf_flows.tcp.connection.closes", ebpf_flows__tcp__close__reason="_OTHER") == unseen
     got = counts(rows, "ebpf_flows.tcp.handshake.duration") + counts(rows, "ebpf_flows.tcp.connection.duration")
-    assert got + lost + syn_wait == 4 * n, (got, lost, syn_wait)
+    exact(got + lost + syn_wait + unseen, 4 * n)
     assert probe(rows, "ebpf_flows.probe.events.lost", "tcp_flows.decode") == 0
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-
-from tests.kernel.conftest import points, total
+from tests.kernel.conftest import exact, points, total
 
 ATTEMPTS = "ebpf_flows.tcp.connection.attempts"
 RETRANS = "ebpf_flows.tcp.retransmits"
@@ -20,13 +18,12 @@ RTT = "ebpf_flows.tcp.rtt"
 HANDSHAKE = "ebpf_flows.tcp.handshake.duration"
 
 
-@pytest.mark.flaky(reruns=2)  # KNOWN DEFECT, issue 6 notes: a rare undercount under load; remove once fixed
 def test_client_retransmits_and_bytes_under_loss(run_scenario):
     r = run_scenario("client_loss")
     rows, infos, n = r["points"], r["infos"], r["connections"]
     assert sum(i["total_retrans"] for i in infos) > 0, "5 % loss produced no retransmit: no test"
     # retransmits, SYN ones included, equal the kernel's per-socket count
-    assert total(rows, RETRANS, ebpf_flows__tcp__role="client") == sum(i["total_retrans"] for i in infos)
+    exact(total(rows, RETRANS, ebpf_flows__tcp__role="client"), sum(i["total_retrans"] for i in infos), rows)
     # payload bytes: TCP_INFO counts our FIN (acked) and theirs (received) once per connection
     assert total(rows, IO, network__io__direction="transmit") == r["payload"]
     assert sum(i["bytes_acked"] for i in infos) == r["payload"] + n
@@ -40,7 +37,6 @@ def test_client_retransmits_and_bytes_under_loss(run_scenario):
     assert not points(rows, RETRANS, ebpf_flows__tcp__role="server")
 
 
-@pytest.mark.flaky(reruns=2)  # KNOWN DEFECT, issue 6 notes: a rare undercount under load; remove once fixed
 def test_server_retransmits_from_softirq_are_the_servers(run_scenario):
     r = run_scenario("server_loss")
     rows, infos, peer_infos = r["points"], r["infos"], r["peer_infos"]
@@ -49,7 +45,7 @@ def test_server_retransmits_from_softirq_are_the_servers(run_scenario):
     assert all(i["state"] == 7 for i in infos), "a server socket had not closed when read"
     counted = total(rows, RETRANS, ebpf_flows__tcp__role="server", network__local__port=5556)
     theirs = sum(i["total_retrans"] for i in peer_infos)
-    assert counted == ours, (counted, ours, theirs, r["mib"]["Tcp.RetransSegs"])
+    exact(counted, ours, rows)
     # the namespace's RetransSegs is ours plus the other process's, exactly
     assert r["mib"]["Tcp.RetransSegs"] == ours + theirs, (counted, ours, theirs, r["mib"]["Tcp.RetransSegs"])
     assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == r["connections"] == r["mib"]["Tcp.PassiveOpens"]
@@ -76,7 +72,6 @@ def test_connection_attempts_and_failures(run_scenario):
     assert not [p for p in rows if p["attrs"].get("network.peer.port") == 5560]
 
 
-@pytest.mark.flaky(reruns=2)  # KNOWN DEFECT, issue 6 notes: a rare undercount under load; remove once fixed
 def test_server_handshakes_and_listen_overflows(run_scenario):
     r = run_scenario("server_attempts")
     rows, mib = r["points"], r["mib"]
@@ -86,7 +81,11 @@ def test_server_handshakes_and_listen_overflows(run_scenario):
     assert total(rows, OVERFLOWS, network__local__port=5562) == mib["TcpExt.ListenOverflows"]
     assert all(set(p["attrs"]) == {"network.local.port"} for p in points(rows, OVERFLOWS))
     handshakes = points(rows, HANDSHAKE, ebpf_flows__tcp__role="server", network__local__port=5561)
-    assert handshakes and handshakes[0]["count"] == 5  # SYN wait of every accepted connection
+    # the SYN wait of every accepted connection, but one whose request was not found in the accept
+    # queue, which is counted instead (none in practice since the lookup walks the queue)
+    syn_wait = sum(p["value"] for p in points(rows, "ebpf_flows.probe.events.lost",
+                                               ebpf_flows__probe__name="tcp_flows.syn_wait"))
+    assert handshakes and handshakes[0]["count"] + syn_wait == 5, (handshakes, syn_wait)
     assert 0 < handshakes[0]["max"] < 0.5
 
 

@@ -443,6 +443,128 @@ def fork_child() -> Dict[str, Any]:
 
 
 @scenario
+def fork_serve_at_once() -> Dict[str, Any]:
+    """Pre-fork workers that accept the moment fork() returns, from a queue already holding
+    connections whose handshakes completed before the fork (counted by the parent, which
+    accepted the handshake) and others that complete while the workers load their probes:
+    parent and workers together count every connection exactly once."""
+    import json
+    import os
+
+    setup_netns()
+    shared = socket.socket()
+    shared.bind(("127.0.0.1", 5577))
+    shared.listen(64)
+    early, late, workers = 6, 6, 2
+    clients_n = early + late
+    tel = Telemetry()
+    before = mib()
+    clients = peer("clients", "5577", "--count", str(early), "--rounds", "1")
+    time.sleep(0.5)  # their handshakes complete in the kernel; nobody has accepted yet
+
+    def connect_late(_i: int) -> None:
+        s = socket.create_connection(("127.0.0.1", 5577), timeout=60)
+        s.sendall(b"l" * 100)
+        recv_exactly(s, 100)
+        s.shutdown(socket.SHUT_WR)
+        drain_until_eof(s)
+        s.close()
+
+    def served_by_me(rows: Any) -> int:
+        return sum(p["value"] for p in rows if p["name"] == "ebpf_flows.tcp.connection.attempts"
+                   and p["attrs"]["ebpf_flows.tcp.role"] == "server" and "error.type" not in p["attrs"])
+
+    def serve(idle_s: float) -> int:
+        served = 0
+        shared.settimeout(idle_s)
+        while True:
+            try:
+                conn, _ = shared.accept()
+            except socket.timeout:
+                return served
+            conn.settimeout(30)
+            with conn:
+                data = conn.recv(65536)
+                while data:
+                    conn.sendall(data)
+                    data = conn.recv(65536)
+            served += 1
+
+    pipes = []
+    for _ in range(workers):
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(rfd)
+                served = serve(2.0)  # at once: no waiting for the probes
+                settle()
+                os.write(wfd, json.dumps({"served": served, "counted": served_by_me(tel.points())}).encode())
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        pipes.append((pid, rfd))
+    served = 0  # the parent only forks, as a pre-fork server's master does
+    # while the workers load their probes: handshakes they will take from the shared queue
+    in_threads(connect_late, late)
+    finish(clients, timeout=60)
+    children = []
+    for pid, rfd in pipes:
+        with os.fdopen(rfd) as f:
+            children.append(json.loads(f.read()))
+        os.waitpid(pid, 0)
+    settle()
+    parent = {"served": served, "counted": served_by_me(tel.points())}
+    return {"parent": parent, "children": children, "clients": clients_n, "early": early,
+            "mib": mib_delta(before, mib())}
+
+
+@scenario
+def fork_shared_overflows() -> Dict[str, Any]:
+    """A full listen queue shared by a parent and its forked child: each drop counted once."""
+    import json
+    import os
+
+    from otel_ebpf_flows import EbpfFlowsInstrumentor
+
+    setup_netns()
+    full = socket.socket()
+    full.bind(("127.0.0.1", 5578))
+    full.listen(1)  # never accepted
+    tel = Telemetry()
+    before = mib()
+
+    def overflows(rows: Any) -> int:
+        return sum(p["value"] for p in rows if p["name"] == "ebpf_flows.tcp.listen.overflows")
+
+    rfd, wfd = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rfd)
+            os.close(go_w)
+            os.read(go_r, 1)  # the flood is over
+            os.write(wfd, json.dumps({"restarted": EbpfFlowsInstrumentor().pipeline is not None,
+                                      "overflows": overflows(tel.points())}).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    os.close(go_r)
+    finish(peer("flood", "5578", "--count", "8", "--hold", "2.5"))
+    os.write(go_w, b"g")
+    with os.fdopen(rfd) as f:
+        child = json.loads(f.read())
+    os.waitpid(pid, 0)
+    parent = {"overflows": overflows(tel.points())}
+    return {"parent": parent, "child": child, "mib": mib_delta(before, mib())}
+
+
+@scenario
 def gunicorn_workers() -> Dict[str, Any]:
     """examples/gunicorn with 3 workers: each worker's metrics against what it served and opened."""
     import glob

@@ -197,8 +197,8 @@ def test_disabled_instrumentation_turns_only_this_library_off(receiver: Receiver
     r, held, batches, _ = results[False]
     assert r["instrumented"] is True
     names = [n for n in held["prog"] if n.startswith(("tp_btf_", "raw_tp_"))]
-    # every hook, and the send/receive programs that serve span enrichment and claim mode
-    expected = len(_kernel.HOOKS) + len(_kernel.IO_HOOKS)
+    # every hook and its nested copy, and the send/receive programs that serve span enrichment and claim mode
+    expected = 2 * len(_kernel.HOOKS) + len(_kernel.IO_HOOKS)
     assert len(names) == expected and "sample_sockets" in held["prog"], held
     assert SCOPE in _scopes(batches)
     final = collections(our_metrics(batches, SCOPE))

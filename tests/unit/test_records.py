@@ -198,8 +198,19 @@ def test_the_kernel_enums_match_the_names():
         "STAT_FLOWS_FOLDED",
         "STAT_SYN_WAIT_MISSED",
         "STAT_MAX",
+        "HOOK_SET_STATE",
+        "HOOK_DESTROY_SOCK",
+        "HOOK_RETRANSMIT_SKB",
+        "HOOK_RETRANSMIT_SYNACK",
+        "HOOK_SEND_RESET",
+        "HOOK_RECEIVE_RESET",
+        "HOOK_PROBE",
+        "HOOK_MAX",
     ):
         assert re.search(rf"\b{name}\b\s*=?\s*{getattr(_records, name)}\b", header), name
+    for name in ("SF_ESTABLISHED", "SF_LISTENER", "SF_CLOSED", "SF_PENDING"):
+        bit = getattr(_records, name).bit_length() - 1
+        assert re.search(rf"#define {name} \(1 << {bit}\)", header), name
 
 
 # -- events -------------------------------------------------------------------------------------
