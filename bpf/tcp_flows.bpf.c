@@ -68,6 +68,9 @@
 const volatile __u32 target_tgid = 0;	/* in the pid namespace below; 0: every process */
 const volatile __u64 pidns_dev = 0;
 const volatile __u64 pidns_ino = 0;
+/* 1: that pid namespace is not the initial one (a container): threads are
+ * named by their ids there, the ids the application knows, not the kernel's */
+const volatile __u32 ns_tids = 0;
 const volatile __u64 wakeup_bytes = 65536;
 const volatile __u64 rtt_sample_ns = 5000000000ULL;
 const volatile __u32 span_mode = 0;	/* 1: feed conn_events and threads */
@@ -244,6 +247,18 @@ static __always_inline bool owned_by_target(void)
 		return false;
 	target_host_tgid = tgid;
 	return true;
+}
+
+/* Process context: the current thread's id as the application knows it
+ * (threading.get_native_id()): in a container's pid namespace, not the
+ * kernel's; there, one more helper call per use. */
+static __always_inline __u32 current_tid(void)
+{
+	struct bpf_pidns_info ns = {};
+
+	if (ns_tids && !bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
+		return ns.pid;
+	return (__u32)bpf_get_current_pid_tgid();
 }
 
 /* The socket's state if this process tracks it: the filter first. */
@@ -771,7 +786,7 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 			peer_key(direct, &key, &sk->__sk_common, FLOW_ROLE_CLIENT, 0);
 			st = track(direct, sk, &key, 0, now);
 			if (st) {
-				st->tid = (__u32)bpf_get_current_pid_tgid();
+				st->tid = current_tid();
 				st->last_tid = st->tid;
 				note_use(st->tid, st, now);
 			}
@@ -1064,7 +1079,7 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 	tp = tcp_of(direct, sk);
 	if (!tp)
 		return 0;
-	tid = (__u32)bpf_get_current_pid_tgid();	/* cheap: no pid namespace walk */
+	tid = current_tid();	/* no pid namespace walk outside containers */
 	if (st->flags & SF_PENDING)
 		claim(direct, st, tp, tid);
 	if (!span_mode)

@@ -64,6 +64,8 @@ THREAD_TRACEPOINTS = CLAIM_TRACEPOINTS = IO_TRACEPOINTS
 # the same CPU (see tcp_flows.h); what neither handled is counted as lost.
 NESTED_SUFFIX = "_nested"
 ITERATOR = "sample_sockets"
+# The inode of the initial pid namespace (include/linux/proc_ns.h): the same on every kernel.
+PROC_PID_INIT_INO = 0xEFFFFFFC
 CONTROL_SEEDING = 0
 CONTROL_CLAIM = 1
 MAX_SEEDS = 4096  # the seeds map's size in tcp_flows.bpf.c
@@ -454,6 +456,8 @@ class KernelSource:
                 "target_tgid": 0 if self._host_wide else self._pid,  # 0: every process
                 "pidns_dev": st.st_dev,
                 "pidns_ino": st.st_ino,
+                # threads by the ids the application knows, in a container's pid namespace
+                "ns_tids": 0 if st.st_ino == PROC_PID_INIT_INO else 1,
                 "wakeup_bytes": cfg.ring_buffer_bytes // 4,
                 "rtt_sample_ns": int(cfg.sample_interval * 1e9) - 50_000_000,
                 "span_mode": 1 if self._span_mode else 0,

@@ -28,9 +28,11 @@ DROPPED = "ebpf_flows.tcp.events.dropped"
 
 @pytest.fixture
 def span_scenario(kernel_ok: None) -> Any:
-    def run(name: str) -> Dict[str, Any]:
+    def run(name: str, pid_namespace: bool = False) -> Dict[str, Any]:
+        # a pid namespace of its own, as in a container: threads have other ids there than the kernel's
+        unshare = ["unshare", "--net"] + (["--pid", "--fork", "--mount-proc"] if pid_namespace else [])
         proc = subprocess.run(
-            ["unshare", "--net", sys.executable, "-m", "tests.kernel.span_scenarios", name],
+            unshare + [sys.executable, "-m", "tests.kernel.span_scenarios", name],
             cwd=ROOT, capture_output=True, text=True, timeout=300,
         )
         if proc.returncode != 0:
@@ -109,6 +111,15 @@ def exemplars_point_at_spans(r: Dict[str, Any], spans: Dict[str, Dict[str, Any]]
 
 def test_threads_with_persistent_connections_over_loss(span_scenario):
     r = span_scenario("keepalive_loss")
+    spans = reconcile(r)
+    client_handshakes(r, spans)
+    exemplars_point_at_spans(r, spans)
+
+
+def test_threads_in_a_pid_namespace_of_their_own(span_scenario):
+    """A containerised service: its threads' ids in its pid namespace are not the kernel's, and
+    spans are matched (and exemplars attributed) by the ids the application sees."""
+    r = span_scenario("keepalive_loss", pid_namespace=True)
     spans = reconcile(r)
     client_handshakes(r, spans)
     exemplars_point_at_spans(r, spans)
