@@ -722,15 +722,15 @@ static __always_inline void count_closed(int direct, const struct tcp_sock *tp, 
 		finalize_close(st, cp);
 }
 
-/* The socket reached CLOSE (or, if that transition was skipped, is destroyed). */
-static __always_inline void on_close(int direct, const struct sock *sk, struct sock_state *st,
+/* The socket reached CLOSE (or, if that transition was skipped, is destroyed); true if it is forgotten. */
+static __always_inline bool on_close(int direct, const struct sock *sk, struct sock_state *st,
 				     struct flow_counters **cp)
 {
 	const struct tcp_sock *tp = tcp_of(direct, sk);
 	unsigned long sk_flags;
 
 	if (!tp)
-		return;
+		return false;
 	st->flags |= SF_CLOSED;
 	st->closed_ns = bpf_ktime_get_ns();
 	st->srtt_us = read_srtt_us(direct, tp);
@@ -742,10 +742,10 @@ static __always_inline void on_close(int direct, const struct sock *sk, struct s
 		if (st->key.role == FLOW_ROLE_CLIENT)
 			COUNT_INTO(cp, &st->key, attempts_failed[attempt_error(st->err, st) & 7], 1);
 		forget(direct, sk, st);
-		return;
+		return true;
 	}
 	if (st->flags & SF_PENDING)
-		return;	/* counted if this process claims it before it is destroyed */
+		return false;	/* counted if this process claims it before it is destroyed */
 	count_closed(direct, tp, st, cp);
 	/* Already closed by the application (orphaned): nothing can follow but its
 	 * destruction, so the reason is final now and the socket is forgotten here,
@@ -755,7 +755,9 @@ static __always_inline void on_close(int direct, const struct sock *sk, struct s
 		if (!(st->flags & SF_FINAL))
 			finalize_close(st, cp);
 		forget(direct, sk, st);
+		return true;
 	}
+	return false;
 }
 
 static __always_inline int handle_set_state(int direct, const struct sock *sk, int oldstate,
@@ -851,10 +853,10 @@ static __always_inline int handle_destroy(int direct, const struct sock *sk)
 	if (!st)
 		return 0;
 	if (!(st->flags & (SF_CLOSED | SF_LISTENER))) {
-		/* its CLOSE transition was skipped (see NESTED); on_close may forget it */
-		on_close(direct, sk, st, &c);
-		st = tracked(direct, sk);
-		if (!st)
+		/* Its CLOSE transition was skipped (see NESTED). The socket is dead
+		 * here (inet_csk_destroy_sock), so on_close() mostly finalises and
+		 * forgets it itself; what it leaves is settled below. */
+		if (on_close(direct, sk, st, &c))
 			return 0;
 	}
 	if ((st->flags & SF_CLOSED) && !(st->flags & (SF_FINAL | SF_PENDING)))
