@@ -1128,26 +1128,42 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 		__r;                                                            \
 	})
 
-#define HOOKS(kind, direct)                                                                     \
+/* The TCP hooks. WRAP is MAIN for the programs that run first, NESTED for
+ * their nested copies (suffix _nested). */
+#define TCP_HOOKS(kind, suffix, direct, WRAP)                                                   \
 SEC(#kind "/tcp_destroy_sock")                                                                 \
-int BPF_PROG(kind##_destroy_sock, const struct sock *sk)                                       \
-{ return MAIN(HOOK_DESTROY_SOCK, handle_destroy(direct, sk)); }                                \
+int BPF_PROG(kind##_destroy_sock##suffix, const struct sock *sk)                               \
+{ return WRAP(HOOK_DESTROY_SOCK, handle_destroy(direct, sk)); }                                \
 SEC(#kind "/tcp_retransmit_skb")                                                               \
-int BPF_PROG(kind##_retransmit_skb, const struct sock *sk, const struct sk_buff *skb)          \
-{ return MAIN(HOOK_RETRANSMIT_SKB, handle_retransmit(direct, sk, skb, 0)); }                   \
+int BPF_PROG(kind##_retransmit_skb##suffix, const struct sock *sk, const struct sk_buff *skb)  \
+{ return WRAP(HOOK_RETRANSMIT_SKB, handle_retransmit(direct, sk, skb, 0)); }                   \
 SEC(#kind "/tcp_retransmit_skb")                                                               \
-int BPF_PROG(kind##_retransmit_skb_err, const struct sock *sk, const struct sk_buff *skb,      \
+int BPF_PROG(kind##_retransmit_skb_err##suffix, const struct sock *sk, const struct sk_buff *skb, \
 	     int err)                                                                          \
-{ return MAIN(HOOK_RETRANSMIT_SKB, handle_retransmit(direct, sk, skb, err)); }                 \
+{ return WRAP(HOOK_RETRANSMIT_SKB, handle_retransmit(direct, sk, skb, err)); }                 \
 SEC(#kind "/tcp_retransmit_synack")                                                            \
-int BPF_PROG(kind##_retransmit_synack, const struct sock *sk, const struct request_sock *req)  \
-{ return MAIN(HOOK_RETRANSMIT_SYNACK, handle_retransmit_synack(direct, sk, req)); }            \
+int BPF_PROG(kind##_retransmit_synack##suffix, const struct sock *sk,                          \
+	     const struct request_sock *req)                                                   \
+{ return WRAP(HOOK_RETRANSMIT_SYNACK, handle_retransmit_synack(direct, sk, req)); }            \
 SEC(#kind "/tcp_send_reset")                                                                   \
-int BPF_PROG(kind##_send_reset, const struct sock *sk)                                         \
-{ return MAIN(HOOK_SEND_RESET, handle_reset(direct, sk, SF_RST_SENT)); }                       \
+int BPF_PROG(kind##_send_reset##suffix, const struct sock *sk)                                 \
+{ return WRAP(HOOK_SEND_RESET, handle_reset(direct, sk, SF_RST_SENT)); }                       \
 SEC(#kind "/tcp_receive_reset")                                                                \
-int BPF_PROG(kind##_receive_reset, const struct sock *sk)                                      \
-{ return MAIN(HOOK_RECEIVE_RESET, handle_reset(direct, sk, SF_RST_RECEIVED)); }                \
+int BPF_PROG(kind##_receive_reset##suffix, const struct sock *sk)                              \
+{ return WRAP(HOOK_RECEIVE_RESET, handle_reset(direct, sk, SF_RST_RECEIVED)); }
+
+/* The TCP hooks that use bpf_rdonly_cast in their READ_CAST build (a _nocast
+ * copy of each probe-reads instead, for kernels before 6.2). */
+#define CAST_HOOKS(kind, suffix, direct, WRAP)                                                  \
+SEC(#kind "/inet_sock_set_state")                                                              \
+int BPF_PROG(kind##_set_state##suffix, const struct sock *sk, int oldstate, int newstate)      \
+{ return WRAP(HOOK_SET_STATE, handle_set_state(direct, sk, oldstate, newstate)); }             \
+SEC(#kind "/tcp_probe")                                                                        \
+int BPF_PROG(kind##_probe##suffix, const struct sock *sk, const struct sk_buff *skb)          \
+{ return WRAP(HOOK_PROBE, handle_probe(direct, sk, skb)); }
+
+/* Send and receive (span enrichment and claims): no nested copies. */
+#define IO_HOOKS(kind, direct)                                                                  \
 SEC(#kind "/sock_send_length")                                                                 \
 int BPF_PROG(kind##_send_length, const struct sock *sk, int ret, int flags)                    \
 { return handle_sock_io(direct, sk); }                                                         \
@@ -1155,51 +1171,19 @@ SEC(#kind "/sock_recv_length")                                                  
 int BPF_PROG(kind##_recv_length, const struct sock *sk, int ret, int flags)                    \
 { return handle_sock_io(direct, sk); }
 
-/* The programs that use bpf_rdonly_cast, and their copies for older kernels. */
-#define CAST_HOOKS(kind, suffix, direct)                                                        \
-SEC(#kind "/inet_sock_set_state")                                                              \
-int BPF_PROG(kind##_set_state##suffix, const struct sock *sk, int oldstate, int newstate)      \
-{ return MAIN(HOOK_SET_STATE, handle_set_state(direct, sk, oldstate, newstate)); }             \
-SEC(#kind "/tcp_probe")                                                                        \
-int BPF_PROG(kind##_probe##suffix, const struct sock *sk, const struct sk_buff *skb)          \
-{ return MAIN(HOOK_PROBE, handle_probe(direct, sk, skb)); }
-
-HOOKS(tp_btf, READ_BTF)
-CAST_HOOKS(tp_btf, , READ_CAST)
-CAST_HOOKS(tp_btf, _nocast, READ_BTF)
-HOOKS(raw_tp, READ_PROBE)
-CAST_HOOKS(raw_tp, , READ_PROBE)
+TCP_HOOKS(tp_btf, , READ_BTF, MAIN)
+CAST_HOOKS(tp_btf, , READ_CAST, MAIN)
+CAST_HOOKS(tp_btf, _nocast, READ_BTF, MAIN)
+IO_HOOKS(tp_btf, READ_BTF)
+TCP_HOOKS(raw_tp, , READ_PROBE, MAIN)
+CAST_HOOKS(raw_tp, , READ_PROBE, MAIN)
+IO_HOOKS(raw_tp, READ_PROBE)
 
 /* The nested copies (see MAIN and NESTED above); rare, so without casts. */
-#define NESTED_HOOKS(kind, direct)                                                              \
-SEC(#kind "/inet_sock_set_state")                                                              \
-int BPF_PROG(kind##_set_state_nested, const struct sock *sk, int oldstate, int newstate)        \
-{ return NESTED(HOOK_SET_STATE, handle_set_state(direct, sk, oldstate, newstate)); }            \
-SEC(#kind "/tcp_destroy_sock")                                                                 \
-int BPF_PROG(kind##_destroy_sock_nested, const struct sock *sk)                                \
-{ return NESTED(HOOK_DESTROY_SOCK, handle_destroy(direct, sk)); }                              \
-SEC(#kind "/tcp_retransmit_skb")                                                               \
-int BPF_PROG(kind##_retransmit_skb_nested, const struct sock *sk, const struct sk_buff *skb)   \
-{ return NESTED(HOOK_RETRANSMIT_SKB, handle_retransmit(direct, sk, skb, 0)); }                 \
-SEC(#kind "/tcp_retransmit_skb")                                                               \
-int BPF_PROG(kind##_retransmit_skb_err_nested, const struct sock *sk, const struct sk_buff *skb, \
-	     int err)                                                                          \
-{ return NESTED(HOOK_RETRANSMIT_SKB, handle_retransmit(direct, sk, skb, err)); }               \
-SEC(#kind "/tcp_retransmit_synack")                                                            \
-int BPF_PROG(kind##_retransmit_synack_nested, const struct sock *sk, const struct request_sock *req) \
-{ return NESTED(HOOK_RETRANSMIT_SYNACK, handle_retransmit_synack(direct, sk, req)); }          \
-SEC(#kind "/tcp_send_reset")                                                                   \
-int BPF_PROG(kind##_send_reset_nested, const struct sock *sk)                                  \
-{ return NESTED(HOOK_SEND_RESET, handle_reset(direct, sk, SF_RST_SENT)); }                     \
-SEC(#kind "/tcp_receive_reset")                                                                \
-int BPF_PROG(kind##_receive_reset_nested, const struct sock *sk)                               \
-{ return NESTED(HOOK_RECEIVE_RESET, handle_reset(direct, sk, SF_RST_RECEIVED)); }              \
-SEC(#kind "/tcp_probe")                                                                        \
-int BPF_PROG(kind##_probe_nested, const struct sock *sk, const struct sk_buff *skb)            \
-{ return NESTED(HOOK_PROBE, handle_probe(direct, sk, skb)); }
-
-NESTED_HOOKS(tp_btf, READ_BTF)
-NESTED_HOOKS(raw_tp, READ_PROBE)
+TCP_HOOKS(tp_btf, _nested, READ_BTF, NESTED)
+CAST_HOOKS(tp_btf, _nested, READ_BTF, NESTED)
+TCP_HOOKS(raw_tp, _nested, READ_PROBE, NESTED)
+CAST_HOOKS(raw_tp, _nested, READ_PROBE, NESTED)
 
 /* --- iterator: live sockets --- */
 

@@ -94,17 +94,20 @@ SOCKET_MODE = 0o660
 # -- /proc --------------------------------------------------------------------------------
 
 
-def proc_starttime(pid: int) -> Optional[int]:
-    """Field 22 of /proc/PID/stat (clock ticks since boot): with the pid, names a process."""
+def _stat_field(pid: int, field: int) -> Optional[int]:
+    """Numeric field ``field`` (1-based, as in proc(5)) of /proc/PID/stat; None if unreadable."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-    except OSError:
+        # fields after the command name, which may hold spaces and parentheses, start at 3
+        return int(data[data.rindex(b")") + 2:].split()[field - 3])
+    except (OSError, ValueError, IndexError):
         return None
-    try:
-        return int(data[data.rindex(b")") + 2:].split()[19])
-    except (ValueError, IndexError):
-        return None
+
+
+def proc_starttime(pid: int) -> Optional[int]:
+    """Field 22 of /proc/PID/stat (clock ticks since boot): with the pid, names a process."""
+    return _stat_field(pid, 22)
 
 
 def read_environ(pid: int) -> Dict[str, str]:
@@ -140,12 +143,7 @@ def process_names(pid: int) -> Tuple[str, str]:
 
 
 def parent_pid(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2:].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+    return _stat_field(pid, 4)
 
 
 def loads_own_probes(pid: int) -> bool:

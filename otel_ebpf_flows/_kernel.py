@@ -57,8 +57,6 @@ IO_HOOKS = ("send_length", "recv_length")
 # probe-reads those fields instead, loaded where the kernel refuses the first.
 CAST_HOOKS = ("set_state", "probe")
 IO_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
-THREAD_HOOKS = CLAIM_HOOKS = IO_HOOKS
-THREAD_TRACEPOINTS = CLAIM_TRACEPOINTS = IO_TRACEPOINTS
 # Each of HOOKS also has a "_nested" copy that handles the
 # events the kernel skipped for the main program while it was interrupted on
 # the same CPU (see tcp_flows.h); what neither handled is counted as lost.
@@ -583,11 +581,13 @@ class KernelSource:
                 gone.append((_int(skp), bytes(st.key)))
         if not gone:
             return
-        counted = {bytes(k) for k, _ in self._require().map("flows").items(_records.CFlowKey, _records.CFlowCounters)}
+        flows, scratch = self._require().map("flows"), _records.CFlowCounters()
         for skp_value, raw_key in gone:
             socks.delete(ctypes.c_uint64(skp_value))
             raw = _records.CFlowKey.from_buffer_copy(raw_key)
-            if raw_key not in counted:  # the kernel counted it under its role's overflow key
+            # the flows keys of the last read, else one lookup: not in the map, the kernel
+            # counted it under its role's overflow key
+            if raw_key not in self._flows_seen and not flows.lookup(raw, scratch):
                 raw = _records.overflow_key(raw.role)
             try:
                 key = _records.decode_key(raw)
