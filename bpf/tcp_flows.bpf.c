@@ -368,9 +368,19 @@ static __always_inline const struct tcp_sock *tcp_of(int direct, const struct so
 			__sync_fetch_and_add(&(*(cp))->field, (n));     \
 	} while (0)
 
+/*
+ * Not a plain load: on 6.4+ the verifier checks every pointer loaded from a
+ * field of a trusted pointer (a tp_btf argument) for a "__safe_trusted"/
+ * "__safe_rcu" declaration, four linear searches of vmlinux BTF per check
+ * (btf_nested_type_is_trusted), at every path through the load: most of the
+ * start-up time before this. Through an untrusted view (the cast, a mov at
+ * run time; else probe reads) it is checked like any other field.
+ */
 static __always_inline __u32 sk_netns(int direct, const struct sock *sk)
 {
-	return RD(direct, sk, __sk_common.skc_net.net, ns.inum);
+	if (direct == READ_CAST)
+		return CAST(const struct sock, sk)->__sk_common.skc_net.net->ns.inum;
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 }
 
 /* The peer as the contract names it: address, family and the service port. */
@@ -593,7 +603,7 @@ static __always_inline void on_established(int direct, const struct sock *sk,
 		 * listener's accept queue, as its tail unless a handshake completing
 		 * on another CPU queued one behind it: then it is found from the head.
 		 * Its first SYN-ACK left when the SYN came. */
-		struct listener_key lk = { .netns = sk_netns(direct, sk), .port = st->key.port };
+		struct listener_key lk = { .netns = st->netns, .port = st->key.port };
 		__u64 *lsk = find_listener(&lk);
 		struct inet_connection_sock *icsk;
 		struct request_sock *req = NULL;
@@ -688,7 +698,7 @@ static __always_inline void forget(int direct, const struct sock *sk, struct soc
 	__u64 skp = (__u64)sk;
 
 	if (st->flags & SF_LISTENER) {
-		struct listener_key lk = { .netns = sk_netns(direct, sk), .port = st->key.port };
+		struct listener_key lk = { .netns = st->netns, .port = st->key.port };
 
 		remove_listener(&lk);
 	} else {

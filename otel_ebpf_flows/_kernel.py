@@ -469,8 +469,9 @@ class KernelSource:
             obj.map("threads").set_max_entries(1)
         if self._max_seeds != MAX_SEEDS:
             obj.map("seeds").set_max_entries(self._max_seeds)
-        retransmit_has_err = _libbpf.vmlinux_tracepoint_arity("tcp_retransmit_skb") == 3
-        has_io = all(_libbpf.vmlinux_tracepoint_arity(tp) is not None for tp in IO_TRACEPOINTS)
+        arity = _libbpf.vmlinux_tracepoint_arities(("tcp_retransmit_skb",) + IO_TRACEPOINTS)  # one BTF parse
+        retransmit_has_err = arity["tcp_retransmit_skb"] == 3
+        has_io = all(arity[tp] is not None for tp in IO_TRACEPOINTS)
         tracks_threads = self._span_mode and has_io
         if self._span_mode and not tracks_threads:
             _log.info("otel-ebpf-flows: this kernel has no sock:sock_send_length tracepoint (6.3+): "

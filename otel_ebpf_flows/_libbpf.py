@@ -16,7 +16,7 @@ import os
 import select
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from .exceptions import BpfError, UnsupportedEnvironment
 
@@ -201,26 +201,50 @@ def _btf_types(lib: ctypes.CDLL, btf: int, type_id: int) -> Tuple[_BtfType, int]
     return ptr.contents, ctypes.addressof(ptr.contents)
 
 
+# Answers of vmlinux_tracepoint_arities(), kept for the process's lifetime: the
+# running kernel's BTF never changes, and parsing it costs 15-30 ms.
+_arities: Dict[str, Optional[int]] = {}
+_arities_lock = threading.Lock()
+
+
+def _tracepoint_arity(lib: ctypes.CDLL, btf: int, name: str) -> Optional[int]:
+    tid = lib.btf__find_by_name_kind(btf, f"btf_trace_{name}".encode(), BTF_KIND_TYPEDEF)
+    if tid < 0:
+        return None
+    t, _ = _btf_types(lib, btf, tid)
+    ptr, _ = _btf_types(lib, btf, t.size_or_type)
+    if (ptr.info >> 24) & 0x1F != BTF_KIND_PTR:
+        return None
+    proto, _ = _btf_types(lib, btf, ptr.size_or_type)
+    if (proto.info >> 24) & 0x1F != BTF_KIND_FUNC_PROTO:
+        return None
+    return int(proto.info & 0xFFFF) - 1  # the first parameter is the tracepoint's void *
+
+
+def vmlinux_tracepoint_arities(names: Iterable[str]) -> Dict[str, Optional[int]]:
+    """Number of arguments of each tracepoint in the running kernel's BTF (None: no such tracepoint).
+
+    vmlinux BTF is parsed once for all the names not asked before in this process.
+    """
+    lib = load_library()
+    wanted = tuple(names)
+    with _arities_lock:
+        missing = [name for name in wanted if name not in _arities]
+        if missing:
+            btf = lib.btf__load_vmlinux_btf()
+            if not btf:
+                return {name: _arities.get(name) for name in wanted}  # not kept: maybe transient
+            try:
+                for name in missing:
+                    _arities[name] = _tracepoint_arity(lib, btf, name)
+            finally:
+                lib.btf__free(btf)
+        return {name: _arities[name] for name in wanted}
+
+
 def vmlinux_tracepoint_arity(name: str) -> Optional[int]:
     """Number of arguments of a tracepoint in the running kernel's BTF, or None."""
-    lib = load_library()
-    btf = lib.btf__load_vmlinux_btf()
-    if not btf:
-        return None
-    try:
-        tid = lib.btf__find_by_name_kind(btf, f"btf_trace_{name}".encode(), BTF_KIND_TYPEDEF)
-        if tid < 0:
-            return None
-        t, _ = _btf_types(lib, btf, tid)
-        ptr, _ = _btf_types(lib, btf, t.size_or_type)
-        if (ptr.info >> 24) & 0x1F != BTF_KIND_PTR:
-            return None
-        proto, _ = _btf_types(lib, btf, ptr.size_or_type)
-        if (proto.info >> 24) & 0x1F != BTF_KIND_FUNC_PROTO:
-            return None
-        return int(proto.info & 0xFFFF) - 1  # the first parameter is the tracepoint's void *
-    finally:
-        lib.btf__free(btf)
+    return vmlinux_tracepoint_arities((name,))[name]
 
 
 class Link:
