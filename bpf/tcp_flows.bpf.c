@@ -499,32 +499,45 @@ static __always_inline __u32 read_srtt_us(int direct, const struct tcp_sock *tp)
 	return RD(direct, tp, srtt_us) >> 3;
 }
 
-/* Remember that thread `tid` used the connection now (span enrichment). */
-static __always_inline void note_use(__u32 tid, struct sock_state *st, __u64 now)
+/* A value the verifier does not know (one probe read of a copy): a
+ * pointer's value as a number, which a global function may take (it refuses
+ * a pointer for a scalar argument), or a constant it need not follow. */
+static __always_inline __u64 opaque(__u64 x)
+{
+	__u64 v = 0;
+
+	bpf_probe_read_kernel(&v, sizeof(v), &x);
+	return v;
+}
+
+/*
+ * Remember that thread `tid` used connection `conn_id` now (span
+ * enrichment); returns the slot it is in (`hint`: where it was last time).
+ * A global function: the verifier checks the scan once per program, not once
+ * per path that reaches it.
+ */
+__noinline __u32 note_use_slot(__u32 tid, __u64 conn_id, __u32 srtt_us, __u32 hint, __u64 now)
 {
 	struct thread_conns *tc;
 	__u64 oldest = ~0ULL;
 	__u32 i, victim = 0;
 
-	if (!span_mode)
-		return;
 	tc = bpf_map_lookup_elem(&threads, &tid);
 	if (!tc) {
 		bpf_map_update_elem(&threads, &tid, &zero_thread, BPF_NOEXIST);
 		tc = bpf_map_lookup_elem(&threads, &tid);
 		if (!tc)
-			return;
+			return hint;
 	}
 	/* The usual case, a thread using the same connection again: its slot
 	 * from last time, without the scan (conn_ids are unique). */
-	i = st->slot;
-	if (i < THREAD_SLOTS && tc->slot[i].conn_id == st->conn_id) {
-		tc->slot[i].last_ns = now;
-		tc->slot[i].srtt_us = st->srtt_us;
-		return;
+	if (hint < THREAD_SLOTS && tc->slot[hint].conn_id == conn_id) {
+		tc->slot[hint].last_ns = now;
+		tc->slot[hint].srtt_us = srtt_us;
+		return hint;
 	}
 	for (i = 0; i < THREAD_SLOTS; i++) {
-		if (tc->slot[i].conn_id == st->conn_id) {
+		if (tc->slot[i].conn_id == conn_id) {
 			victim = i;
 			break;
 		}
@@ -533,12 +546,21 @@ static __always_inline void note_use(__u32 tid, struct sock_state *st, __u64 now
 			victim = i;
 		}
 	}
-	if (victim < THREAD_SLOTS) {
-		tc->slot[victim].conn_id = st->conn_id;
-		tc->slot[victim].last_ns = now;
-		tc->slot[victim].srtt_us = st->srtt_us;
-		st->slot = victim;
-	}
+	/* Past the verifier's eyes: else each slot the scan can pick is a
+	 * different constant index, and the scan is verified once per pick. */
+	victim = (__u32)opaque(victim);
+	if (victim >= THREAD_SLOTS)
+		return hint;
+	tc->slot[victim].conn_id = conn_id;
+	tc->slot[victim].last_ns = now;
+	tc->slot[victim].srtt_us = srtt_us;
+	return victim;
+}
+
+static __always_inline void note_use(__u32 tid, struct sock_state *st, __u64 now)
+{
+	if (span_mode)
+		st->slot = note_use_slot(tid, st->conn_id, st->srtt_us, st->slot, now);
 }
 
 /*
@@ -582,6 +604,36 @@ static __always_inline void count_established(struct sock_state *st, struct flow
 		stat_inc(STAT_SYN_WAIT_MISSED);
 }
 
+
+/*
+ * When the first SYN-ACK left (tcp_request_sock.snt_synack, us) for the
+ * request that made socket `sk`, found on listener `lsk`'s accept queue: its
+ * tail, else from its head. Probe reads (a stored pointer, untyped to the
+ * verifier). A global function: the verifier walks the loop once, with the
+ * arguments unknown, not once per path that reaches it.
+ */
+__noinline __u64 queued_synack_us(__u64 lsk, __u64 sk)
+{
+	const struct inet_connection_sock *icsk = (const void *)lsk;
+	struct request_sock *req;
+	int i;
+
+	req = BPF_CORE_READ(icsk, icsk_accept_queue.rskq_accept_tail);
+	if (req && (__u64)BPF_CORE_READ(req, sk) != sk) {
+		req = BPF_CORE_READ(icsk, icsk_accept_queue.rskq_accept_head);
+		for (i = 0; i < ACCEPT_QUEUE_WALK && req; i++) {
+			if ((__u64)BPF_CORE_READ(req, sk) == sk)
+				break;
+			req = BPF_CORE_READ(req, dl_next);
+		}
+		if (i == ACCEPT_QUEUE_WALK)
+			req = NULL;
+	}
+	if (!req)
+		return 0;
+	return BPF_CORE_READ((struct tcp_request_sock *)req, snt_synack);
+}
+
 static __always_inline void on_established(int direct, const struct sock *sk,
 					   const struct tcp_sock *tp, struct sock_state *st, __u64 now)
 {
@@ -609,7 +661,6 @@ static __always_inline void on_established(int direct, const struct sock *sk,
 		struct request_sock *req = NULL;
 		__u64 snt_synack_us = 0;
 		bool walk = lsk != NULL;
-		int i;
 
 		if (lsk && direct == READ_CAST) {
 			icsk = CAST(struct inet_connection_sock, (void *)*lsk);
@@ -620,23 +671,8 @@ static __always_inline void on_established(int direct, const struct sock *sk,
 			}
 			req = NULL;
 		}
-		if (walk) {
-			/* a stored pointer, untyped to the verifier: probe reads */
-			icsk = (struct inet_connection_sock *)*lsk;
-			req = BPF_CORE_READ(icsk, icsk_accept_queue.rskq_accept_tail);
-			if (req && BPF_CORE_READ(req, sk) != sk) {
-				req = BPF_CORE_READ(icsk, icsk_accept_queue.rskq_accept_head);
-				for (i = 0; i < ACCEPT_QUEUE_WALK && req; i++) {
-					if (BPF_CORE_READ(req, sk) == sk)
-						break;
-					req = BPF_CORE_READ(req, dl_next);
-				}
-				if (i == ACCEPT_QUEUE_WALK)
-					req = NULL;
-			}
-			if (req)
-				snt_synack_us = BPF_CORE_READ((struct tcp_request_sock *)req, snt_synack);
-		}
+		if (walk && lsk)
+			snt_synack_us = queued_synack_us(*lsk, opaque((__u64)sk));
 		if (snt_synack_us && now / 1000 >= snt_synack_us)
 			handshake_ns = now - snt_synack_us * 1000;
 	}
@@ -649,7 +685,13 @@ static __always_inline void on_established(int direct, const struct sock *sk,
 	}
 }
 
-static __always_inline __u8 attempt_error(int err, const struct sock_state *st)
+/*
+ * attempt_error() and final_close_reason() are global functions, not inlined: the
+ * verifier checks each once and sees its result as any value, where an inlined
+ * copy hands each constant it can return to the rest of the close path (an
+ * array index, so never pruned), which was then verified once per reason.
+ */
+__noinline __u32 attempt_error(int err, __u32 retrans_segs)
 {
 	switch (err) {
 	case ECONNREFUSED:
@@ -665,7 +707,7 @@ static __always_inline __u8 attempt_error(int err, const struct sock_state *st)
 	case 0:
 		/* The application gave up (its own connect timeout): a time-out if
 		 * the kernel had already retransmitted the SYN unanswered. */
-		return st->retrans_segs ? CONN_ERR_TIMED_OUT : CONN_ERR_OTHER;
+		return retrans_segs ? CONN_ERR_TIMED_OUT : CONN_ERR_OTHER;
 	default:
 		return CONN_ERR_OTHER;
 	}
@@ -684,9 +726,14 @@ static __always_inline __u8 close_reason(int err, __u16 flags)
 	return CLOSE_NORMAL;
 }
 
+__noinline __u32 final_close_reason(int err, __u32 flags)
+{
+	return close_reason(err, flags);
+}
+
 static __always_inline void finalize_close(struct sock_state *st, struct flow_counters **cp)
 {
-	__u8 reason = close_reason(st->err, st->flags);
+	__u8 reason = final_close_reason(st->err, st->flags);
 
 	st->flags |= SF_FINAL;
 	COUNT_INTO(cp, &st->key, closes[reason & 7], 1);
@@ -750,7 +797,7 @@ static __always_inline bool on_close(int direct, const struct sock *sk, struct s
 		/* A client attempt that never completed; an embryonic server
 		 * socket is simply forgotten. */
 		if (st->key.role == FLOW_ROLE_CLIENT)
-			COUNT_INTO(cp, &st->key, attempts_failed[attempt_error(st->err, st) & 7], 1);
+			COUNT_INTO(cp, &st->key, attempts_failed[attempt_error(st->err, st->retrans_segs) & 7], 1);
 		forget(direct, sk, st);
 		return true;
 	}
