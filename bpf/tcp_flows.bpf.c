@@ -605,14 +605,37 @@ static __always_inline void count_established(struct sock_state *st, struct flow
 }
 
 
+struct queue_walk {
+	__u64 req;	/* the request to look at next */
+	__u64 sk;
+	__u64 found;
+};
+
+static long queue_walk_step(__u32 i, void *data)
+{
+	struct queue_walk *w = data;
+	struct request_sock *req = (struct request_sock *)w->req;
+
+	if (!req)
+		return 1;
+	if ((__u64)BPF_CORE_READ(req, sk) == w->sk) {
+		w->found = w->req;
+		return 1;
+	}
+	w->req = (__u64)BPF_CORE_READ(req, dl_next);
+	return 0;
+}
+
 /*
  * When the first SYN-ACK left (tcp_request_sock.snt_synack, us) for the
  * request that made socket `sk`, found on listener `lsk`'s accept queue: its
- * tail, else from its head. Probe reads (a stored pointer, untyped to the
- * verifier). A global function: the verifier walks the loop once, with the
- * arguments unknown, not once per path that reaches it.
+ * tail, else from its head (at most ACCEPT_QUEUE_WALK requests). Probe reads
+ * (a stored pointer, untyped to the verifier). Global functions: the verifier
+ * checks the walk once, with the arguments unknown, not once per path that
+ * reaches it; with bpf_loop (5.17+: the READ_CAST programs, 6.2+) it checks
+ * one step, not each of the 64.
  */
-__noinline __u64 queued_synack_us(__u64 lsk, __u64 sk)
+static __always_inline __u64 queued_synack(__u64 lsk, __u64 sk, bool use_bpf_loop)
 {
 	const struct inet_connection_sock *icsk = (const void *)lsk;
 	struct request_sock *req;
@@ -621,17 +644,34 @@ __noinline __u64 queued_synack_us(__u64 lsk, __u64 sk)
 	req = BPF_CORE_READ(icsk, icsk_accept_queue.rskq_accept_tail);
 	if (req && (__u64)BPF_CORE_READ(req, sk) != sk) {
 		req = BPF_CORE_READ(icsk, icsk_accept_queue.rskq_accept_head);
-		for (i = 0; i < ACCEPT_QUEUE_WALK && req; i++) {
-			if ((__u64)BPF_CORE_READ(req, sk) == sk)
-				break;
-			req = BPF_CORE_READ(req, dl_next);
+		if (use_bpf_loop) {
+			struct queue_walk w = { .req = (__u64)req, .sk = sk };
+
+			bpf_loop(ACCEPT_QUEUE_WALK, queue_walk_step, &w, 0);
+			req = (struct request_sock *)w.found;
+		} else {
+			for (i = 0; i < ACCEPT_QUEUE_WALK && req; i++) {
+				if ((__u64)BPF_CORE_READ(req, sk) == sk)
+					break;
+				req = BPF_CORE_READ(req, dl_next);
+			}
+			if (i == ACCEPT_QUEUE_WALK)
+				req = NULL;
 		}
-		if (i == ACCEPT_QUEUE_WALK)
-			req = NULL;
 	}
 	if (!req)
 		return 0;
 	return BPF_CORE_READ((struct tcp_request_sock *)req, snt_synack);
+}
+
+__noinline __u64 queued_synack_us(__u64 lsk, __u64 sk)
+{
+	return queued_synack(lsk, sk, false);
+}
+
+__noinline __u64 queued_synack_us_loop(__u64 lsk, __u64 sk)
+{
+	return queued_synack(lsk, sk, true);
 }
 
 static __always_inline void on_established(int direct, const struct sock *sk,
@@ -672,7 +712,8 @@ static __always_inline void on_established(int direct, const struct sock *sk,
 			req = NULL;
 		}
 		if (walk && lsk)
-			snt_synack_us = queued_synack_us(*lsk, opaque((__u64)sk));
+			snt_synack_us = direct == READ_CAST ? queued_synack_us_loop(*lsk, opaque((__u64)sk)) :
+							      queued_synack_us(*lsk, opaque((__u64)sk));
 		if (snt_synack_us && now / 1000 >= snt_synack_us)
 			handshake_ns = now - snt_synack_us * 1000;
 	}
@@ -1236,9 +1277,11 @@ TCP_HOOKS(raw_tp, , READ_PROBE, MAIN)
 CAST_HOOKS(raw_tp, , READ_PROBE, MAIN)
 IO_HOOKS(raw_tp, READ_PROBE)
 
-/* The nested copies (see MAIN and NESTED above); rare, so without casts. */
+/* The nested copies (see MAIN and NESTED above), each built as its main
+ * program is (the cast ones verify faster: bpf_loop, no probe reads). */
 TCP_HOOKS(tp_btf, _nested, READ_BTF, NESTED)
-CAST_HOOKS(tp_btf, _nested, READ_BTF, NESTED)
+CAST_HOOKS(tp_btf, _nested, READ_CAST, NESTED)
+CAST_HOOKS(tp_btf, _nocast_nested, READ_BTF, NESTED)
 TCP_HOOKS(raw_tp, _nested, READ_PROBE, NESTED)
 CAST_HOOKS(raw_tp, _nested, READ_PROBE, NESTED)
 

@@ -491,6 +491,10 @@ class KernelSource:
                 obj.set_autoload(f"{kind}_{hook}", kind == variant and has_io)
             for hook in HOOKS:
                 obj.set_autoload(f"{kind}_{hook}{NESTED_SUFFIX}", kind == variant)
+            if kind == "tp_btf":  # as their main programs: with casts, or the _nocast copies
+                for hook in CAST_HOOKS:
+                    obj.set_autoload(f"{kind}_{hook}{NESTED_SUFFIX}", kind == variant and cast)
+                    obj.set_autoload(f"{kind}_{hook}_nocast{NESTED_SUFFIX}", kind == variant and not cast)
             obj.set_autoload(f"{kind}_retransmit_skb_err{NESTED_SUFFIX}", kind == variant and retransmit_has_err)
             if kind == variant and retransmit_has_err:
                 obj.set_autoload(f"{kind}_retransmit_skb{NESTED_SUFFIX}", False)
@@ -508,10 +512,7 @@ class KernelSource:
             obj.attach(name)
             attached.append(name)
         self._main_programs = list(attached)
-        for hook in HOOKS:  # the nested copies probe-read: no _nocast variants of them
-            name = f"{variant}_{hook}"
-            if hook == "retransmit_skb" and retransmit_has_err:
-                name += "_err"
+        for name in self._main_programs:  # each one's nested copy, built the same way
             obj.attach(name + NESTED_SUFFIX)
             attached.append(name + NESTED_SUFFIX)
         if tracks_threads:
