@@ -510,13 +510,41 @@ static __always_inline __u64 opaque(__u64 x)
 	return v;
 }
 
+struct slot_scan {
+	struct thread_conns *tc;
+	__u64 conn_id;
+	__u64 oldest;
+	__u32 victim;
+	__u32 __pad0;
+};
+
+static long slot_scan_step(__u32 i, void *data)
+{
+	struct slot_scan *s = data;
+	struct thread_conns *tc = s->tc;
+
+	if (i >= THREAD_SLOTS)
+		return 1;
+	if (tc->slot[i].conn_id == s->conn_id) {
+		s->victim = i;
+		return 1;
+	}
+	if (tc->slot[i].last_ns < s->oldest) {
+		s->oldest = tc->slot[i].last_ns;
+		s->victim = i;
+	}
+	return 0;
+}
+
 /*
  * Remember that thread `tid` used connection `conn_id` now (span
- * enrichment); returns the slot it is in (`hint`: where it was last time).
- * A global function: the verifier checks the scan once per program, not once
- * per path that reaches it.
+ * enrichment); returns the slot it is in now, THREAD_SLOTS if unchanged
+ * (`hint`: where it was last time). Global functions: the verifier checks
+ * the scan once per program, not once per path that reaches it; with
+ * bpf_loop (5.17+: the programs that load only on 6.2+) one step of it.
  */
-__noinline __u32 note_use_slot(__u32 tid, __u64 conn_id, __u32 srtt_us, __u32 hint, __u64 now)
+static __always_inline __u32 use_slot(__u32 tid, __u64 conn_id, __u32 srtt_us, __u32 hint, __u64 now,
+				      bool use_bpf_loop)
 {
 	struct thread_conns *tc;
 	__u64 oldest = ~0ULL;
@@ -527,40 +555,65 @@ __noinline __u32 note_use_slot(__u32 tid, __u64 conn_id, __u32 srtt_us, __u32 hi
 		bpf_map_update_elem(&threads, &tid, &zero_thread, BPF_NOEXIST);
 		tc = bpf_map_lookup_elem(&threads, &tid);
 		if (!tc)
-			return hint;
+			return THREAD_SLOTS;
 	}
 	/* The usual case, a thread using the same connection again: its slot
 	 * from last time, without the scan (conn_ids are unique). */
 	if (hint < THREAD_SLOTS && tc->slot[hint].conn_id == conn_id) {
 		tc->slot[hint].last_ns = now;
 		tc->slot[hint].srtt_us = srtt_us;
-		return hint;
+		return THREAD_SLOTS;
 	}
-	for (i = 0; i < THREAD_SLOTS; i++) {
-		if (tc->slot[i].conn_id == conn_id) {
-			victim = i;
-			break;
+	if (use_bpf_loop) {
+		struct slot_scan scan = { .tc = tc, .conn_id = conn_id, .oldest = oldest };
+
+		bpf_loop(THREAD_SLOTS, slot_scan_step, &scan, 0);
+		victim = scan.victim;
+	} else {
+		for (i = 0; i < THREAD_SLOTS; i++) {
+			if (tc->slot[i].conn_id == conn_id) {
+				victim = i;
+				break;
+			}
+			if (tc->slot[i].last_ns < oldest) {
+				oldest = tc->slot[i].last_ns;
+				victim = i;
+			}
 		}
-		if (tc->slot[i].last_ns < oldest) {
-			oldest = tc->slot[i].last_ns;
-			victim = i;
-		}
+		/* Past the verifier's eyes: else each slot the scan can pick is
+		 * a different constant index, and the scan is verified once per pick. */
+		victim = (__u32)opaque(victim);
 	}
-	/* Past the verifier's eyes: else each slot the scan can pick is a
-	 * different constant index, and the scan is verified once per pick. */
-	victim = (__u32)opaque(victim);
 	if (victim >= THREAD_SLOTS)
-		return hint;
+		return THREAD_SLOTS;
 	tc->slot[victim].conn_id = conn_id;
 	tc->slot[victim].last_ns = now;
 	tc->slot[victim].srtt_us = srtt_us;
 	return victim;
 }
 
-static __always_inline void note_use(__u32 tid, struct sock_state *st, __u64 now)
+__noinline __u32 note_use_slot(__u32 tid, __u64 conn_id, __u32 srtt_us, __u32 hint, __u64 now)
 {
-	if (span_mode)
-		st->slot = note_use_slot(tid, st->conn_id, st->srtt_us, st->slot, now);
+	return use_slot(tid, conn_id, srtt_us, hint, now, false);
+}
+
+__noinline __u32 note_use_slot_loop(__u32 tid, __u64 conn_id, __u32 srtt_us, __u32 hint, __u64 now)
+{
+	return use_slot(tid, conn_id, srtt_us, hint, now, true);
+}
+
+/* `loop`: the program loads only where bpf_loop exists (READ_CAST: 6.2+;
+ * the send/receive tracepoints: 6.3+). */
+static __always_inline void note_use(bool loop, __u32 tid, struct sock_state *st, __u64 now)
+{
+	__u32 slot;
+
+	if (!span_mode)
+		return;
+	slot = loop ? note_use_slot_loop(tid, st->conn_id, st->srtt_us, st->slot, now) :
+		      note_use_slot(tid, st->conn_id, st->srtt_us, st->slot, now);
+	if (slot < THREAD_SLOTS)
+		st->slot = slot;
 }
 
 /*
@@ -888,7 +941,7 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 			if (st) {
 				st->tid = current_tid();
 				st->last_tid = st->tid;
-				note_use(st->tid, st, now);
+				note_use(direct == READ_CAST, st->tid, st, now);
 			}
 		} else if (newstate == TCP_LISTEN) {
 			struct listener_key lk = {};
@@ -1186,7 +1239,7 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 		return 0;
 	st->last_tid = tid;
 	st->srtt_us = read_srtt_us(direct, tp);
-	note_use(tid, st, bpf_ktime_get_ns());
+	note_use(true, tid, st, bpf_ktime_get_ns());	/* 6.3+ */
 	return 0;
 }
 
