@@ -108,13 +108,6 @@ def verify_object(name: str = OBJECT_NAME) -> str:
     return path
 
 
-def _read_arities() -> None:
-    try:
-        _libbpf.vmlinux_tracepoint_arities(ARITY_TRACEPOINTS)
-    except Exception:  # pragma: no cover - asked again, and any error met, where the answer is used
-        pass
-
-
 def effective_capabilities() -> int:
     try:
         with open("/proc/self/status", encoding="ascii") as f:
@@ -266,7 +259,6 @@ class KernelSource:
         self._swept: Dict[FlowKey, int] = {}
         self._passes: List[int] = []  # CLOCK_MONOTONIC ns at the start of the last two iterator passes
         self._netns = 0
-        self._btf_reader: Optional[threading.Thread] = None
 
     # -- Source ----------------------------------------------------------------
 
@@ -274,9 +266,6 @@ class KernelSource:
         check_environment()
         self._on_event = on_event
         path = verify_object()
-        # Parsing vmlinux BTF (15-30 ms) overlaps opening the object; _open() joins it.
-        self._btf_reader = threading.Thread(target=_read_arities, name="otel-ebpf-flows-btf", daemon=True)
-        self._btf_reader.start()
         if self._host_wide:  # room for every socket now open (and some that open meanwhile)
             self._max_seeds = max(MAX_SEEDS, min(MAX_HOST_SEEDS, 2 * len(all_socket_inodes())))
         err: Optional[BpfError] = None
@@ -386,9 +375,6 @@ class KernelSource:
         return Snapshot(counters=self._read_counters(), probes=self._read_probe_stats())
 
     def close(self) -> None:
-        if self._btf_reader is not None:  # a start that failed before _open() joined it
-            self._btf_reader.join()
-            self._btf_reader = None
         self._ring = None
         self._sampled, self._sampled_at = b"", 0
         with self._conn_lock:
@@ -485,9 +471,6 @@ class KernelSource:
             obj.map("threads").set_max_entries(1)
         if self._max_seeds != MAX_SEEDS:
             obj.map("seeds").set_max_entries(self._max_seeds)
-        if self._btf_reader is not None:  # done before start() returns: no lock held across a fork
-            self._btf_reader.join()
-            self._btf_reader = None
         arity = _libbpf.vmlinux_tracepoint_arities(ARITY_TRACEPOINTS)  # parsed once per process
         retransmit_has_err = arity["tcp_retransmit_skb"] == 3
         has_io = all(arity[tp] is not None for tp in IO_TRACEPOINTS)
