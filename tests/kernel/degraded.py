@@ -1,6 +1,6 @@
 """Run by tests/kernel/test_degradation.py under a degraded condition (no privilege, no libbpf, ...).
 
-python tests/kernel/degraded.py [--simulate tp_btf_refused|rdonly_cast_missing|not_linux]
+python tests/kernel/degraded.py [--simulate tp_btf_refused|rdonly_cast_missing|not_linux|none]
 
 In a network namespace whose loopback the caller brought up. Instruments this
 process on a real SDK MeterProvider, makes 3 connections to its own listener,
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--simulate", choices=["tp_btf_refused", "rdonly_cast_missing", "not_linux"])
+    p.add_argument("--simulate", choices=["tp_btf_refused", "rdonly_cast_missing", "not_linux", "none"])
     args = p.parse_args()
     if args.simulate == "not_linux":
         sys.platform = "darwin"  # before the package is imported: what it sees on macOS
@@ -84,9 +84,16 @@ def main() -> None:
     settle()
     points = tel.points() if tel is not None else []
     attempts = {"client": 0, "server": 0}
+    handshakes = {"client": 0, "server": 0}  # timed ones (the server's: the accept-queue walk)
+    syn_wait_lost = 0
     for pt in points:
         if pt["name"] == "ebpf_flows.tcp.connection.attempts" and "error.type" not in pt["attrs"]:
             attempts[pt["attrs"]["ebpf_flows.tcp.role"]] += pt["value"]
+        if pt["name"] == "ebpf_flows.tcp.handshake.duration":
+            handshakes[pt["attrs"]["ebpf_flows.tcp.role"]] += pt["count"]
+        if pt["name"] == "ebpf_flows.probe.events.lost" and \
+                pt["attrs"].get("ebpf_flows.probe.name") == "tcp_flows.syn_wait":
+            syn_wait_lost += pt["value"]
     logging.getLogger().handlers.clear()
     checks = _doctor.run_checks(load=True)
     print(json.dumps({
@@ -95,6 +102,8 @@ def main() -> None:
         "attached": getattr(getattr(pipeline, "source", None), "attached", None),
         "records": records,
         "attempts": attempts,
+        "handshakes": handshakes,
+        "syn_wait_lost": syn_wait_lost,
         "mib": mib_delta(before, mib()),
         "doctor": {"will_work": _doctor.will_work(checks),
                    "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "fix": c.fix} for c in checks]},

@@ -178,6 +178,18 @@ def test_kernel_without_rdonly_cast_loads_the_nocast_copies(kernel_ok):
     assert warnings(r) == [], r["records"]
     assert r["attempts"] == {"client": 3, "server": 3}, r
     assert r["mib"]["Tcp.ActiveOpens"] == 3 and r["mib"]["Tcp.PassiveOpens"] == 3, r["mib"]
+    # the server's SYN wait, found on the accept queue by probe reads (queued_synack_us)
+    assert r["handshakes"] == {"client": 3, "server": 3} and r["syn_wait_lost"] == 0, r
+
+
+def test_each_build_times_every_server_handshake(kernel_ok):
+    """The programs this kernel loads first (bpf_rdonly_cast, bpf_loop): every handshake of the
+    3 connections (MIB PassiveOpens/ActiveOpens) timed, none counted as a lost SYN wait."""
+    r = run([sys.executable], args=["--simulate", "none"])
+    assert r["on"] is True and r["variant"] == "tp_btf", r
+    assert {"tp_btf_set_state", "tp_btf_set_state_nested"} <= set(r["attached"]), r["attached"]
+    assert r["mib"]["Tcp.ActiveOpens"] == 3 and r["mib"]["Tcp.PassiveOpens"] == 3, r["mib"]
+    assert r["handshakes"] == {"client": 3, "server": 3} and r["syn_wait_lost"] == 0, r
 
 
 def test_import_and_instrument_on_a_non_linux_platform(kernel_ok):
