@@ -141,14 +141,13 @@ def load_library() -> ctypes.CDLL:
     with _lib_lock:
         if _lib is not None:
             return _lib
+        name = ctypes.util.find_library("bpf")
+        candidates = [name] if name else []
+        candidates += ["libbpf.so.1", "libbpf.so"]
         lib = None
-        # The 1.x soname first: find_library() runs `ldconfig -p` (a few ms per start).
-        for candidate in ("libbpf.so.1", None, "libbpf.so"):
-            name = candidate or ctypes.util.find_library("bpf")
-            if not name:
-                continue
+        for candidate in candidates:
             try:
-                lib = ctypes.CDLL(name, use_errno=True)
+                lib = ctypes.CDLL(candidate, use_errno=True)
                 break
             except OSError:
                 continue
