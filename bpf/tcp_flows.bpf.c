@@ -369,6 +369,36 @@ static __always_inline const struct tcp_sock *tcp_of(int direct, const struct so
 	} while (0)
 
 /*
+ * Bring the socket's retransmit count up to the kernel's own (tcp_sock.total_retrans,
+ * what RetransSegs and tcpi_total_retrans count): st->retrans_segs is how much of it
+ * is already counted. The kernel can run a tracepoint without running our
+ * programs and without counting a recursion miss (measured: every event raised
+ * in a softirq that interrupted one particular task), so a retransmit event
+ * counts what the kernel counted since the last one seen, and closes and
+ * samples collect the rest. Returns the segments counted; those found after
+ * `seen` more go to STAT_RETRANS_UNSEEN.
+ */
+static __always_inline __u32 sync_retrans(__u32 total, struct sock_state *st, __u32 seen,
+					  struct flow_counters **cp)
+{
+	__u32 n = total - (__u32)st->retrans_segs;
+
+	if ((__s32)n <= 0)
+		return 0;
+	st->retrans_segs += n;
+	COUNT_INTO(cp, &st->key, retrans_segs, n);
+	if (n > seen) {
+		__u64 *v;
+		__u32 idx = STAT_RETRANS_UNSEEN;
+
+		v = bpf_map_lookup_elem(&stats, &idx);
+		if (v)
+			__sync_fetch_and_add(v, n - seen);
+	}
+	return n;
+}
+
+/*
  * Not a plain load: on 6.4+ the verifier checks every pointer loaded from a
  * field of a trusted pointer (a tp_btf argument) for a "__safe_trusted"/
  * "__safe_rcu" declaration, four linear searches of vmlinux BTF per check
@@ -771,6 +801,10 @@ static __always_inline void on_established(int direct, const struct sock *sk,
 			handshake_ns = now - snt_synack_us * 1000;
 	}
 	st->handshake_ns = handshake_ns;
+	/* an accepted socket: the SYN-ACK retransmits its request left in
+	 * total_retrans were counted on the listener (or, pending, at the claim) */
+	if (st->key.role == FLOW_ROLE_SERVER)
+		st->retrans_segs = RD(direct, tp, total_retrans);
 	if (!(st->flags & SF_PENDING)) {
 		struct flow_counters *c = NULL;
 
@@ -865,6 +899,7 @@ static __always_inline void count_closed(int direct, const struct tcp_sock *tp, 
 					 struct flow_counters **cp)
 {
 	account_bytes(direct, st, tp, cp);
+	sync_retrans(RD(direct, tp, total_retrans), st, 0, cp);
 	COUNT_INTO(cp, &st->key, closed, 1);
 	/* A reason already certain is final now; an apparently normal close may
 	 * still be followed by our RST (unread data, SO_LINGER 0), so it is
@@ -890,8 +925,10 @@ static __always_inline bool on_close(int direct, const struct sock *sk, struct s
 	if (!(st->flags & SF_ESTABLISHED)) {
 		/* A client attempt that never completed; an embryonic server
 		 * socket is simply forgotten. */
-		if (st->key.role == FLOW_ROLE_CLIENT)
+		if (st->key.role == FLOW_ROLE_CLIENT) {
+			sync_retrans(RD(direct, tp, total_retrans), st, 0, cp);	/* SYNs */
 			COUNT_INTO(cp, &st->key, attempts_failed[attempt_error(st->err, st->retrans_segs) & 7], 1);
+		}
 		forget(direct, sk, st);
 		return true;
 	}
@@ -1026,20 +1063,32 @@ static __always_inline __u32 skb_segs(const struct sk_buff *skb)
 
 static __always_inline int handle_retransmit(int direct, const struct sock *sk, const struct sk_buff *skb, int err)
 {
+	struct flow_counters *c = NULL;
+	const struct tcp_sock *tp;
 	struct sock_state *st;
 	__u32 segs;
 
-	/* The kernel counts a retransmit in RetransSegs and tcpi_total_retrans
-	 * even when sending it fails, except when the original is still in the
-	 * host queue (-EBUSY): count exactly what it counts. */
-	if (err == -EBUSY)
+	if (err == -EBUSY)	/* the original still in the host queue: nothing counted */
 		return 0;
 	st = tracked(direct, sk);
 	if (!st || (st->flags & SF_PENDING))	/* a claim takes tcp_sock.total_retrans */
 		return 0;
+	tp = tcp_of(direct, sk);
+	if (!tp)
+		return 0;
 	segs = skb_segs(skb);
-	st->retrans_segs += segs;
-	COUNT(&st->key, retrans_segs, segs);
+	if (st->key.role == FLOW_ROLE_SERVER && !(st->flags & SF_ESTABLISHED)) {
+		/* Its ESTABLISHED went unseen, so no baseline: total_retrans also
+		 * holds its request's SYN-ACK retransmits, counted on the listener. */
+		st->retrans_segs += segs;
+		COUNT_INTO(&c, &st->key, retrans_segs, segs);
+	} else {
+		/* Exactly what the kernel counted (nothing for a retransmit that
+		 * failed before it was counted), and any earlier one never seen. */
+		segs = sync_retrans(RD(direct, tp, total_retrans), st, segs, &c);
+		if (!segs)
+			return 0;
+	}
 	conn_event(st, FLOW_EVENT_RETRANSMIT, 0, bpf_ktime_get_ns(), segs);
 	return 0;
 }
@@ -1413,6 +1462,7 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		st->established_ns = now;
 		st->bytes_acked = tp->bytes_acked;
 		st->bytes_received = tp->bytes_received;
+		st->retrans_segs = tp->total_retrans;
 		st->srtt_us = tp->srtt_us >> 3;
 		COUNT(&key, adopted, 1);
 		conn_event(st, FLOW_EVENT_CONN, 1, now, 0);
@@ -1430,6 +1480,7 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		struct flow_counters *c = NULL;
 
 		account_bytes(true, st, tp, &c);
+		sync_retrans(tp->total_retrans, st, 0, &c);
 	}
 	st->srtt_us = tp->srtt_us >> 3;
 	if (st->srtt_us && now - st->last_rtt_ns >= rtt_sample_ns) {

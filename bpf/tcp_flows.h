@@ -143,7 +143,9 @@ enum probe_stat {
 	STAT_SYN_WAIT_MISSED = 3,	/* a server handshake whose SYN time was not found */
 	STAT_LISTENERS_FULL = 4,	/* a listener could not be registered: its connections go unseen */
 	STAT_CONN_EVENTS_LOST = 5,	/* conn_events ring full: a span-enrichment record was dropped */
-	STAT_MAX = 6,
+	STAT_RETRANS_UNSEEN = 6,	/* retransmitted segments whose event no program ran for,
+					 * found later in tcp_sock.total_retrans (and counted then) */
+	STAT_MAX = 7,
 };
 
 /*

@@ -690,6 +690,7 @@ class KernelSource:
                 "tcp_flows.decode": self._decode_errors,
                 "tcp_flows.unseen_close": sum(self._swept.values()),
                 "tcp_flows.skipped": self._skipped(),
+                "tcp_flows.unseen_retransmit": vals[_records.STAT_RETRANS_UNSEEN],
             },
             map_evictions={
                 "tcp_flows.socks": vals[_records.STAT_SOCKS_FULL],

@@ -52,7 +52,8 @@ STAT_FLOWS_FOLDED = 2
 STAT_SYN_WAIT_MISSED = 3
 STAT_LISTENERS_FULL = 4
 STAT_CONN_EVENTS_LOST = 5
-STAT_MAX = 6
+STAT_RETRANS_UNSEEN = 6
+STAT_MAX = 7
 
 # enum hook_id: hooks with a nested copy, in _kernel.HOOKS order
 HOOK_SET_STATE = 0

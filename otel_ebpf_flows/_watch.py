@@ -428,6 +428,7 @@ def completeness(probes: ProbeStats) -> Tuple[bool, str]:
         "tcp_flows.decode": "malformed records",
         "tcp_flows.skipped": "kernel events skipped by the probes",
         "tcp_flows.unseen_close": "closes found late (reason unknown)",
+        "tcp_flows.unseen_retransmit": "retransmits counted late (no event)",
         "tcp_flows.socks": "connections not tracked (map full)",
         "tcp_flows.flows": "counts folded into _OTHER (too many peers)",
         "tcp_flows.listeners": "listeners not registered (map full)",

@@ -50,14 +50,9 @@ def total(points: List[Dict[str, Any]], name: str, **want: Any) -> int:
                and all(p["attrs"].get(k.replace("__", ".")) == v for k, v in want.items()))
 
 
-@pytest.mark.flaky(reruns=2)  # KNOWN DEFECT, issue 6: failed once in about 17 runs (the residual undercount)
 @pytest.mark.parametrize("who", ["a", "b"])
 def test_each_service_metrics_reconcile_with_its_own_sockets(run, who):
-    try:
-        check_service(run, who)
-    except AssertionError:
-        _RUNS.clear()  # a rerun runs the scenario afresh
-        raise
+    check_service(run, who)
 
 
 def check_service(r: Dict[str, Any], who: str) -> None:

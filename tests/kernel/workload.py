@@ -84,6 +84,55 @@ def client_loss() -> Dict[str, Any]:
 
 
 @scenario
+def unseen_retransmits() -> Dict[str, Any]:
+    """Client over a lossy path while the retransmit probes are detached, then attached again.
+
+    A real fault: for the first half of each connection (the connect included)
+    the kernel runs no program for its retransmits, as it does, silently, for
+    events raised in some softirqs. Between the halves nothing of ours is in
+    flight (every request's echo is in), so the detached half's retransmits are
+    exactly what TCP_INFO says then."""
+    setup_netns()
+    n, rounds, size = 4, 40, 3000
+    echo = peer("echo", "5586", "--count", str(n))
+    random_loss(5586, 5)
+    tel = Telemetry()
+    source = tel.instrumentor.pipeline.source  # type: ignore[union-attr]
+    obj = source._obj
+    names = [name for name in source.attached if "retransmit_skb" in name]
+    detached = [link for link in obj._links if link.name in names]
+    for link in detached:
+        link.destroy()
+        obj._links.remove(link)
+    before = mib()
+    socks = [socket.create_connection(("127.0.0.1", 5586), timeout=60) for _ in range(n)]
+
+    def exchange(i: int) -> None:
+        for _ in range(rounds // 2):
+            socks[i].sendall(b"x" * size)
+            recv_exactly(socks[i], size)
+
+    in_threads(exchange, n)
+    unseen = sum(tcp_info(s)["total_retrans"] for s in socks)
+    for name in names:
+        obj.attach(name)
+    in_threads(exchange, n)
+
+    def close(i: int) -> int:
+        socks[i].shutdown(socket.SHUT_WR)
+        drain_until_eof(socks[i])
+        info = wait_closed(socks[i])
+        socks[i].close()
+        return info["total_retrans"]
+
+    totals = in_threads(close, n)
+    finish(echo)
+    settle()
+    return {"points": tel.points(), "totals": totals, "unseen": unseen, "detached": names,
+            "mib": mib_delta(before, mib())}
+
+
+@scenario
 def server_loss() -> Dict[str, Any]:
     """This process is the server; another process's clients reach it over a lossy path.
 

@@ -197,6 +197,7 @@ def test_the_kernel_enums_match_the_names():
         "STAT_SOCKS_FULL",
         "STAT_FLOWS_FOLDED",
         "STAT_SYN_WAIT_MISSED",
+        "STAT_RETRANS_UNSEEN",
         "STAT_MAX",
         "HOOK_SET_STATE",
         "HOOK_DESTROY_SOCK",
