@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import re
+import struct
 import sys
 import threading
 import time
@@ -72,6 +73,8 @@ TCP_LISTEN_HEX = "0A"
 MAX_HOST_SEEDS = 1 << 20  # host-wide: the seeds map is resized to fit every socket, up to this
 # Reading side: how held-back RTT samples are handed on (see KernelSource.poll).
 MIN_SAMPLES_PER_POLL = 256
+# struct thread_conns (every slot) as one layout
+_THREAD_SLOTS = struct.Struct("=" + _records.THREAD_SLOT.format.lstrip("=") * _records.THREAD_SLOTS)
 
 
 def _int(key: Union[int, ctypes.c_uint64]) -> int:
@@ -421,8 +424,9 @@ class KernelSource:
             if self._threads is None or not self._threads.lookup(key, value):
                 return []
             raw = value.raw
-        return [(conn_id, last_ns, srtt_us)
-                for conn_id, last_ns, srtt_us, _ in _records.THREAD_SLOT.iter_unpack(raw) if conn_id]
+        # the slots' fields in one unpack: conn_id, last_ns, srtt_us, pad, conn_id, ...
+        fields = _THREAD_SLOTS.unpack(raw)
+        return [(fields[i], fields[i + 1], fields[i + 2]) for i in range(0, len(fields), 4) if fields[i]]
 
     def sample(self) -> Snapshot:
         """Counters now; the pass's RTT samples are handed on by the following polls."""

@@ -106,6 +106,12 @@ def _port(value: Any) -> Optional[int]:
     return None
 
 
+def _plain(attributes: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """A span's attributes as a dict: the SDK's mappings answer ``.get()`` of a missing
+    key by raising and catching KeyError, and peer_of asks for a dozen keys."""
+    return dict(attributes) if attributes else {}
+
+
 def _first(attributes: Mapping[str, Any], keys: Sequence[str]) -> Any:
     for k in keys:
         v = attributes.get(k)
@@ -483,19 +489,25 @@ class Enricher:
         return Enrichment(attributes, events, dropped)
 
 
-def enriched_copy(span: Any, enrichment: Enrichment, mono_to_wall_ns: int) -> Any:
-    """A copy of the finished ``ReadableSpan`` with the enrichment added."""
+@functools.cache
+def _sdk_types() -> Tuple[Any, Any, Any]:
+    """The SDK's Event and BoundedList, and the API's BoundedAttributes, imported once."""
+    from opentelemetry.attributes import BoundedAttributes
     from opentelemetry.sdk.trace import Event
     from opentelemetry.sdk.util import BoundedList
-    from opentelemetry.util.types import Attributes
+
+    return Event, BoundedList, BoundedAttributes
+
+
+def enriched_copy(span: Any, enrichment: Enrichment, mono_to_wall_ns: int) -> Any:
+    """A copy of the finished ``ReadableSpan`` with the enrichment added."""
+    Event, BoundedList, BoundedAttributes = _sdk_types()  # noqa: N806
 
     out = copy.copy(span)
     old_attributes = span._attributes
     merged: Dict[str, Any] = dict(old_attributes or {})
     merged.update(enrichment.attributes)
     try:
-        from opentelemetry.attributes import BoundedAttributes
-
         maxlen = getattr(old_attributes, "maxlen", None)
         new_attributes: Any = BoundedAttributes(maxlen=maxlen, attributes=merged, immutable=True)
         new_attributes.dropped += getattr(old_attributes, "dropped", 0)
@@ -509,8 +521,7 @@ def enriched_copy(span: Any, enrichment: Enrichment, mono_to_wall_ns: int) -> An
     for e in old_events or ():
         events.append(e)
     for name, ts, attributes in enrichment.events:
-        a: Attributes = attributes
-        events.append(Event(name, attributes=a, timestamp=ts + mono_to_wall_ns))
+        events.append(Event(name, attributes=attributes, timestamp=ts + mono_to_wall_ns))
     if isinstance(events, BoundedList) and isinstance(old_events, BoundedList):
         events.dropped += old_events.dropped
     out._events = events
@@ -546,7 +557,7 @@ class SpanEnrichment:
             return
         self.registry.started(threading.get_native_id(), ctx.span_id, ctx.trace_id,
                               ctx.trace_flags.sampled, time.monotonic_ns(),
-                              peer_of(span.kind, span.attributes or {}))
+                              peer_of(span.kind, _plain(span.attributes)))
 
     def on_end(self, span: Any) -> Any:
         if not self.enabled or os.getpid() != self.pid:
@@ -576,7 +587,7 @@ class SpanEnrichment:
             start_ns = span.start_time - offset
         if end_ns > now_mono:  # an end time in the future: the kernel has not got there
             end_ns = now_mono
-        spec = peer_of(span.kind, span.attributes or {})
+        spec = peer_of(span.kind, _plain(span.attributes))
         enrichment = self.enricher.enrich(tids, start_ns, end_ns, spec,
                                           span.kind is trace.SpanKind.SERVER)
         if enrichment is None:
