@@ -421,7 +421,7 @@ class KernelSource:
         with self._conn_lock:  # one key and value buffer, reused under the lock
             key, value = self._thread_key, self._thread_value
             key.value = tid
-            if self._threads is None or not self._threads.lookup(key, value):
+            if self._threads is None or not self._threads.lookup_holding_gil(key, value):
                 return []
             raw = value.raw
         # the slots' fields in one unpack: conn_id, last_ns, srtt_us, pad, conn_id, ...
