@@ -499,11 +499,27 @@ def _sdk_types() -> Tuple[Any, Any, Any]:
     return Event, BoundedList, BoundedAttributes
 
 
+@functools.cache
+def _copies_by_dict(cls: Any) -> bool:
+    """Whether copy.copy() of a ``cls`` is a new object with the same ``__dict__`` (the SDK's spans)."""
+    plain: Any = object
+    return (getattr(cls, "__copy__", None) is None
+            and getattr(cls, "__reduce_ex__", None) is plain.__reduce_ex__
+            and getattr(cls, "__reduce__", None) is plain.__reduce__
+            and "__dict__" in dir(cls)
+            and all(not c.__dict__.get("__slots__") for c in cls.__mro__))
+
+
 def enriched_copy(span: Any, enrichment: Enrichment, mono_to_wall_ns: int) -> Any:
     """A copy of the finished ``ReadableSpan`` with the enrichment added."""
     Event, BoundedList, BoundedAttributes = _sdk_types()  # noqa: N806
 
-    out = copy.copy(span)
+    cls: Any = type(span)
+    if _copies_by_dict(cls):
+        out = object.__new__(cls)  # what copy.copy() does for such an object, without its dispatch
+        out.__dict__.update(span.__dict__)
+    else:
+        out = copy.copy(span)
     old_attributes = span._attributes
     merged: Dict[str, Any] = dict(old_attributes or {})
     merged.update(enrichment.attributes)
