@@ -256,6 +256,9 @@ class KernelSource:
         #: Where histogram records go without becoming a FlowEvent (the reader's
         #: hot path; set before start). None: they go to on_event like the rest.
         self.on_metric: Optional[Callable[[_records.MetricRecord], None]] = None
+        #: Where span records go without becoming a FlowEvent (span enrichment's
+        #: table; set before start). None: they go to on_event like the rest.
+        self.on_conn: Optional[Callable[[_records.ConnRecord], None]] = None
         self._decode_errors = 0
         # RTT samples of the last iterator pass not yet handed on (see poll)
         self._sampled = b""
@@ -297,7 +300,7 @@ class KernelSource:
             if self._span_mode:
                 obj = self._require()
                 with self._conn_lock:
-                    self._conn_ring = obj.ring_buffer("conn_events", self._on_record)
+                    self._conn_ring = obj.ring_buffer("conn_events", self._on_conn_record)
                     self._threads = obj.map("threads")
                 if self._spans_wanted:  # before adoption: adopted sockets are span records too
                     self._spans_on()
@@ -374,7 +377,7 @@ class KernelSource:
                          "(%s); spans are not enriched", exc)
             return
         for data in self._established_records():
-            self._on_record(data)
+            self._on_conn_record(data)
 
     def _spans_on(self) -> None:
         obj = self._require()
@@ -667,6 +670,22 @@ class KernelSource:
             self._malformed(exc)
             return
         self._on_event(event)
+
+    def _on_conn_record(self, data: bytes) -> None:
+        """A record of the conn_events ring: span records skip the FlowEvent."""
+        sink = self.on_conn
+        if sink is None:
+            self._on_record(data)
+            return
+        try:
+            record = _records.decode_conn(data)
+        except _records.RecordError as exc:
+            self._malformed(exc)
+            return
+        if record is None:
+            self._on_record(data)
+        else:
+            sink(record)
 
     def _on_metric_record(self, data: bytes) -> None:
         """A record of the events ring or the iterator: histogram records skip the FlowEvent."""

@@ -42,6 +42,7 @@ import attrs
 from opentelemetry import trace
 from opentelemetry.context import Context
 
+from ._records import ConnRecord
 from ._source import CONN_EVENT_KINDS, FlowEvent, FlowKey, Role
 
 _log = logging.getLogger("otel_ebpf_flows")
@@ -191,31 +192,37 @@ class ConnTable:
     def add(self, event: FlowEvent) -> None:
         if event.conn_id == 0 or event.kind not in CONN_EVENT_KINDS:
             return
+        self.add_record((event.kind, event.conn_id, event.key, event.peer_port, event.ts_ns, event.duration_s,
+                         event.srtt_s, event.direction, event.count, event.adopted))
+
+    def add_record(self, record: ConnRecord) -> None:
+        """:meth:`add` for a span record decoded as a tuple (the conn_events ring's hot path)."""
+        kind, conn_id, key, peer_port, ts_ns, duration_s, srtt_s, direction, count, adopted = record
         with self._lock:
-            conn = self._conns.get(event.conn_id)
+            conn = self._conns.get(conn_id)
             if conn is None:
                 conn = Conn(
-                    conn_id=event.conn_id, role=event.key.role, peer_address=event.key.address,
-                    peer_port=event.peer_port, port=event.key.port, opened_ns=event.ts_ns,
+                    conn_id=conn_id, role=key.role, peer_address=key.address,
+                    peer_port=peer_port, port=key.port, opened_ns=ts_ns,
                 )
-                self._conns[event.conn_id] = conn
+                self._conns[conn_id] = conn
                 self._trim()
-            if event.srtt_s is not None:
-                conn.srtt_s = event.srtt_s
-            if event.kind == "conn":
+            if srtt_s is not None:
+                conn.srtt_s = srtt_s
+            if kind == "conn":
                 conn.established = True
-                conn.adopted = event.adopted
-                if event.duration_s > 0:
-                    conn.handshake_s = event.duration_s
-                    conn.opened_ns = event.ts_ns - int(event.duration_s * 1e9)
-                elif not event.adopted:
-                    conn.opened_ns = event.ts_ns
+                conn.adopted = adopted
+                if duration_s > 0:
+                    conn.handshake_s = duration_s
+                    conn.opened_ns = ts_ns - int(duration_s * 1e9)
+                elif not adopted:
+                    conn.opened_ns = ts_ns
                 else:
                     conn.opened_ns = 0  # opened before instrument(): some time before now
-            elif event.kind == "gone":
-                conn.gone_ns = event.ts_ns
+            elif kind == "gone":
+                conn.gone_ns = ts_ns
             else:
-                conn.events.append((event.ts_ns, event.kind, event.direction, event.count))
+                conn.events.append((ts_ns, kind, direction, count))
 
     def _trim(self) -> None:
         while len(self._conns) > self._capacity:
