@@ -373,8 +373,8 @@ class KernelSource:
         try:
             self._spans_on()
         except BpfError as exc:
-            _log.warning("otel-ebpf-flows: span enrichment's kernel programs could not be attached "
-                         "(%s); spans are not enriched", exc)
+            _log.warning("otel-ebpf-flows: span enrichment's kernel side could not be turned on (%s); "
+                         "spans find their connections by peer only, if at all", exc)
             return
         for data in self._established_records():
             self._on_conn_record(data)
