@@ -2,9 +2,11 @@
 
     workers.py idle [--calibrate OBJ]   instrument, print the program ids, sleep until stdin closes
     workers.py startup                  time instrument() and the RSS it adds, in a fresh process
-    workers.py inproc MODES [--instrument] [--bpf-stats] [--duration S]
+    workers.py inproc MODES [--instrument] [--bpf-stats] [--duration S] [--tracer-provider]
                                         a threaded Python service whose own client drives it
-                                        (MODES: churn, rr, bulk, comma-separated)
+                                        (MODES: churn, rr, bulk, comma-separated); with
+                                        --tracer-provider, instrumented with an SDK TracerProvider
+                                        (span enrichment's records on; the workload makes no spans)
     workers.py reader --loadgen PATH [--rate R] [--duration S]
                                         reader-thread CPU while loadgen connects at R per second
     workers.py micro                    the reader thread's Python cost per ring-buffer record, in parts
@@ -331,7 +333,12 @@ def cmd_inproc(args: argparse.Namespace) -> None:
     provider = MeterProvider(metric_readers=[
         PeriodicExportingMetricReader(exporter, export_interval_millis=args.export_interval_ms)
     ])
-    instrumentor = instrument(provider) if args.instrument else None
+    kwargs: Dict[str, Any] = {}
+    if args.tracer_provider:
+        from opentelemetry.sdk.trace import TracerProvider
+
+        kwargs["tracer_provider"] = TracerProvider()
+    instrumentor = instrument(provider, **kwargs) if args.instrument else None
     ids = own_prog_ids() if args.bpf_stats else []
     for mode in args.modes.split(","):
         server = Server(threads=2, bulk=mode == "bulk")
@@ -578,6 +585,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--warmup", type=float, default=0.3)
     p.add_argument("--export-interval-ms", type=int, default=1000)
     p.add_argument("--cpu", type=int, help="pin the process to this CPU")
+    p.add_argument("--tracer-provider", action="store_true",
+                   help="instrument with an SDK TracerProvider (span enrichment's kernel records on)")
     p = sub.add_parser("reader")
     p.add_argument("--loadgen", required=True)
     p.add_argument("--rate", type=float, default=1000)

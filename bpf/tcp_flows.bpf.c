@@ -33,7 +33,9 @@
  *              [1] = 1 in claim mode: a socket accepted on one of our listeners
  *              is counted only once this process reads or writes it, since a
  *              listener shared by several processes (a pre-fork server) says
- *              nothing about which of them will accept the connection
+ *              nothing about which of them will accept the connection;
+ *              [2] = 1 once span enrichment is in use (span_mode: a tracer
+ *              provider is hooked): until then no conn_events, no thread slots
  *   conn_events  ring buffer of per-connection records for span enrichment
  *              (connection, retransmit, reset, zero window, gone); never wakes
  *   threads    tid -> the connections the thread used lately (span enrichment)
@@ -178,7 +180,7 @@ struct flow_event *unused_flow_event __attribute__((unused));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 3);
 	__type(key, __u32);
 	__type(value, __u32);
 } control SEC(".maps");
@@ -209,6 +211,7 @@ struct {
 
 #define CONTROL_SEEDING 0
 #define CONTROL_CLAIM 1
+#define CONTROL_SPANS 2
 
 /* How far the SYN-wait lookup walks an accept queue (connections not yet accepted). */
 #define ACCEPT_QUEUE_WALK 64
@@ -507,13 +510,15 @@ static __always_inline void submit(const struct sock_state *st, __u8 kind, __u8 
 }
 
 /* A span-enrichment record: read when a span ends and on every poll, never
- * woken for. */
+ * woken for; none until user space has spans to enrich (CONTROL_SPANS). */
 static __always_inline void conn_event(const struct sock_state *st, __u8 kind, __u8 reason,
 				       __u64 now, __u64 value)
 {
 	struct flow_event *e;
 
 	if (!span_mode || (st->flags & SF_PENDING))	/* pending: maybe another process's */
+		return;
+	if (!control_on(CONTROL_SPANS))
 		return;
 	e = bpf_ringbuf_reserve(&conn_events, sizeof(*e), 0);
 	if (!e) {
@@ -1288,7 +1293,8 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 		return 0;
 	st->last_tid = tid;
 	st->srtt_us = read_srtt_us(direct, tp);
-	note_use(true, tid, st, bpf_ktime_get_ns());	/* 6.3+ */
+	if (control_on(CONTROL_SPANS))	/* attached for claims only so far */
+		note_use(true, tid, st, bpf_ktime_get_ns());	/* 6.3+ */
 	return 0;
 }
 

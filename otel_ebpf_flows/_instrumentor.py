@@ -198,11 +198,13 @@ def sock_diag_notice(source: SockDiagSource) -> str:
 def _ebpf_pipeline(config: Config, instruments: Instruments, tracer_provider: Optional[trace.TracerProvider],
                    inherited: Optional[FrozenSet[int]] = None, parents: Sequence[int] = ()) -> Pipeline:
     """Load the probes for this process and start its reader (and span enrichment)."""
-    source = KernelSource(config, span_mode=config.span_enrichment, inherited=inherited, parents=parents)
+    # span records start once a tracer provider is hooked (not at all in a metrics-only process)
+    source = KernelSource(config, span_mode=config.span_enrichment, inherited=inherited, parents=parents,
+                          defer_spans=True)
     spans = _span_enrichment(source, config)
     pipeline = Pipeline(
         source, instruments, config.max_peers, config.poll_interval, config.sample_interval,
-        spans=spans, attach_spans=None if spans is None else _attacher(spans, tracer_provider),
+        spans=spans, attach_spans=None if spans is None else _attacher(spans, tracer_provider, source.enable_spans),
     )
     try:
         pipeline.start()
@@ -223,17 +225,19 @@ def _span_enrichment(source: _spans.ConnectionSource, config: Config) -> Optiona
     )
 
 
-def _attacher(spans: _spans.SpanEnrichment,
-              tracer_provider: Optional[trace.TracerProvider]) -> Callable[[], bool]:
+def _attacher(spans: _spans.SpanEnrichment, tracer_provider: Optional[trace.TracerProvider],
+              on_attached: Callable[[], None] = lambda: None) -> Callable[[], bool]:
     """Hooks span enrichment into the tracer provider; True once done (or given up).
 
     The global provider may be set after ``instrument()``: until then it is a
-    proxy, and the reader thread calls this again on every poll.
+    proxy, and the reader thread calls this again on every poll. ``on_attached``
+    runs once hooked (the kernel source then starts its span records).
     """
     def attach() -> bool:
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
         if _spans.attach(provider, spans):
             _log.debug("otel-ebpf-flows: enriching the spans of %r", provider)
+            on_attached()
             return True
         if tracer_provider is None and isinstance(provider, trace.ProxyTracerProvider):
             return False  # not set yet: try again later

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import re
+import struct
 import sys
 import threading
 import time
@@ -68,11 +69,14 @@ ITERATOR = "sample_sockets"
 PROC_PID_INIT_INO = 0xEFFFFFFC
 CONTROL_SEEDING = 0
 CONTROL_CLAIM = 1
+CONTROL_SPANS = 2
 MAX_SEEDS = 4096  # the seeds map's size in tcp_flows.bpf.c
 TCP_LISTEN_HEX = "0A"
 MAX_HOST_SEEDS = 1 << 20  # host-wide: the seeds map is resized to fit every socket, up to this
 # Reading side: how held-back RTT samples are handed on (see KernelSource.poll).
 MIN_SAMPLES_PER_POLL = 256
+# struct thread_conns (every slot) as one layout
+_THREAD_SLOTS = struct.Struct("=" + _records.THREAD_SLOT.format.lstrip("=") * _records.THREAD_SLOTS)
 
 
 def _int(key: Union[int, ctypes.c_uint64]) -> int:
@@ -203,6 +207,12 @@ class KernelSource:
     does not adopt them; it adopts inherited listeners in claim mode (see
     :meth:`enable_claim`), where it counts only the connections it accepts.
 
+    ``defer_spans=True`` (with ``span_mode``): span enrichment's kernel side --
+    the span records of the conn_events ring and the send/receive programs
+    that note which thread used which connection -- stays off until
+    :meth:`enable_spans` (a tracer provider was hooked), so an application
+    without one does not pay for span records on every connection.
+
     ``host_wide=True`` counts the connections of every process on the host instead
     (``pid`` must then be None). Sockets that existed at start are adopted only in
     this process's network namespace (the socket iterator walks that one), and
@@ -215,7 +225,7 @@ class KernelSource:
     def __init__(self, config: Optional[Config] = None, pid: Optional[int] = None,
                  variants: Tuple[str, ...] = VARIANTS, span_mode: bool = False,
                  inherited: Optional[Collection[int]] = None, host_wide: bool = False,
-                 parents: Collection[int] = ()) -> None:
+                 parents: Collection[int] = (), defer_spans: bool = False) -> None:
         if host_wide and pid:
             raise ValueError("a host-wide KernelSource observes every process: pass no pid")
         self._config = config or Config()
@@ -224,6 +234,10 @@ class KernelSource:
         self._max_seeds = MAX_SEEDS
         self._variants = variants
         self._span_mode = span_mode
+        # span records wanted (now, or from start); see enable_spans
+        self._spans_wanted = span_mode and not defer_spans
+        self._io_attached = False  # the send/receive programs (spans or claims)
+        self._has_io = False  # the kernel has sock:sock_send_length/sock_recv_length
         self._inherited = None if inherited is None else frozenset(inherited)
         self._parents = list(parents)[:MAX_SEEDS]  # see server_sockets_counted
         #: Whether this kernel has the claim hooks (sock_recv_length, sock_send_length).
@@ -244,6 +258,9 @@ class KernelSource:
         #: Where histogram records go without becoming a FlowEvent (the reader's
         #: hot path; set before start). None: they go to on_event like the rest.
         self.on_metric: Optional[Callable[[_records.MetricRecord], None]] = None
+        #: Where span records go without becoming a FlowEvent (span enrichment's
+        #: table; set before start). None: they go to on_event like the rest.
+        self.on_conn: Optional[Callable[[_records.ConnRecord], None]] = None
         self._decode_errors = 0
         # RTT samples of the last iterator pass not yet handed on (see poll)
         self._sampled = b""
@@ -285,8 +302,10 @@ class KernelSource:
             if self._span_mode:
                 obj = self._require()
                 with self._conn_lock:
-                    self._conn_ring = obj.ring_buffer("conn_events", self._on_record)
+                    self._conn_ring = obj.ring_buffer("conn_events", self._on_conn_record)
                     self._threads = obj.map("threads")
+                if self._spans_wanted:  # before adoption: adopted sockets are span records too
+                    self._spans_on()
             if self._parents:
                 parents = self._require().map("parents")
                 for skp in self._parents:
@@ -341,6 +360,61 @@ class KernelSource:
         """Only the forking thread exists in the child: a lock another thread held stays held."""
         self._conn_lock = threading.Lock()
 
+    def enable_spans(self) -> None:
+        """Turn span enrichment's kernel side on (a tracer provider is hooked). Idempotent.
+
+        Before :meth:`start` it only takes note. Once started, connections
+        established meanwhile are handed on as span records from the socks map,
+        as the kernel would have done, so spans on them are enriched too.
+        """
+        if not self._span_mode or self._spans_wanted:
+            return
+        self._spans_wanted = True
+        if self._obj is None:
+            return  # start() turns it on
+        try:
+            self._spans_on()
+        except BpfError as exc:
+            _log.warning("otel-ebpf-flows: span enrichment's kernel side could not be turned on (%s); "
+                         "spans find their connections by peer only, if at all", exc)
+            return
+        for data in self._established_records():
+            self._on_conn_record(data)
+
+    def _spans_on(self) -> None:
+        obj = self._require()
+        obj.map("control").update(ctypes.c_uint32(CONTROL_SPANS), ctypes.c_uint32(1))
+        if self._has_io:
+            self._attach_io()
+            self.tracks_threads = True
+
+    def _attach_io(self) -> None:
+        if self._io_attached:
+            return
+        obj = self._require()
+        for hook in IO_HOOKS:
+            name = f"{self.variant}_{hook}"
+            obj.attach(name)
+            self.attached.append(name)
+        self._io_attached = True
+
+    def _established_records(self) -> List[bytes]:
+        """A conn record (as conn_event() writes it) per connection the socks map holds established."""
+        out = []
+        skip = _records.SF_PENDING | _records.SF_LISTENER | _records.SF_CLOSED
+        event = _records.CFlowEvent()
+        for _skp, st in self._require().map("socks").items(ctypes.c_uint64, _records.CSockState):
+            if not st.flags & _records.SF_ESTABLISHED or st.flags & skip:
+                continue
+            event.key = st.key
+            event.kind = _records.FLOW_EVENT_CONN
+            # a handshake the probes saw: as at ESTABLISHED; otherwise adopted (opened before)
+            event.reason = 0 if st.handshake_ns else 1
+            event.peer_port, event.srtt_us, event.tid = st.peer_port, st.srtt_us, st.tid
+            event.ts_ns, event.duration_ns, event.conn_id = st.established_ns, st.handshake_ns, st.conn_id
+            out.append(bytes(event))
+        return out
+
     def drain_conn_events(self) -> None:
         """Deliver every pending span-enrichment record (any thread; never blocks on I/O)."""
         with self._conn_lock:
@@ -352,11 +426,12 @@ class KernelSource:
         with self._conn_lock:  # one key and value buffer, reused under the lock
             key, value = self._thread_key, self._thread_value
             key.value = tid
-            if self._threads is None or not self._threads.lookup(key, value):
+            if self._threads is None or not self._threads.lookup_holding_gil(key, value):
                 return []
             raw = value.raw
-        return [(conn_id, last_ns, srtt_us)
-                for conn_id, last_ns, srtt_us, _ in _records.THREAD_SLOT.iter_unpack(raw) if conn_id]
+        # the slots' fields in one unpack: conn_id, last_ns, srtt_us, pad, conn_id, ...
+        fields = _THREAD_SLOTS.unpack(raw)
+        return [(fields[i], fields[i + 1], fields[i + 2]) for i in range(0, len(fields), 4) if fields[i]]
 
     def sample(self) -> Snapshot:
         """Counters now; the pass's RTT samples are handed on by the following polls."""
@@ -385,6 +460,8 @@ class KernelSource:
             self._obj = None
         self.attached = []
         self.claiming = False
+        self._io_attached = False
+        self.tracks_threads = False
 
     def probe_stats(self) -> ProbeStats:
         """Self-telemetry now, without sampling the sockets."""
@@ -426,11 +503,7 @@ class KernelSource:
                 "in each worker")
             return False
         obj.map("control").update(ctypes.c_uint32(CONTROL_CLAIM), ctypes.c_uint32(1))
-        if not self.tracks_threads:  # span enrichment attached them already
-            for hook in IO_HOOKS:
-                name = f"{self.variant}_{hook}"
-                obj.attach(name)
-                self.attached.append(name)
+        self._attach_io()  # unless span enrichment attached them already
         self.claiming = True
         return True
 
@@ -474,8 +547,8 @@ class KernelSource:
         arity = _libbpf.vmlinux_tracepoint_arities(ARITY_TRACEPOINTS)  # parsed once per process
         retransmit_has_err = arity["tcp_retransmit_skb"] == 3
         has_io = all(arity[tp] is not None for tp in IO_TRACEPOINTS)
-        tracks_threads = self._span_mode and has_io
-        if self._span_mode and not tracks_threads:
+        self._has_io = has_io
+        if self._span_mode and not has_io:
             _log.info("otel-ebpf-flows: this kernel has no sock:sock_send_length tracepoint (6.3+): "
                       "spans find their connections by peer only")
         can_claim = has_io
@@ -517,11 +590,6 @@ class KernelSource:
         for name in self._main_programs:  # each one's nested copy, built the same way
             obj.attach(name + NESTED_SUFFIX)
             attached.append(name + NESTED_SUFFIX)
-        if tracks_threads:
-            for hook in IO_HOOKS:
-                obj.attach(f"{variant}_{hook}")
-                attached.append(f"{variant}_{hook}")
-        self.tracks_threads = tracks_threads
         self.variant = variant
         self.attached = attached
         self.can_claim = can_claim
@@ -606,6 +674,22 @@ class KernelSource:
             self._malformed(exc)
             return
         self._on_event(event)
+
+    def _on_conn_record(self, data: bytes) -> None:
+        """A record of the conn_events ring: span records skip the FlowEvent."""
+        sink = self.on_conn
+        if sink is None:
+            self._on_record(data)
+            return
+        try:
+            record = _records.decode_conn(data)
+        except _records.RecordError as exc:
+            self._malformed(exc)
+            return
+        if record is None:
+            self._on_record(data)
+        else:
+            sink(record)
 
     def _on_metric_record(self, data: bytes) -> None:
         """A record of the events ring or the iterator: histogram records skip the FlowEvent."""

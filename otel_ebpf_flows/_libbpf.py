@@ -108,6 +108,10 @@ _lib_lock = threading.Lock()
 # record's callback then runs without handing the GIL to the application and
 # taking it back (through CDLL, every record cost two GIL hand-offs).
 _consume_gil: Any = None
+# bpf_map_lookup_elem() with the GIL held, for lookups on an application thread
+# (a span's end): a map lookup never blocks, and giving the GIL up for it lets
+# another thread in, which the caller then waits out.
+_lookup_gil: Any = None
 _print_cb = None  # keeps the ctypes callback alive for the process's lifetime
 
 
@@ -176,10 +180,13 @@ def load_library() -> ctypes.CDLL:
             )
         _print_cb = _PRINT_FN(_on_libbpf_print)
         lib.libbpf_set_print(ctypes.cast(_print_cb, _c_void_p))
-        global _consume_gil
-        _consume_gil = ctypes.PyDLL(lib._name, handle=lib._handle).ring_buffer__consume
+        global _consume_gil, _lookup_gil
+        gil = ctypes.PyDLL(lib._name, handle=lib._handle, use_errno=True)
+        _consume_gil = gil.ring_buffer__consume
         _consume_gil.restype = _c_int
         _consume_gil.argtypes = [_c_void_p]
+        _lookup_gil = gil.bpf_map_lookup_elem
+        _lookup_gil.restype, _lookup_gil.argtypes = _c_int, [_c_int, _c_void_p, _c_void_p]
         _lib = lib
         return lib
 
@@ -290,6 +297,15 @@ class Map:
 
     def lookup(self, key: ctypes._CData, value: ctypes._CData) -> bool:
         rc = self._lib.bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value))
+        if rc == 0:
+            return True
+        if ctypes.get_errno() == errno.ENOENT:
+            return False
+        raise _err(f"lookup in map {self.name}")
+
+    def lookup_holding_gil(self, key: ctypes._CData, value: ctypes._CData) -> bool:
+        """:meth:`lookup` without releasing the GIL (never blocks; see _lookup_gil)."""
+        rc = _lookup_gil(self.fd, ctypes.byref(key), ctypes.byref(value))
         if rc == 0:
             return True
         if ctypes.get_errno() == errno.ENOENT:

@@ -344,6 +344,45 @@ def decode_metric(data: bytes) -> Optional[MetricRecord]:
     return kind, decode_key_bytes(raw_key), ts_ns, duration_ns / 1e9, srtt_us / 1e6 if srtt_us else None, tid
 
 
+_CONN_KINDS = {k: v for k, v in _EVENT_KINDS.items() if v in CONN_EVENT_KINDS}
+#: A span-enrichment record as the span side takes it: (kind, conn_id, key, peer_port,
+#: ts_ns, duration_s, srtt_s, direction, count, adopted) -- FlowEvent's fields, no FlowEvent.
+ConnRecord = Tuple[str, int, FlowKey, int, int, float, Optional[float], Optional[str], int, bool]
+
+
+def decode_conn(data: bytes) -> Optional[ConnRecord]:
+    """A span record (conn, retransmit, reset, zero_window, gone) as a :data:`ConnRecord`.
+
+    The conn_events ring's hot path: the same checks as :func:`decode_event`,
+    without building a FlowEvent; None for a kind that is not a span record.
+    """
+    if len(data) != EVENT_SIZE:
+        raise RecordError(f"flow event of {len(data)} bytes, expected {EVENT_SIZE}")
+    raw_key, raw_kind, raw_reason, peer_port, srtt_us, _, ts_ns, duration_ns, conn_id = EVENT.unpack(data)
+    kind = _CONN_KINDS.get(raw_kind)
+    if kind is None:
+        return None
+    direction = None
+    count = 0
+    duration_s = duration_ns / 1e9
+    if kind == "reset" or kind == "zero_window":
+        direction = _DIRECTIONS.get(raw_reason)
+        if direction is None:
+            raise RecordError(f"{kind} event with unknown direction {raw_reason}")
+        count = 1
+    elif kind == "retransmit":
+        count, duration_s = duration_ns, 0.0
+        if not 0 < count < 1 << 16:
+            raise RecordError(f"retransmit event of {count} segments")
+    if not conn_id:
+        raise RecordError(f"{kind} event without a connection id")
+    key = decode_key_bytes(raw_key)
+    if not key.family:
+        raise RecordError(f"{kind} event without a peer")
+    return (kind, conn_id, key, peer_port, ts_ns, duration_s, srtt_us / 1e6 if srtt_us else None,
+            direction, count, kind == "conn" and raw_reason == 1)
+
+
 def decode_events(data: bytes) -> List[FlowEvent]:
     """Records written back to back (the iterator's output)."""
     if len(data) % EVENT_SIZE:

@@ -42,6 +42,7 @@ import attrs
 from opentelemetry import trace
 from opentelemetry.context import Context
 
+from ._records import ConnRecord
 from ._source import CONN_EVENT_KINDS, FlowEvent, FlowKey, Role
 
 _log = logging.getLogger("otel_ebpf_flows")
@@ -104,6 +105,12 @@ def _port(value: Any) -> Optional[int]:
     if isinstance(value, str) and value.isdigit() and 0 < int(value) < 65536:
         return int(value)
     return None
+
+
+def _plain(attributes: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """A span's attributes as a dict: the SDK's mappings answer ``.get()`` of a missing
+    key by raising and catching KeyError, and peer_of asks for a dozen keys."""
+    return dict(attributes) if attributes else {}
 
 
 def _first(attributes: Mapping[str, Any], keys: Sequence[str]) -> Any:
@@ -185,31 +192,37 @@ class ConnTable:
     def add(self, event: FlowEvent) -> None:
         if event.conn_id == 0 or event.kind not in CONN_EVENT_KINDS:
             return
+        self.add_record((event.kind, event.conn_id, event.key, event.peer_port, event.ts_ns, event.duration_s,
+                         event.srtt_s, event.direction, event.count, event.adopted))
+
+    def add_record(self, record: ConnRecord) -> None:
+        """:meth:`add` for a span record decoded as a tuple (the conn_events ring's hot path)."""
+        kind, conn_id, key, peer_port, ts_ns, duration_s, srtt_s, direction, count, adopted = record
         with self._lock:
-            conn = self._conns.get(event.conn_id)
+            conn = self._conns.get(conn_id)
             if conn is None:
                 conn = Conn(
-                    conn_id=event.conn_id, role=event.key.role, peer_address=event.key.address,
-                    peer_port=event.peer_port, port=event.key.port, opened_ns=event.ts_ns,
+                    conn_id=conn_id, role=key.role, peer_address=key.address,
+                    peer_port=peer_port, port=key.port, opened_ns=ts_ns,
                 )
-                self._conns[event.conn_id] = conn
+                self._conns[conn_id] = conn
                 self._trim()
-            if event.srtt_s is not None:
-                conn.srtt_s = event.srtt_s
-            if event.kind == "conn":
+            if srtt_s is not None:
+                conn.srtt_s = srtt_s
+            if kind == "conn":
                 conn.established = True
-                conn.adopted = event.adopted
-                if event.duration_s > 0:
-                    conn.handshake_s = event.duration_s
-                    conn.opened_ns = event.ts_ns - int(event.duration_s * 1e9)
-                elif not event.adopted:
-                    conn.opened_ns = event.ts_ns
+                conn.adopted = adopted
+                if duration_s > 0:
+                    conn.handshake_s = duration_s
+                    conn.opened_ns = ts_ns - int(duration_s * 1e9)
+                elif not adopted:
+                    conn.opened_ns = ts_ns
                 else:
                     conn.opened_ns = 0  # opened before instrument(): some time before now
-            elif event.kind == "gone":
-                conn.gone_ns = event.ts_ns
+            elif kind == "gone":
+                conn.gone_ns = ts_ns
             else:
-                conn.events.append((event.ts_ns, event.kind, event.direction, event.count))
+                conn.events.append((ts_ns, kind, direction, count))
 
     def _trim(self) -> None:
         while len(self._conns) > self._capacity:
@@ -483,19 +496,41 @@ class Enricher:
         return Enrichment(attributes, events, dropped)
 
 
-def enriched_copy(span: Any, enrichment: Enrichment, mono_to_wall_ns: int) -> Any:
-    """A copy of the finished ``ReadableSpan`` with the enrichment added."""
+@functools.cache
+def _sdk_types() -> Tuple[Any, Any, Any]:
+    """The SDK's Event and BoundedList, and the API's BoundedAttributes, imported once."""
+    from opentelemetry.attributes import BoundedAttributes
     from opentelemetry.sdk.trace import Event
     from opentelemetry.sdk.util import BoundedList
-    from opentelemetry.util.types import Attributes
 
-    out = copy.copy(span)
+    return Event, BoundedList, BoundedAttributes
+
+
+@functools.cache
+def _copies_by_dict(cls: Any) -> bool:
+    """Whether copy.copy() of a ``cls`` is a new object with the same ``__dict__`` (the SDK's spans)."""
+    plain: Any = object
+    return (getattr(cls, "__copy__", None) is None
+            and getattr(cls, "__reduce_ex__", None) is plain.__reduce_ex__
+            and getattr(cls, "__reduce__", None) is plain.__reduce__
+            and "__dict__" in dir(cls)
+            and all(not c.__dict__.get("__slots__") for c in cls.__mro__))
+
+
+def enriched_copy(span: Any, enrichment: Enrichment, mono_to_wall_ns: int) -> Any:
+    """A copy of the finished ``ReadableSpan`` with the enrichment added."""
+    Event, BoundedList, BoundedAttributes = _sdk_types()  # noqa: N806
+
+    cls: Any = type(span)
+    if _copies_by_dict(cls):
+        out = object.__new__(cls)  # what copy.copy() does for such an object, without its dispatch
+        out.__dict__.update(span.__dict__)
+    else:
+        out = copy.copy(span)
     old_attributes = span._attributes
     merged: Dict[str, Any] = dict(old_attributes or {})
     merged.update(enrichment.attributes)
     try:
-        from opentelemetry.attributes import BoundedAttributes
-
         maxlen = getattr(old_attributes, "maxlen", None)
         new_attributes: Any = BoundedAttributes(maxlen=maxlen, attributes=merged, immutable=True)
         new_attributes.dropped += getattr(old_attributes, "dropped", 0)
@@ -509,8 +544,7 @@ def enriched_copy(span: Any, enrichment: Enrichment, mono_to_wall_ns: int) -> An
     for e in old_events or ():
         events.append(e)
     for name, ts, attributes in enrichment.events:
-        a: Attributes = attributes
-        events.append(Event(name, attributes=a, timestamp=ts + mono_to_wall_ns))
+        events.append(Event(name, attributes=attributes, timestamp=ts + mono_to_wall_ns))
     if isinstance(events, BoundedList) and isinstance(old_events, BoundedList):
         events.dropped += old_events.dropped
     out._events = events
@@ -546,7 +580,7 @@ class SpanEnrichment:
             return
         self.registry.started(threading.get_native_id(), ctx.span_id, ctx.trace_id,
                               ctx.trace_flags.sampled, time.monotonic_ns(),
-                              peer_of(span.kind, span.attributes or {}))
+                              peer_of(span.kind, _plain(span.attributes)))
 
     def on_end(self, span: Any) -> Any:
         if not self.enabled or os.getpid() != self.pid:
@@ -576,7 +610,7 @@ class SpanEnrichment:
             start_ns = span.start_time - offset
         if end_ns > now_mono:  # an end time in the future: the kernel has not got there
             end_ns = now_mono
-        spec = peer_of(span.kind, span.attributes or {})
+        spec = peer_of(span.kind, _plain(span.attributes))
         enrichment = self.enricher.enrich(tids, start_ns, end_ns, spec,
                                           span.kind is trace.SpanKind.SERVER)
         if enrichment is None:

@@ -34,7 +34,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from ._records import MetricRecord
+from ._records import ConnRecord, MetricRecord
 from ._source import CLOSE_REASONS, CONN_EVENT_KINDS, CONNECT_ERRORS, Counters, FlowEvent, FlowKey, Role, Snapshot, Source
 from ._spans import SpanEnrichment, detach
 
@@ -320,6 +320,13 @@ class TakesMetricRecords(Protocol):
     on_metric: Optional[Callable[[MetricRecord], None]]
 
 
+@runtime_checkable
+class TakesConnRecords(Protocol):
+    """A source that can hand span records on as tuples (see KernelSource.on_conn)."""
+
+    on_conn: Optional[Callable[[ConnRecord], None]]
+
+
 class Pipeline:
     """The reader thread: drains the source's events, samples it, feeds the aggregator."""
 
@@ -363,6 +370,8 @@ class Pipeline:
     def start(self) -> None:
         if isinstance(self.source, TakesMetricRecords):  # KernelSource: histogram records skip the FlowEvent
             self.source.on_metric = self._on_metric
+            if self.spans is not None and isinstance(self.source, TakesConnRecords):  # span records too
+                self.source.on_conn = self.spans.table.add_record
         self.source.start(self._on_event)
         try:
             self._sample()

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional
 
 from opentelemetry import trace
@@ -138,6 +139,56 @@ def keepalive_loss() -> Dict[str, Any]:
     finish(echo)
     tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
     return {"requests": requests, "spans": spans.finished(), "metrics": metric_points(tel)}
+
+
+@scenario
+def late_tracer_provider() -> Dict[str, Any]:
+    """instrument() before any tracer provider is set (the global one still a proxy): no span
+    records and no send/receive programs until the provider appears; connections opened
+    meanwhile are enriched once it does (handed on from the socks map)."""
+    port, n, rounds, size = 5571, 4, 30, 20000
+    lossy_path(port)
+    echo = peer("echo", str(port), "--count", str(n))
+    tel = Telemetry(sample_interval=0.5)
+    pipeline = tel.instrumentor.pipeline
+    assert pipeline is not None and pipeline.spans is not None
+    source: Any = pipeline.source
+    socks = []
+    for _ in range(n):  # opened and used while no provider is hooked
+        s = socket.create_connection(("127.0.0.1", port), timeout=60)
+        s.sendall(b"x" * size)
+        recv_exactly(s, size)
+        socks.append(s)
+    source.drain_conn_events()
+    before = {"tracks_threads": source.tracks_threads, "conn_table": len(pipeline.spans.table),
+              "io_programs": [a for a in source.attached if "_length" in a]}
+    spans = Spans()  # the global provider, set now: the reader hooks it on its next poll
+    deadline = time.monotonic() + 30
+    while not (source.tracks_threads and len(pipeline.spans.table) >= n) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = {"tracks_threads": source.tracks_threads, "conn_table": len(pipeline.spans.table),
+             "io_programs": [a for a in source.attached if "_length" in a]}
+    tracer = trace.get_tracer("kernel-test")
+
+    def one(i: int) -> List[Dict[str, Any]]:
+        out = []
+        s = socks[i]
+        for _r in range(rounds):
+            attrs = {"server.address": "127.0.0.1", "server.port": port}
+            with tracer.start_as_current_span("request", kind=trace.SpanKind.CLIENT, attributes=attrs) as span:
+                before_retrans = tcp_info(s)["total_retrans"]
+                s.sendall(b"x" * size)
+                recv_exactly(s, size)
+                delta = tcp_info(s)["total_retrans"] - before_retrans
+            out.append({"span_id": span_hex(span), "delta": delta, "opened": False})
+        s.close()
+        return out
+
+    requests = [r for rs in in_threads(one, n) for r in rs]
+    finish(echo)
+    pipeline.refresh(timeout=60.0)
+    return {"requests": requests, "spans": spans.finished(), "before": before, "after": after,
+            "probes": tel.points()}
 
 
 def _pool_socket(adapter: Any) -> Optional[socket.socket]:

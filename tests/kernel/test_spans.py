@@ -125,6 +125,22 @@ def test_threads_in_a_pid_namespace_of_their_own(span_scenario):
     exemplars_point_at_spans(r, spans)
 
 
+def test_a_tracer_provider_set_after_instrument(span_scenario):
+    """No span records and no send/receive programs before a tracer provider exists; once one
+    is set, spans on connections opened before it are enriched to the same bar."""
+    r = span_scenario("late_tracer_provider")
+    assert r["before"] == {"tracks_threads": False, "conn_table": 0, "io_programs": []}
+    assert r["after"]["tracks_threads"] is True
+    assert sorted(r["after"]["io_programs"]) == ["tp_btf_recv_length", "tp_btf_send_length"]
+    assert r["after"]["conn_table"] >= 4  # the four connections opened before, from the socks map
+    spans = reconcile(r)
+    for q in r["requests"]:  # every connection predates every span
+        assert spans[q["span_id"]]["attrs"][REUSED] is True
+    lost = {p["attrs"]["ebpf_flows.probe.name"]: p["value"] for p in r["probes"]
+            if p["name"] == "ebpf_flows.probe.events.lost"}
+    assert lost["tcp_flows.conn_events"] == 0
+
+
 def test_requests_keepalive_session(span_scenario):
     r = span_scenario("requests_session")
     spans = reconcile(r)

@@ -25,6 +25,7 @@ class FakeSource:
         self.fail_first_sample = False
         self.started = False
         self.closed = False
+        self.spans_enabled = False
         self.samples = 0
         self.failed_samples = 0
         self.delivered = 0
@@ -68,6 +69,9 @@ class FakeSource:
 
     def thread_connections(self, tid: int) -> List[Tuple[int, int, int]]:
         return []
+
+    def enable_spans(self) -> None:  # KernelSource's: a tracer provider was hooked
+        self.spans_enabled = True
 
     def close(self) -> None:
         self.closed = True

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from otel_ebpf_flows import _records, _telemetry
+from otel_ebpf_flows import _records, _spans, _telemetry
 from otel_ebpf_flows._records import RecordError, decode_event, decode_key, decode_key_bytes, decode_metric
-from otel_ebpf_flows._source import Counters, FlowKey, ProbeStats, Role, Snapshot
+from otel_ebpf_flows._source import CONN_EVENT_KINDS, Counters, FlowKey, ProbeStats, Role, Snapshot
 
 from .test_records import CLIENT, SERVER, V4, V6, mapped, plausible_events, raw_event, raw_key
 
@@ -49,6 +49,52 @@ def test_decode_metric_rejects_what_decode_event_rejects_for_histogram_kinds():
         decode_metric(raw_event(kind=_records.FLOW_EVENT_CLOSE, reason=_records.CLOSE_MAX))
     with pytest.raises(RecordError):
         decode_metric(raw_event(kind=_records.FLOW_EVENT_RTT, key=raw_key(mapped("192.0.2.1"), 443, V4, 9)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(plausible_events())
+def test_decode_conn_agrees_with_decode_event(data):
+    """A span record decodes to FlowEvent's fields, and is rejected exactly when decode_event
+    rejects it; other kinds are None."""
+    try:
+        event = decode_event(data)
+    except RecordError:
+        try:
+            record = _records.decode_conn(data)
+        except RecordError:
+            return
+        assert record is None  # not a span kind: decode_event's rejection is not decode_conn's business
+        return
+    record = _records.decode_conn(data)
+    if event.kind not in CONN_EVENT_KINDS:
+        assert record is None
+        return
+    assert record == (event.kind, event.conn_id, event.key, event.peer_port, event.ts_ns, event.duration_s,
+                      event.srtt_s, event.direction, event.count, event.adopted)
+
+
+def test_the_span_table_holds_the_same_from_records_and_from_events():
+    """ConnTable.add_record (the ring's hot path) and ConnTable.add (FlowEvents) agree."""
+    key = FlowKey(role=Role.CLIENT, address="192.0.2.10", port=443, family="ipv4")
+    by_event, by_record = _spans.ConnTable(10), _spans.ConnTable(10)
+    raws = [raw_event(kind=_records.FLOW_EVENT_CONN, conn_id=3, key=raw_key(mapped("192.0.2.10"), 443, V4, CLIENT),
+                      ts_ns=5_000_000, duration_ns=1_500_000, srtt_us=250, peer_port=443),
+            raw_event(kind=_records.FLOW_EVENT_RETRANSMIT, conn_id=3, key=raw_key(mapped("192.0.2.10"), 443, V4, CLIENT),
+                      ts_ns=6_000_000, duration_ns=2, srtt_us=300, peer_port=443),
+            raw_event(kind=_records.FLOW_EVENT_RESET, conn_id=3, key=raw_key(mapped("192.0.2.10"), 443, V4, CLIENT),
+                      ts_ns=7_000_000, reason=_records.FLOW_DIR_RECEIVE, peer_port=443),
+            raw_event(kind=_records.FLOW_EVENT_GONE, conn_id=3, key=raw_key(mapped("192.0.2.10"), 443, V4, CLIENT),
+                      ts_ns=8_000_000, peer_port=443)]
+    for data in raws:
+        by_event.add(decode_event(data))
+        record = _records.decode_conn(data)
+        assert record is not None
+        by_record.add_record(record)
+    a, b = by_event.get(3), by_record.get(3)
+    assert a is not None and a == b
+    assert (a.peer_address, a.port, a.handshake_s, a.opened_ns, a.gone_ns, a.srtt_s) == (
+        key.address, 443, 0.0015, 3_500_000, 8_000_000, 0.0003)
+    assert list(a.events) == [(6_000_000, "retransmit", None, 2), (7_000_000, "reset", "receive", 1)]
 
 
 def test_a_key_is_decoded_once_and_a_bad_one_never_cached(monkeypatch):

@@ -248,3 +248,34 @@ def test_a_non_sdk_provider_is_not_hooked():
 def test_the_peer_a_span_names(kind, attributes, expected):
     spec = peer_of(kind, attributes)
     assert (None if spec is None else (spec.address, spec.port, spec.local_port)) == expected
+
+
+def test_the_enriched_copy_is_the_span_plus_the_enrichment_and_the_span_is_untouched():
+    provider = TracerProvider()
+    tracer = provider.get_tracer("t")
+    span = tracer.start_span("GET", kind=trace.SpanKind.CLIENT, attributes={"server.port": 443})
+    span.add_event("sent", {"n": 1}, timestamp=5)
+    span.end()
+    assert _spans._copies_by_dict(type(span))  # the SDK's span takes the fast copy
+    enrichment = _spans.Enrichment({"ebpf_flows.tcp.retransmits": 2},
+                                   [("ebpf_flows.tcp.retransmit", 100, {"ebpf_flows.tcp.segments": 2})], 0)
+    out = _spans.enriched_copy(span, enrichment, 1000)
+    assert out is not span and type(out) is type(span)
+    assert dict(out.attributes) == {"server.port": 443, "ebpf_flows.tcp.retransmits": 2}
+    assert [(e.name, e.timestamp, dict(e.attributes)) for e in out.events] == [
+        ("sent", 5, {"n": 1}), ("ebpf_flows.tcp.retransmit", 1100, {"ebpf_flows.tcp.segments": 2})]
+    assert (out.name, out.context, out.kind, out.start_time, out.end_time, out.resource) == (
+        span.name, span.context, span.kind, span.start_time, span.end_time, span.resource)
+    assert dict(span.attributes) == {"server.port": 443} and len(span.events) == 1
+
+
+def test_an_object_with_slots_or_its_own_copy_is_copied_by_copy_copy():
+    class Slotted:
+        __slots__ = ("a",)
+
+    class OwnCopy:
+        def __copy__(self) -> OwnCopy:
+            return self
+
+    assert not _spans._copies_by_dict(Slotted)
+    assert not _spans._copies_by_dict(OwnCopy)
