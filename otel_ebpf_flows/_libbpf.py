@@ -309,6 +309,61 @@ class Map:
                 yield out_key, value
             prev = ctypes.byref(key)
 
+    def batches(self, key_type: Any, value_type: Any, chunk: int = 256) -> Iterator[Tuple[bytes, bytes]]:
+        """Every entry as raw bytes, up to ``chunk`` at a time: (keys, values), each n x the type's size.
+
+        One batch lookup per chunk where the kernel has them, and no Python object per
+        entry: a caller can unpack just the fields it needs (``struct.iter_unpack``).
+        """
+        if self._batch_ok:
+            try:
+                yield from self._raw_batches(key_type, value_type, chunk)
+                return
+            except BpfError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._batch_ok = False
+        keys: List[bytes] = []
+        values: List[bytes] = []
+        for key, value in self.items(key_type, value_type):
+            keys.append(bytes(key))
+            values.append(bytes(value))
+            if len(keys) == chunk:
+                yield b"".join(keys), b"".join(values)
+                keys.clear()
+                values.clear()
+        if keys:
+            yield b"".join(keys), b"".join(values)
+
+    def _raw_batches(self, key_type: Any, value_type: Any, chunk: int) -> Iterator[Tuple[bytes, bytes]]:
+        key_size, value_size = ctypes.sizeof(key_type), ctypes.sizeof(value_type)
+        keys = ctypes.create_string_buffer(key_size * chunk)
+        values = ctypes.create_string_buffer(value_size * chunk)
+        in_batch = ctypes.c_uint64(0)
+        out_batch = ctypes.c_uint64(0)
+        first = True
+        while True:
+            count = _c_u32(chunk)
+            rc = self._lib.bpf_map_lookup_batch(
+                self.fd,
+                None if first else ctypes.byref(in_batch),
+                ctypes.byref(out_batch),
+                keys,
+                values,
+                ctypes.byref(count),
+                None,
+            )
+            err = ctypes.get_errno() if rc else 0
+            if rc and err != errno.ENOENT:
+                raise _err(f"batch lookup in map {self.name}", err)
+            n = count.value
+            if n:
+                yield ctypes.string_at(keys, n * key_size), ctypes.string_at(values, n * value_size)
+            if rc:  # ENOENT: that was the last batch
+                return
+            in_batch.value = out_batch.value
+            first = False
+
     def _items_batch(self, key_type: Any, value_type: Any, chunk: int) -> Iterator[Tuple[Any, Any]]:
         keys = (key_type * chunk)()
         values = (value_type * chunk)()

@@ -320,6 +320,20 @@ class TakesMetricRecords(Protocol):
     on_metric: Optional[Callable[[MetricRecord], None]]
 
 
+@runtime_checkable
+class ReadsNow(Protocol):
+    """A source whose counters can be read cheaply from any thread (KernelSource).
+
+    ``scan()`` is the periodic pass (the reader thread's; may take tens of ms, mostly
+    without the GIL); ``read()`` the counters now, without one. A collection then
+    reads instead of waiting for a pass.
+    """
+
+    def scan(self) -> None: ...
+
+    def read(self) -> Snapshot: ...
+
+
 class Pipeline:
     """The reader thread: drains the source's events, samples it, feeds the aggregator."""
 
@@ -359,6 +373,13 @@ class Pipeline:
         self._pinned_at = -1.0
         self._thread: Optional[threading.Thread] = None
         self._errors = 0
+        # A source read and the aggregator update it feeds are one step, so the
+        # aggregator never takes an older read after a newer one (a counter that
+        # seemed to go down would count as restarted); held by close() too.
+        self._update_lock = threading.Lock()
+        self._reads_now = isinstance(source, ReadsNow)
+        self._stopped = False
+        self._quiesced = False
 
     def start(self) -> None:
         if isinstance(self.source, TakesMetricRecords):  # KernelSource: histogram records skip the FlowEvent
@@ -393,8 +414,13 @@ class Pipeline:
             self._wanted.clear()
             self._sample_started += 1
             number = self._sample_started
-        snapshot = self.source.sample()
-        self.aggregator.update(snapshot)
+        if self._reads_now:
+            self.source.scan()  # type: ignore[attr-defined]
+            self._read_now()
+        else:
+            snapshot = self.source.sample()
+            with self._update_lock:
+                self.aggregator.update(snapshot)
         with self._sampled:
             self._sampled_at = time.monotonic()
             self._sample_done = number
@@ -425,17 +451,31 @@ class Pipeline:
                     _log.warning("reading kernel TCP data failed; retrying", exc_info=True)
                 self._stop.wait(min(5.0, self._poll_interval * 2 ** min(self._errors, 6)))
 
+    def _read_now(self) -> None:
+        """The source's counters now into the aggregator (a :class:`ReadsNow` source)."""
+        with self._update_lock:
+            if self._stopped:
+                return
+            self.aggregator.update(self.source.read())  # type: ignore[attr-defined]
+
     def observations(self, metric: str, first: bool = False) -> List[Tuple[int, Dict[str, Any]]]:
         """Rows of ``metric`` from the view pinned for the current collection.
 
         The SDK calls observable callbacks in registration order, so ``first``
-        (the first instrument's callback) starts a collection: it waits, bounded,
-        for a fresh sample and pins the aggregator's state. The collection's other
+        (the first instrument's callback) starts a collection: it brings the
+        aggregator up to date and pins its state. The collection's other
         callbacks read that same state, so an export never mixes two samples.
+        A :class:`ReadsNow` source is read right here (a batch read of the
+        counter maps, well under a millisecond): no collection waits for the
+        reader's socket pass, whose RTT samples and live connections' bytes
+        arrive with the pass. Any other source: a bounded wait for a fresh sample.
         """
         with self._pin_lock:
             if first or time.monotonic() - self._pinned_at >= self.FRESH_S:
-                self.refresh()
+                if self._reads_now and self._thread is not None:
+                    self._read_now()
+                else:
+                    self.refresh()
                 self._pinned = self.aggregator.all_observations()
                 self._pinned_at = time.monotonic()
             return self._pinned.get(metric, [])
@@ -459,11 +499,17 @@ class Pipeline:
                 self._sampled.wait(left)
 
     def quiesce(self) -> None:
-        """Wait until the reader is between iterations and hold it there (before fork)."""
+        """Wait until the reader is between iterations, and any collection's read is done,
+        and hold them there (before fork)."""
         self._work.acquire()
+        self._update_lock.acquire()
+        self._quiesced = True
 
     def resume(self) -> None:
         """Undo :meth:`quiesce` (after fork, in the parent and in the child)."""
+        if self._quiesced:
+            self._quiesced = False
+            self._update_lock.release()
         if self._work.locked():
             self._work.release()
 
@@ -479,4 +525,6 @@ class Pipeline:
             if thread.is_alive():  # never free kernel objects under a running reader
                 _log.warning("the otel-ebpf-flows reader thread did not stop; leaving its probes attached")
                 return
+        with self._update_lock:  # nor under a collection's read
+            self._stopped = True
         self.source.close()
