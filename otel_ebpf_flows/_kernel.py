@@ -97,6 +97,25 @@ _FLOW_KEY_SIZE = ctypes.sizeof(_records.CFlowKey)  # a sock_state begins with it
 _U64_KEY = struct.Struct("<Q")
 
 
+def unseen_sockets(keys: bytes, values: bytes, netns: int, since: int) -> List[Tuple[int, bytes]]:
+    """(socket pointer, raw flow key) of the socks entries in a raw batch that the sweep finds gone.
+
+    ``keys``/``values``: n u64 socket pointers and n raw ``sock_state`` records. Gone:
+    established, not closed, not a listener nor pending a claim, in namespace ``netns``,
+    established before ``since`` and not visited by the iterator since then.
+    """
+    skip = _records.SF_CLOSED | _records.SF_LISTENER | _records.SF_PENDING
+    established = _records.SF_ESTABLISHED
+    size = _SOCK_STATE_SIZE
+    out = []
+    for i, (flags, established_ns, sock_netns, seen_ns) in enumerate(_SWEEP_FIELDS.iter_unpack(values)):
+        if (flags & established and not flags & skip and sock_netns == netns
+                and established_ns < since and seen_ns < since):
+            at = i * size
+            out.append((_U64_KEY.unpack_from(keys, i * 8)[0], values[at : at + _FLOW_KEY_SIZE]))
+    return out
+
+
 def _int(key: Union[int, ctypes.c_uint64]) -> int:
     """A u64 map key as read: an int from a batch read, a c_uint64 otherwise."""
     return key if isinstance(key, int) else int(key.value)
@@ -633,17 +652,10 @@ class KernelSource:
         netns = self._netns
         socks = self._require().map("socks")
         gone: List[Tuple[int, bytes]] = []
-        skip = _records.SF_CLOSED | _records.SF_LISTENER | _records.SF_PENDING
-        established = _records.SF_ESTABLISHED
-        size = _SOCK_STATE_SIZE
         for n, (keys, values) in enumerate(socks.batches(ctypes.c_uint64, _records.CSockState, SWEEP_CHUNK)):
             if n:
                 time.sleep(0)  # let the application's threads have the GIL
-            for i, (flags, established_ns, sock_netns, seen_ns) in enumerate(_SWEEP_FIELDS.iter_unpack(values)):
-                if (flags & established and not flags & skip and sock_netns == netns
-                        and established_ns < since and seen_ns < since):
-                    at = i * size
-                    gone.append((_U64_KEY.unpack_from(keys, i * 8)[0], values[at : at + _FLOW_KEY_SIZE]))
+            gone += unseen_sockets(keys, values, netns, since)
         if not gone:
             return
         with self._read_lock:  # read() adds what is swept to the counters

@@ -482,7 +482,8 @@ class Pipeline:
 
     def refresh(self, timeout: float = 2.0) -> None:
         """Unless a sample finished less than FRESH_S ago, wait (at most ``timeout``) for one
-        that starts after this call (called by metric callbacks)."""
+        that starts after this call (a whole pass: for tests, a final export, and collections
+        of a source that cannot be read from another thread)."""
         thread = self._thread
         if thread is None or not thread.is_alive() or threading.current_thread() is thread:
             return
