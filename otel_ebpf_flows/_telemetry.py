@@ -12,6 +12,7 @@ recorded by the one reader thread of :class:`Pipeline`.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from typing import (
@@ -108,10 +109,24 @@ _EMPTY = trace.set_span_in_context(trace.INVALID_SPAN)
 SERIES_CACHE_SIZE = 16384
 
 
-def _field(counters: Counters, path: str) -> int:
-    name, _, sub = path.partition(".")
-    value = getattr(counters, name)
-    return int(value[sub]) if sub else int(value)
+# Every counter field of _FIELDS as one flat vector: the plain fields, then the
+# attempts_failed and the closes entries. _PATHS[i] = (metric, index in _FIELDS[metric]).
+_PLAIN_FIELDS = [(metric, j, path) for metric, fields in _FIELDS.items()
+                 for j, (path, _) in enumerate(fields) if "." not in path]
+_FAILED_FIELDS = [(ATTEMPTS, j, path) for j, (path, _) in enumerate(_FIELDS[ATTEMPTS]) if "." in path]
+_CLOSES_FIELDS = [(CLOSES, j, path) for j, (path, _) in enumerate(_FIELDS[CLOSES])]
+_PATHS: List[Tuple[str, int]] = [(m, j) for m, j, _ in _PLAIN_FIELDS + _FAILED_FIELDS + _CLOSES_FIELDS]
+_get_plain = operator.attrgetter(*(path for _, _, path in _PLAIN_FIELDS))
+_get_failed = operator.itemgetter(*(path.partition(".")[2] for _, _, path in _FAILED_FIELDS))
+_get_closes = operator.itemgetter(*(path.partition(".")[2] for _, _, path in _CLOSES_FIELDS))
+#: Changed flow keys the aggregator takes between two GIL hand-overs (a few µs each).
+KEYS_PER_YIELD = 128
+
+
+def _values(counters: Counters) -> Tuple[int, ...]:
+    """Every counter of _PATHS, in its order."""
+    return (_get_plain(counters) + _get_failed(counters.attempts_failed)  # type: ignore[no-any-return]
+            + _get_closes(counters.closes))
 
 
 class PeerTable:
@@ -154,7 +169,9 @@ class Aggregator:
         self._marker: Dict[str, str] = dict(marker or {})
         self._peers: Dict[str, PeerTable] = {}
         self._max_peers = max_peers
-        self._last: Dict[FlowKey, Counters] = {}
+        # key -> (the last Counters taken, their _values, the series each _PATHS entry's
+        # growth goes to (then the ACTIVE series), built on first growth)
+        self._last: Dict[FlowKey, Tuple[Counters, Tuple[int, ...], List[Optional[Attrs]]]] = {}
         self._totals: Dict[str, Dict[Attrs, int]] = {name: {} for name in _FIELDS}
         self._active: Dict[Attrs, int] = {}
         self._probes: Dict[str, Dict[str, int]] = {EVENTS_LOST: {}, MAP_EVICTIONS: {}}
@@ -185,30 +202,51 @@ class Aggregator:
         return attrs
 
     def update(self, snapshot: Snapshot) -> None:
+        """Take a source's counters: only keys whose Counters object changed, and of those only
+        the fields whose value changed, cost anything; the GIL is given up every
+        ``KEYS_PER_YIELD`` changed keys (a collection may run this with thousands)."""
         with self._lock:
+            changed = 0
             for key, now in snapshot.counters.items():
-                before = self._last.get(key)
-                if before is now:  # the source handed the same object back: nothing changed
+                last = self._last.get(key)
+                if last is not None and last[0] is now:  # the source handed the same object back
                     continue
-                self._last[key] = now
+                changed += 1
+                if not changed % KEYS_PER_YIELD:
+                    time.sleep(0)  # let the application's threads have the GIL
+                vector = _values(now)
+                if last is None:
+                    before: Optional[Tuple[int, ...]] = None
+                    series: List[Optional[Attrs]] = [None] * (len(_PATHS) + 1)
+                else:
+                    before, series = last[1], last[2]
+                self._last[key] = (now, vector, series)
                 listener = key.address == ""
-                for metric, fields in _FIELDS.items():
+                for i, value in enumerate(vector):
+                    prev = None if before is None else before[i]
+                    if prev == value:
+                        continue
+                    metric, j = _PATHS[i]
                     if listener != (metric == LISTEN_OVERFLOWS):
                         continue
-                    for path, extra in fields:
-                        delta = _delta(_field(now, path), None if before is None else _field(before, path))
-                        if delta:
-                            attrs = self.attributes(metric, key)
-                            attrs.update(extra)
-                            series = frozenset(attrs.items())
-                            totals = self._totals[metric]
-                            totals[series] = totals.get(series, 0) + delta
+                    delta = _delta(value, prev)
+                    if delta:
+                        attrs = series[i]
+                        if attrs is None:  # first growth: the peer is admitted under the cap, or folded
+                            base = self.attributes(metric, key)
+                            base.update(_FIELDS[metric][j][1])
+                            attrs = series[i] = frozenset(base.items())
+                        totals = self._totals[metric]
+                        totals[attrs] = totals.get(attrs, 0) + delta
                 if not listener:
-                    d_est = _delta(now.established, None if before is None else before.established)
-                    d_closed = _delta(now.closed, None if before is None else before.closed)
+                    old = None if last is None else last[0]
+                    d_est = _delta(now.established, None if old is None else old.established)
+                    d_closed = _delta(now.closed, None if old is None else old.closed)
                     if d_est or d_closed:
-                        series = frozenset(self.attributes(ACTIVE, key).items())
-                        self._active[series] = self._active.get(series, 0) + d_est - d_closed
+                        attrs = series[-1]
+                        if attrs is None:
+                            attrs = series[-1] = frozenset(self.attributes(ACTIVE, key).items())
+                        self._active[attrs] = self._active.get(attrs, 0) + d_est - d_closed
             for metric, values in ((EVENTS_LOST, snapshot.probes.events_lost),
                                    (MAP_EVICTIONS, snapshot.probes.map_evictions)):
                 seen = self._probes[metric]

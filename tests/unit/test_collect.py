@@ -17,7 +17,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from otel_ebpf_flows import _kernel, _records, _telemetry
-from otel_ebpf_flows._source import Counters, FlowKey, ProbeStats, Role, Snapshot
+from otel_ebpf_flows._source import CLOSE_REASONS, CONNECT_ERRORS, Counters, FlowKey, ProbeStats, Role, Snapshot
 
 KEY = FlowKey(role=Role.CLIENT, address="192.0.2.7", port=443, family="ipv4")
 
@@ -261,3 +261,102 @@ def test_the_sweep_selects_exactly_the_established_sockets_no_pass_has_seen():
     assert [skp for skp, _ in gone] == [0xFFFF0000, 0xFFFF0000 + 8]
     assert [_records.decode_key(_records.CFlowKey.from_buffer_copy(k)).port for _, k in gone] == [1, 9]
     assert _kernel.unseen_sockets(b"", b"", NETNS, SINCE) == []
+
+
+# -- the aggregator's fast update against the plain per-field definition -------------------------
+
+
+def _get(counters: Counters, path: str) -> int:
+    name, _, sub = path.partition(".")
+    value = getattr(counters, name)
+    return int(value[sub]) if sub else int(value)
+
+
+class _Reference:
+    """The aggregator's definition, field by field: a field's growth (a value below the last
+    one: the kernel entry restarted, grown by its value) goes to the field's series, whose
+    peer is admitted under the metric's cap at its first growth."""
+
+    def __init__(self, max_peers: int) -> None:
+        self.peers = _telemetry.Aggregator(max_peers)  # only its attributes() (the peer tables)
+        self.last: dict = {}
+        self.totals: dict = {}
+
+    def update(self, counters: dict) -> None:
+        for key, now in counters.items():
+            before = self.last.get(key)
+            self.last[key] = now
+            listener = key.address == ""
+            for metric, fields in _telemetry._FIELDS.items():
+                if listener != (metric == _telemetry.LISTEN_OVERFLOWS):
+                    continue
+                for path, extra in fields:
+                    delta = _telemetry._delta(_get(now, path), None if before is None else _get(before, path))
+                    if delta:
+                        attrs = self.peers.attributes(metric, key)
+                        attrs.update(extra)
+                        series = (metric, frozenset(attrs.items()))
+                        self.totals[series] = self.totals.get(series, 0) + delta
+            if not listener:
+                d_est = _telemetry._delta(now.established, None if before is None else before.established)
+                d_closed = _telemetry._delta(now.closed, None if before is None else before.closed)
+                if d_est or d_closed:
+                    series = (_telemetry.ACTIVE, frozenset(self.peers.attributes(_telemetry.ACTIVE, key).items()))
+                    self.totals[series] = self.totals.get(series, 0) + d_est - d_closed
+
+    def rows(self) -> dict:
+        return {s: v for s, v in self.totals.items()}
+
+
+def _rows(agg: _telemetry.Aggregator) -> dict:
+    out = {}
+    for metric, rows in agg.all_observations().items():
+        if metric in (_telemetry.EVENTS_LOST, _telemetry.MAP_EVICTIONS):
+            continue
+        for value, attrs in rows:
+            out[(metric, frozenset(attrs.items()))] = value
+    return out
+
+
+_PEERS = [FlowKey(role=Role.CLIENT, address=f"198.51.100.{i}", port=80 + i % 2, family="ipv4") for i in range(5)]
+_PEERS += [FlowKey(role=Role.SERVER, address=f"2001:db8::{i}", port=8080, family="ipv6") for i in range(3)]
+_PEERS += [FlowKey(role=Role.SERVER, address="", port=8080, family=""),  # a listener
+           FlowKey(role=Role.CLIENT, address=None, port=0, family="")]  # the kernel's overflow key
+
+_small = st.integers(0, 6)
+_counters = st.builds(
+    Counters,
+    attempts_ok=_small,
+    attempts_failed=st.fixed_dictionaries({e: _small for e in CONNECT_ERRORS}),
+    established=_small,
+    closed=_small,
+    closes=st.fixed_dictionaries({r: _small for r in CLOSE_REASONS}),
+    retransmits=_small, bytes_transmitted=st.integers(0, 10**6), bytes_received=st.integers(0, 10**6),
+    resets_sent=_small, resets_received=_small, zero_window_receive=_small, zero_window_transmit=_small,
+    window_scaling_disabled=_small, listen_overflows=_small,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(_PEERS), _counters, max_size=len(_PEERS)), min_size=1, max_size=6),
+       st.integers(1, 4))
+def test_the_aggregator_totals_are_the_per_field_definition(snapshots, max_peers):
+    agg = _telemetry.Aggregator(max_peers)
+    ref = _Reference(max_peers)
+    for counters in snapshots:
+        agg.update(Snapshot(counters=dict(counters), probes=ProbeStats()))
+        ref.update(counters)
+        assert _rows(agg) == ref.rows()
+
+
+def test_the_aggregator_gives_the_gil_up_while_taking_many_changed_keys(monkeypatch):
+    sleeps: List[float] = []
+    monkeypatch.setattr(_telemetry.time, "sleep", sleeps.append)
+    agg = _telemetry.Aggregator(200)
+    keys = [FlowKey(role=Role.CLIENT, address=f"10.1.{i // 250}.{i % 250}", port=443, family="ipv4")
+            for i in range(10 * _telemetry.KEYS_PER_YIELD)]
+    snap = Snapshot(counters={k: Counters(attempts_ok=1, established=1) for k in keys}, probes=ProbeStats())
+    agg.update(snap)
+    assert sleeps == [0] * 10
+    agg.update(snap)  # the same objects: nothing changed, nothing to give up
+    assert sleeps == [0] * 10
