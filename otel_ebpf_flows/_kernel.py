@@ -77,12 +77,12 @@ SWEEP_CHUNK = 1024
 
 
 def _field_struct(mirror: type, names: Tuple[str, ...]) -> struct.Struct:
-    """A little-endian Struct over a whole ``mirror`` record that unpacks only ``names``."""
+    """A native-order Struct over a whole ``mirror`` record that unpacks only ``names``."""
     fields = [(getattr(mirror, name).offset, getattr(mirror, name).size) for name in names]
     if fields != sorted(fields):
         raise ValueError(f"{names} are not in {mirror.__name__}'s order")
     codes = {1: "B", 2: "H", 4: "I", 8: "Q"}
-    fmt, at = "<", 0
+    fmt, at = "=", 0
     for offset, size in fields:
         fmt += f"{offset - at}x{codes[size]}" if offset > at else codes[size]
         at = offset + size
@@ -94,7 +94,17 @@ def _field_struct(mirror: type, names: Tuple[str, ...]) -> struct.Struct:
 _SWEEP_FIELDS = _field_struct(_records.CSockState, ("flags", "established_ns", "netns", "seen_ns"))
 _SOCK_STATE_SIZE = ctypes.sizeof(_records.CSockState)
 _FLOW_KEY_SIZE = ctypes.sizeof(_records.CFlowKey)  # a sock_state begins with its flow key
-_U64_KEY = struct.Struct("<Q")
+_FLOW_COUNTERS_SIZE = ctypes.sizeof(_records.CFlowCounters)
+_U64_KEY = struct.Struct("=Q")
+_U32_KEY = struct.Struct("=I")
+
+
+def _array_u64(array: _libbpf.Map) -> Dict[int, int]:
+    """Every entry of an array map of u64 (index -> value), in one batch lookup where the kernel has them."""
+    out: Dict[int, int] = {}
+    for keys, values in array.batches(ctypes.c_uint32, ctypes.c_uint64):
+        out.update(zip((k for (k,) in _U32_KEY.iter_unpack(keys)), (v for (v,) in _U64_KEY.iter_unpack(values))))
+    return out
 
 
 def unseen_sockets(keys: bytes, values: bytes, netns: int, since: int) -> List[Tuple[int, bytes]]:
@@ -712,22 +722,24 @@ class KernelSource:
         out = {}
         seen = self._flows_seen
         now: Dict[bytes, Tuple[bytes, FlowKey, Counters]] = {}
-        for raw_key, raw_val in obj.map("flows").items(_records.CFlowKey, _records.CFlowCounters):
-            kb, vb = bytes(raw_key), bytes(raw_val)
-            last = seen.get(kb)
-            if last is not None and last[0] == vb:
-                now[kb] = last
-                out[last[1]] = last[2]
-                continue
-            try:
-                key = _records.decode_key_bytes(kb)
-            except _records.RecordError as exc:
-                self._decode_errors += 1
-                _log.debug("ignoring a malformed flow key: %s", exc)
-                continue
-            counters = _records.decode_counters(raw_val)
-            now[kb] = (vb, key, counters)
-            out[key] = counters
+        ks, vs = _FLOW_KEY_SIZE, _FLOW_COUNTERS_SIZE
+        for keys, values in obj.map("flows").batches(_records.CFlowKey, _records.CFlowCounters):
+            for i in range(len(keys) // ks):
+                kb, vb = keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs]
+                last = seen.get(kb)
+                if last is not None and last[0] == vb:
+                    now[kb] = last
+                    out[last[1]] = last[2]
+                    continue
+                try:
+                    key = _records.decode_key_bytes(kb)
+                except _records.RecordError as exc:
+                    self._decode_errors += 1
+                    _log.debug("ignoring a malformed flow key: %s", exc)
+                    continue
+                counters = _records.decode_counters(_records.CFlowCounters.from_buffer_copy(vb))
+                now[kb] = (vb, key, counters)
+                out[key] = counters
         self._flows_seen = now
         for key, n in self._swept.items():
             c = out.get(key, Counters())
@@ -739,16 +751,14 @@ class KernelSource:
         if not self._main_programs:
             return 0
         obj = self._require()
-        rescued = obj.map("rescued")
+        rescued = _array_u64(obj.map("rescued"))
         total = 0
         for i, name in enumerate(self._main_programs):  # HOOKS order: enum hook_id
-            n = ctypes.c_uint64()
-            rescued.lookup(ctypes.c_uint32(i), n)
             try:
                 misses = obj.recursion_misses(name)
             except BpfError:
                 misses = 0
-            total += max(0, misses - n.value)
+            total += max(0, misses - rescued.get(i, 0))
         return total
 
     def _read_probe_stats(self) -> ProbeStats:

@@ -226,7 +226,7 @@ def sock_state(flags: int, established_ns: int, netns: int, seen_ns: int, port: 
 
 
 def batch(states: List[_records.CSockState]) -> tuple:
-    keys = b"".join(struct.pack("<Q", 0xFFFF0000 + i) for i in range(len(states)))
+    keys = b"".join(struct.pack("=Q", 0xFFFF0000 + i) for i in range(len(states)))
     return keys, b"".join(bytes(s) for s in states)
 
 
