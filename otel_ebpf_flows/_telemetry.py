@@ -121,6 +121,8 @@ _get_failed = operator.itemgetter(*(path.partition(".")[2] for _, _, path in _FA
 _get_closes = operator.itemgetter(*(path.partition(".")[2] for _, _, path in _CLOSES_FIELDS))
 #: Changed flow keys the aggregator takes between two GIL hand-overs (a few µs each).
 KEYS_PER_YIELD = 128
+#: Points a metric callback hands the SDK between two GIL hand-overs.
+ROWS_PER_YIELD = 64
 
 
 def _values(counters: Counters) -> Tuple[int, ...]:
@@ -322,8 +324,12 @@ class Instruments:
             except Exception:  # a callback never raises into the SDK's export thread
                 _log.debug("collecting %s failed", metric, exc_info=True)
                 return
-            for value, attrs in rows:
+            for n, (value, attrs) in enumerate(rows, 1):
                 yield Observation(value, attrs)
+                if not n % ROWS_PER_YIELD:
+                    # the SDK spends ~10 µs on each point, holding the GIL: let the
+                    # application's threads have it now and then
+                    time.sleep(0)
 
         return callback
 

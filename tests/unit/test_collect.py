@@ -360,3 +360,34 @@ def test_the_aggregator_gives_the_gil_up_while_taking_many_changed_keys(monkeypa
     assert sleeps == [0] * 10
     agg.update(snap)  # the same objects: nothing changed, nothing to give up
     assert sleeps == [0] * 10
+
+
+def test_a_callback_with_many_points_gives_the_gil_up_and_loses_none(monkeypatch):
+    source = _ReadsNowSource()
+    peers = 3 * _telemetry.ROWS_PER_YIELD + 5
+    keys = [FlowKey(role=Role.CLIENT, address=f"10.2.{i // 250}.{i % 250}", port=443, family="ipv4")
+            for i in range(peers)]
+    source.state = Snapshot(counters={k: Counters(attempts_ok=i + 1, established=i + 1) for i, k in enumerate(keys)},
+                            probes=ProbeStats())
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    pipeline: Optional[_telemetry.Pipeline] = None
+    instruments = _telemetry.Instruments(provider.get_meter("t"), lambda: pipeline)
+    pipeline = _telemetry.Pipeline(source, instruments, max_peers=peers, poll_interval=0.01, sample_interval=60)
+    pipeline.start()
+    try:
+        sleeps: List[float] = []
+        monkeypatch.setattr(_telemetry.time, "sleep", sleeps.append)
+        data = reader.get_metrics_data()
+        monkeypatch.undo()
+        points = {m.name: list(m.data.data_points) for rm in data.resource_metrics for sm in rm.scope_metrics
+                  for m in sm.metrics}
+        attempts = points[_telemetry.ATTEMPTS]
+        assert len(attempts) == peers
+        assert sum(p.value for p in attempts) == peers * (peers + 1) // 2
+        assert len(points[_telemetry.ACTIVE]) == peers
+        # two callbacks of `peers` points each, a hand-over every ROWS_PER_YIELD points
+        assert sleeps.count(0) >= 2 * (peers // _telemetry.ROWS_PER_YIELD)
+    finally:
+        pipeline.stop()
+        provider.shutdown()
