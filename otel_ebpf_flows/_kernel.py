@@ -444,6 +444,9 @@ class KernelSource:
     def read(self) -> Snapshot:
         """Counters and self-telemetry now: batch reads of the counter maps, no socket pass.
 
+        Its syscalls (a batch lookup per 256 flows, a few lookups) keep the GIL: a
+        collection then takes the GIL once, not once per syscall from busy threads.
+
         Cheap (well under a millisecond for a few hundred flows) and safe from any
         thread while the reader runs: a collection calls it instead of waiting for
         a pass. Counters the kernel keeps as events happen (attempts, closes,
@@ -723,7 +726,7 @@ class KernelSource:
         seen = self._flows_seen
         now: Dict[bytes, Tuple[bytes, FlowKey, Counters]] = {}
         ks, vs = _FLOW_KEY_SIZE, _FLOW_COUNTERS_SIZE
-        for keys, values in obj.map("flows").batches(_records.CFlowKey, _records.CFlowCounters):
+        for keys, values in obj.map("flows", hold_gil=True).batches(_records.CFlowKey, _records.CFlowCounters):
             for i in range(len(keys) // ks):
                 kb, vb = keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs]
                 last = seen.get(kb)
@@ -751,18 +754,18 @@ class KernelSource:
         if not self._main_programs:
             return 0
         obj = self._require()
-        rescued = _array_u64(obj.map("rescued"))
+        rescued = _array_u64(obj.map("rescued", hold_gil=True))
         total = 0
         for i, name in enumerate(self._main_programs):  # HOOKS order: enum hook_id
             try:
-                misses = obj.recursion_misses(name)
+                misses = obj.recursion_misses(name, hold_gil=True)
             except BpfError:
                 misses = 0
             total += max(0, misses - rescued.get(i, 0))
         return total
 
     def _read_probe_stats(self) -> ProbeStats:
-        stats = self._require().map("stats")
+        stats = self._require().map("stats", hold_gil=True)
         vals = []
         for i in range(_records.STAT_MAX):
             v = ctypes.c_uint64()

@@ -108,6 +108,11 @@ _lib_lock = threading.Lock()
 # record's callback then runs without handing the GIL to the application and
 # taking it back (through CDLL, every record cost two GIL hand-offs).
 _consume_gil: Any = None
+# Map reads with the GIL held (see Map's hold_gil): a collection's few short
+# syscalls each cost a GIL hand-off through CDLL, and taking the GIL back from a
+# busy thread can wait for the interpreter's 5 ms switch interval.
+_lib_gil: Any = None
+_GIL_HELD = ("bpf_map_lookup_batch", "bpf_map_lookup_elem", "bpf_obj_get_info_by_fd")
 _print_cb = None  # keeps the ctypes callback alive for the process's lifetime
 
 
@@ -176,10 +181,15 @@ def load_library() -> ctypes.CDLL:
             )
         _print_cb = _PRINT_FN(_on_libbpf_print)
         lib.libbpf_set_print(ctypes.cast(_print_cb, _c_void_p))
-        global _consume_gil
+        global _consume_gil, _lib_gil
         _consume_gil = ctypes.PyDLL(lib._name, handle=lib._handle).ring_buffer__consume
         _consume_gil.restype = _c_int
         _consume_gil.argtypes = [_c_void_p]
+        lib_gil = ctypes.PyDLL(lib._name, handle=lib._handle, use_errno=True)
+        for name in _GIL_HELD:
+            fn, held = getattr(lib, name), getattr(lib_gil, name)
+            held.restype, held.argtypes = fn.restype, fn.argtypes
+        _lib_gil = lib_gil
         _lib = lib
         return lib
 
@@ -244,10 +254,15 @@ class Link:
 
 
 class Map:
-    """A map of a loaded object, read and written by fixed-size keys and values."""
+    """A map of a loaded object, read and written by fixed-size keys and values.
 
-    def __init__(self, lib: ctypes.CDLL, ptr: int, name: str) -> None:
+    ``hold_gil``: lookups keep the GIL through the syscall (a few µs each), for a
+    thread that must not queue for the GIL once per syscall while others are busy.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, ptr: int, name: str, hold_gil: bool = False) -> None:
         self._lib = lib
+        self._read = _lib_gil if hold_gil and _lib_gil is not None else lib
         self._ptr = ptr
         self.name = name
         self._batch_ok = True
@@ -265,7 +280,7 @@ class Map:
             raise _err(f"cannot size map {self.name} to {n} entries", rc)
 
     def lookup(self, key: ctypes._CData, value: ctypes._CData) -> bool:
-        rc = self._lib.bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value))
+        rc = self._read.bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value))
         if rc == 0:
             return True
         if ctypes.get_errno() == errno.ENOENT:
@@ -344,7 +359,7 @@ class Map:
         first = True
         while True:
             count = _c_u32(chunk)
-            rc = self._lib.bpf_map_lookup_batch(
+            rc = self._read.bpf_map_lookup_batch(
                 self.fd,
                 None if first else ctypes.byref(in_batch),
                 ctypes.byref(out_batch),
@@ -517,8 +532,8 @@ class BpfObject:
             raise BpfError(f"{self.path} has no map {name}", errno.ENOENT)
         return int(ptr)
 
-    def map(self, name: str) -> Map:
-        return Map(self._lib, self._map_ptr(name), name)
+    def map(self, name: str, hold_gil: bool = False) -> Map:
+        return Map(self._lib, self._map_ptr(name), name, hold_gil)
 
     def _prog_ptr(self, name: str) -> int:
         ptr = self._lib.bpf_object__find_program_by_name(self._ptr, name.encode())
@@ -546,14 +561,15 @@ class BpfObject:
         self._links.append(link)
         return link
 
-    def recursion_misses(self, name: str) -> int:
+    def recursion_misses(self, name: str, hold_gil: bool = False) -> int:
         """How often the kernel skipped a loaded program because it was already running on that CPU."""
         fd = self._lib.bpf_program__fd(self._prog_ptr(name))
         if fd < 0:
             raise _err(f"{name} is not loaded", fd)
         info = (ctypes.c_uint8 * _PROG_INFO_SIZE)()
         size = _c_u32(_PROG_INFO_SIZE)
-        rc = self._lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size))
+        get_info = (_lib_gil if hold_gil and _lib_gil is not None else self._lib).bpf_obj_get_info_by_fd
+        rc = get_info(fd, info, ctypes.byref(size))
         if rc:
             raise _err(f"cannot read the information of {name}", rc)
         if size.value < _PROG_INFO_RECURSION_MISSES + 8:

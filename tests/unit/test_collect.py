@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from otel_ebpf_flows import _kernel, _records, _telemetry
+from otel_ebpf_flows import _kernel, _libbpf, _records, _telemetry
 from otel_ebpf_flows._source import CLOSE_REASONS, CONNECT_ERRORS, Counters, FlowKey, ProbeStats, Role, Snapshot
 
 KEY = FlowKey(role=Role.CLIENT, address="192.0.2.7", port=443, family="ipv4")
@@ -391,3 +391,17 @@ def test_a_callback_with_many_points_gives_the_gil_up_and_loses_none(monkeypatch
     finally:
         pipeline.stop()
         provider.shutdown()
+
+
+def test_reads_that_hold_the_gil_call_the_same_libbpf_functions_through_pydll():
+    try:
+        lib = _libbpf.load_library()
+    except Exception as exc:  # no libbpf on this machine: nothing to wire
+        pytest.skip(f"libbpf: {exc}")
+    held = _libbpf._lib_gil
+    assert isinstance(held, ctypes.PyDLL) and held._handle == lib._handle
+    for name in _libbpf._GIL_HELD:
+        assert getattr(held, name).argtypes == getattr(lib, name).argtypes
+        assert getattr(held, name).restype == getattr(lib, name).restype
+    assert _libbpf.Map(lib, 0, "m", hold_gil=True)._read is held
+    assert _libbpf.Map(lib, 0, "m")._read is lib
