@@ -388,7 +388,7 @@ class KernelSource:
         size = _records.EVENT_SIZE
         for n, offset in enumerate(range(0, len(data), size)):
             if n and not n % _libbpf.RECORDS_PER_YIELD:
-                time.sleep(0)  # let the application's threads have the GIL
+                _libbpf.yield_gil()  # let the application's threads have the GIL
             self._on_metric_record(bytes(data[offset : offset + size]))
 
     def after_fork_in_child(self) -> None:
@@ -667,7 +667,7 @@ class KernelSource:
         gone: List[Tuple[int, bytes]] = []
         for n, (keys, values) in enumerate(socks.batches(ctypes.c_uint64, _records.CSockState, SWEEP_CHUNK)):
             if n:
-                time.sleep(0)  # let the application's threads have the GIL
+                _libbpf.yield_gil()  # let the application's threads have the GIL
             gone += unseen_sockets(keys, values, netns, since)
         if not gone:
             return

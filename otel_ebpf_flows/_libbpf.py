@@ -118,6 +118,20 @@ _print_cb = None  # keeps the ctypes callback alive for the process's lifetime
 
 _vsnprintf: Any = None  # libc's, resolved on the first libbpf log line
 
+#: How long a thread with more Python work to do steps off the GIL (see yield_gil).
+YIELD_S = 0.00005
+
+
+def yield_gil() -> None:
+    """Let another thread that wants the GIL have it, then carry on.
+
+    ``time.sleep(0)`` releases the GIL but takes it straight back, usually before a
+    waiting thread has woken up (a voluntary release does not hand over), so the
+    waiter still waits for the 5 ms switch interval; a sleep of a few tens of µs
+    lets it take the GIL.
+    """
+    time.sleep(YIELD_S)
+
 
 def _format_libbpf(fmt: bytes, args: int) -> str:
     global _vsnprintf

@@ -35,6 +35,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from . import _libbpf
 from ._records import MetricRecord
 from ._source import CLOSE_REASONS, CONN_EVENT_KINDS, CONNECT_ERRORS, Counters, FlowEvent, FlowKey, Role, Snapshot, Source
 from ._spans import SpanEnrichment, detach
@@ -215,7 +216,7 @@ class Aggregator:
                     continue
                 changed += 1
                 if not changed % KEYS_PER_YIELD:
-                    time.sleep(0)  # let the application's threads have the GIL
+                    _libbpf.yield_gil()  # let the application's threads have the GIL
                 vector = _values(now)
                 if last is None:
                     before: Optional[Tuple[int, ...]] = None
@@ -329,7 +330,7 @@ class Instruments:
                 if not n % ROWS_PER_YIELD:
                     # the SDK spends ~10 µs on each point, holding the GIL: let the
                     # application's threads have it now and then
-                    time.sleep(0)
+                    _libbpf.yield_gil()
 
         return callback
 
