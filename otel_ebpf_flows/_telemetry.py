@@ -407,7 +407,7 @@ class Pipeline:
         self._sampled = threading.Condition()
         self._sampled_at = 0.0
         # Samples numbered as they start; _sample_done is the number of the last
-        # one finished. A collection waits for a sample that started after it
+        # one finished. refresh() waits for a sample that started after it
         # asked, not for one that looks recent when it gets the GIL back.
         self._sample_started = 0
         self._sample_done = 0
