@@ -13,7 +13,7 @@
     workers.py spans [--instrument] [--spans N]
                                         time span.end() of client spans over one connection (span
                                         enrichment's per-span cost: a ring drain and a map lookup)
-    workers.py collect --connections N [--collections K]
+    workers.py collect --connections N [--collections K] [--no-instrument]
                                         time each collection with N live connections (whose other
                                         ends a ``workers.py peer`` process holds)
 
@@ -407,6 +407,8 @@ class GilProbe:
 
     def __init__(self) -> None:
         self.max_late_ms = 0.0
+        self.wakes = 0
+        self.late_over_2ms = 0  # wakes more than 2 ms late
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -415,7 +417,10 @@ class GilProbe:
         while not self._stop.is_set():
             t0 = time.perf_counter()
             time.sleep(0.001)
-            self.max_late_ms = max(self.max_late_ms, (time.perf_counter() - t0) * 1000 - 1.0)
+            late = (time.perf_counter() - t0) * 1000 - 1.0
+            self.wakes += 1
+            self.late_over_2ms += late > 2.0
+            self.max_late_ms = max(self.max_late_ms, late)
 
     def stop(self) -> None:
         self._stop.set()
@@ -443,7 +448,8 @@ def cmd_collect(args: argparse.Namespace) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.connections + 256), hard))
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
-    instrumentor = instrument(provider)
+    # --no-instrument: the same process and collections without the library (the host's floor)
+    instrumentor = None if args.no_instrument else instrument(provider)
     reader.get_metrics_data()
     peer = subprocess.Popen([sys.executable, __file__, "peer", "--count", str(args.connections)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -470,8 +476,9 @@ def cmd_collect(args: argparse.Namespace) -> None:
                 len(list(m.data.data_points)) for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
             )
         probe.stop()
-        emit({"connections": args.connections, "collections_ms": times, "points": points,
-              "gil_max_late_ms": probe.max_late_ms})
+        emit({"connections": args.connections, "instrumented": instrumentor is not None,
+              "collections_ms": times, "points": points, "gil_max_late_ms": probe.max_late_ms,
+              "gil_wakes": probe.wakes, "gil_late_over_2ms": probe.late_over_2ms})
         for c in clients:
             c.close()
     finally:
@@ -482,7 +489,8 @@ def cmd_collect(args: argparse.Namespace) -> None:
         except subprocess.TimeoutExpired:
             peer.kill()
             peer.wait()
-    instrumentor.uninstrument()
+    if instrumentor is not None:
+        instrumentor.uninstrument()
     provider.shutdown()
 
 
@@ -596,6 +604,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--connections", type=int, required=True)
     p.add_argument("--collections", type=int, default=12)
     p.add_argument("--every", type=float, default=0.5)
+    p.add_argument("--no-instrument", action="store_true", help="the same without the library (baseline)")
     p = sub.add_parser("spans")
     p.add_argument("--instrument", action="store_true")
     p.add_argument("--spans", type=int, default=5000)

@@ -112,10 +112,30 @@ _consume_gil: Any = None
 # (a span's end): a map lookup never blocks, and giving the GIL up for it lets
 # another thread in, which the caller then waits out.
 _lookup_gil: Any = None
+
+# Map reads with the GIL held (see Map's hold_gil): a collection's few short
+# syscalls each cost a GIL hand-off through CDLL, and taking the GIL back from a
+# busy thread can wait for the interpreter's 5 ms switch interval.
+_lib_gil: Any = None
+_GIL_HELD = ("bpf_map_lookup_batch", "bpf_map_lookup_elem", "bpf_obj_get_info_by_fd")
 _print_cb = None  # keeps the ctypes callback alive for the process's lifetime
 
 
 _vsnprintf: Any = None  # libc's, resolved on the first libbpf log line
+
+#: How long a thread with more Python work to do steps off the GIL (see yield_gil).
+YIELD_S = 0.00005
+
+
+def yield_gil() -> None:
+    """Let another thread that wants the GIL have it, then carry on.
+
+    ``time.sleep(0)`` releases the GIL but takes it straight back, usually before a
+    waiting thread has woken up (a voluntary release does not hand over), so the
+    waiter still waits for the 5 ms switch interval; a sleep of a few tens of µs
+    lets it take the GIL.
+    """
+    time.sleep(YIELD_S)
 
 
 def _format_libbpf(fmt: bytes, args: int) -> str:
@@ -180,13 +200,18 @@ def load_library() -> ctypes.CDLL:
             )
         _print_cb = _PRINT_FN(_on_libbpf_print)
         lib.libbpf_set_print(ctypes.cast(_print_cb, _c_void_p))
-        global _consume_gil, _lookup_gil
+        global _consume_gil, _lookup_gil, _lib_gil
         gil = ctypes.PyDLL(lib._name, handle=lib._handle, use_errno=True)
         _consume_gil = gil.ring_buffer__consume
         _consume_gil.restype = _c_int
         _consume_gil.argtypes = [_c_void_p]
         _lookup_gil = gil.bpf_map_lookup_elem
         _lookup_gil.restype, _lookup_gil.argtypes = _c_int, [_c_int, _c_void_p, _c_void_p]
+        lib_gil = ctypes.PyDLL(lib._name, handle=lib._handle, use_errno=True)
+        for name in _GIL_HELD:
+            fn, held = getattr(lib, name), getattr(lib_gil, name)
+            held.restype, held.argtypes = fn.restype, fn.argtypes
+        _lib_gil = lib_gil
         _lib = lib
         return lib
 
@@ -275,10 +300,15 @@ class Link:
 
 
 class Map:
-    """A map of a loaded object, read and written by fixed-size keys and values."""
+    """A map of a loaded object, read and written by fixed-size keys and values.
 
-    def __init__(self, lib: ctypes.CDLL, ptr: int, name: str) -> None:
+    ``hold_gil``: lookups keep the GIL through the syscall (a few µs each), for a
+    thread that must not queue for the GIL once per syscall while others are busy.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, ptr: int, name: str, hold_gil: bool = False) -> None:
         self._lib = lib
+        self._read = _lib_gil if hold_gil and _lib_gil is not None else lib
         self._ptr = ptr
         self.name = name
         self._batch_ok = True
@@ -296,7 +326,7 @@ class Map:
             raise _err(f"cannot size map {self.name} to {n} entries", rc)
 
     def lookup(self, key: ctypes._CData, value: ctypes._CData) -> bool:
-        rc = self._lib.bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value))
+        rc = self._read.bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value))
         if rc == 0:
             return True
         if ctypes.get_errno() == errno.ENOENT:
@@ -348,6 +378,61 @@ class Map:
                 ctypes.memmove(ctypes.byref(out_key), ctypes.byref(key), ctypes.sizeof(key_type))
                 yield out_key, value
             prev = ctypes.byref(key)
+
+    def batches(self, key_type: Any, value_type: Any, chunk: int = 256) -> Iterator[Tuple[bytes, bytes]]:
+        """Every entry as raw bytes, up to ``chunk`` at a time: (keys, values), each n x the type's size.
+
+        One batch lookup per chunk where the kernel has them, and no Python object per
+        entry: a caller can unpack just the fields it needs (``struct.iter_unpack``).
+        """
+        if self._batch_ok:
+            try:
+                yield from self._raw_batches(key_type, value_type, chunk)
+                return
+            except BpfError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._batch_ok = False
+        keys: List[bytes] = []
+        values: List[bytes] = []
+        for key, value in self.items(key_type, value_type):
+            keys.append(bytes(key))
+            values.append(bytes(value))
+            if len(keys) == chunk:
+                yield b"".join(keys), b"".join(values)
+                keys.clear()
+                values.clear()
+        if keys:
+            yield b"".join(keys), b"".join(values)
+
+    def _raw_batches(self, key_type: Any, value_type: Any, chunk: int) -> Iterator[Tuple[bytes, bytes]]:
+        key_size, value_size = ctypes.sizeof(key_type), ctypes.sizeof(value_type)
+        keys = ctypes.create_string_buffer(key_size * chunk)
+        values = ctypes.create_string_buffer(value_size * chunk)
+        in_batch = ctypes.c_uint64(0)
+        out_batch = ctypes.c_uint64(0)
+        first = True
+        while True:
+            count = _c_u32(chunk)
+            rc = self._read.bpf_map_lookup_batch(
+                self.fd,
+                None if first else ctypes.byref(in_batch),
+                ctypes.byref(out_batch),
+                keys,
+                values,
+                ctypes.byref(count),
+                None,
+            )
+            err = ctypes.get_errno() if rc else 0
+            if rc and err != errno.ENOENT:
+                raise _err(f"batch lookup in map {self.name}", err)
+            n = count.value
+            if n:
+                yield ctypes.string_at(keys, n * key_size), ctypes.string_at(values, n * value_size)
+            if rc:  # ENOENT: that was the last batch
+                return
+            in_batch.value = out_batch.value
+            first = False
 
     def _items_batch(self, key_type: Any, value_type: Any, chunk: int) -> Iterator[Tuple[Any, Any]]:
         keys = (key_type * chunk)()
@@ -502,8 +587,8 @@ class BpfObject:
             raise BpfError(f"{self.path} has no map {name}", errno.ENOENT)
         return int(ptr)
 
-    def map(self, name: str) -> Map:
-        return Map(self._lib, self._map_ptr(name), name)
+    def map(self, name: str, hold_gil: bool = False) -> Map:
+        return Map(self._lib, self._map_ptr(name), name, hold_gil)
 
     def _prog_ptr(self, name: str) -> int:
         ptr = self._lib.bpf_object__find_program_by_name(self._ptr, name.encode())
@@ -531,14 +616,15 @@ class BpfObject:
         self._links.append(link)
         return link
 
-    def recursion_misses(self, name: str) -> int:
+    def recursion_misses(self, name: str, hold_gil: bool = False) -> int:
         """How often the kernel skipped a loaded program because it was already running on that CPU."""
         fd = self._lib.bpf_program__fd(self._prog_ptr(name))
         if fd < 0:
             raise _err(f"{name} is not loaded", fd)
         info = (ctypes.c_uint8 * _PROG_INFO_SIZE)()
         size = _c_u32(_PROG_INFO_SIZE)
-        rc = self._lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size))
+        get_info = (_lib_gil if hold_gil and _lib_gil is not None else self._lib).bpf_obj_get_info_by_fd
+        rc = get_info(fd, info, ctypes.byref(size))
         if rc:
             raise _err(f"cannot read the information of {name}", rc)
         if size.value < _PROG_INFO_RECURSION_MISSES + 8:

@@ -12,6 +12,7 @@ recorded by the one reader thread of :class:`Pipeline`.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from typing import (
@@ -34,6 +35,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from . import _libbpf
 from ._records import ConnRecord, MetricRecord
 from ._source import CLOSE_REASONS, CONN_EVENT_KINDS, CONNECT_ERRORS, Counters, FlowEvent, FlowKey, Role, Snapshot, Source
 from ._spans import SpanEnrichment, detach
@@ -108,10 +110,26 @@ _EMPTY = trace.set_span_in_context(trace.INVALID_SPAN)
 SERIES_CACHE_SIZE = 16384
 
 
-def _field(counters: Counters, path: str) -> int:
-    name, _, sub = path.partition(".")
-    value = getattr(counters, name)
-    return int(value[sub]) if sub else int(value)
+# Every counter field of _FIELDS as one flat vector: the plain fields, then the
+# attempts_failed and the closes entries. _PATHS[i] = (metric, index in _FIELDS[metric]).
+_PLAIN_FIELDS = [(metric, j, path) for metric, fields in _FIELDS.items()
+                 for j, (path, _) in enumerate(fields) if "." not in path]
+_FAILED_FIELDS = [(ATTEMPTS, j, path) for j, (path, _) in enumerate(_FIELDS[ATTEMPTS]) if "." in path]
+_CLOSES_FIELDS = [(CLOSES, j, path) for j, (path, _) in enumerate(_FIELDS[CLOSES])]
+_PATHS: List[Tuple[str, int]] = [(m, j) for m, j, _ in _PLAIN_FIELDS + _FAILED_FIELDS + _CLOSES_FIELDS]
+_get_plain = operator.attrgetter(*(path for _, _, path in _PLAIN_FIELDS))
+_get_failed = operator.itemgetter(*(path.partition(".")[2] for _, _, path in _FAILED_FIELDS))
+_get_closes = operator.itemgetter(*(path.partition(".")[2] for _, _, path in _CLOSES_FIELDS))
+#: Changed flow keys the aggregator takes between two GIL hand-overs (a few µs each).
+KEYS_PER_YIELD = 128
+#: Points a metric callback hands the SDK between two GIL hand-overs.
+ROWS_PER_YIELD = 64
+
+
+def _values(counters: Counters) -> Tuple[int, ...]:
+    """Every counter of _PATHS, in its order."""
+    return (_get_plain(counters) + _get_failed(counters.attempts_failed)  # type: ignore[no-any-return]
+            + _get_closes(counters.closes))
 
 
 class PeerTable:
@@ -154,7 +172,9 @@ class Aggregator:
         self._marker: Dict[str, str] = dict(marker or {})
         self._peers: Dict[str, PeerTable] = {}
         self._max_peers = max_peers
-        self._last: Dict[FlowKey, Counters] = {}
+        # key -> (the last Counters taken, their _values, the series each _PATHS entry's
+        # growth goes to (then the ACTIVE series), built on first growth)
+        self._last: Dict[FlowKey, Tuple[Counters, Tuple[int, ...], List[Optional[Attrs]]]] = {}
         self._totals: Dict[str, Dict[Attrs, int]] = {name: {} for name in _FIELDS}
         self._active: Dict[Attrs, int] = {}
         self._probes: Dict[str, Dict[str, int]] = {EVENTS_LOST: {}, MAP_EVICTIONS: {}}
@@ -185,30 +205,51 @@ class Aggregator:
         return attrs
 
     def update(self, snapshot: Snapshot) -> None:
+        """Take a source's counters: only keys whose Counters object changed, and of those only
+        the fields whose value changed, cost anything; the GIL is given up every
+        ``KEYS_PER_YIELD`` changed keys (a collection may run this with thousands)."""
         with self._lock:
+            changed = 0
             for key, now in snapshot.counters.items():
-                before = self._last.get(key)
-                if before is now:  # the source handed the same object back: nothing changed
+                last = self._last.get(key)
+                if last is not None and last[0] is now:  # the source handed the same object back
                     continue
-                self._last[key] = now
+                changed += 1
+                if not changed % KEYS_PER_YIELD:
+                    _libbpf.yield_gil()  # let the application's threads have the GIL
+                vector = _values(now)
+                if last is None:
+                    before: Optional[Tuple[int, ...]] = None
+                    series: List[Optional[Attrs]] = [None] * (len(_PATHS) + 1)
+                else:
+                    before, series = last[1], last[2]
+                self._last[key] = (now, vector, series)
                 listener = key.address == ""
-                for metric, fields in _FIELDS.items():
+                for i, value in enumerate(vector):
+                    prev = None if before is None else before[i]
+                    if prev == value:
+                        continue
+                    metric, j = _PATHS[i]
                     if listener != (metric == LISTEN_OVERFLOWS):
                         continue
-                    for path, extra in fields:
-                        delta = _delta(_field(now, path), None if before is None else _field(before, path))
-                        if delta:
-                            attrs = self.attributes(metric, key)
-                            attrs.update(extra)
-                            series = frozenset(attrs.items())
-                            totals = self._totals[metric]
-                            totals[series] = totals.get(series, 0) + delta
+                    delta = _delta(value, prev)
+                    if delta:
+                        attrs = series[i]
+                        if attrs is None:  # first growth: the peer is admitted under the cap, or folded
+                            base = self.attributes(metric, key)
+                            base.update(_FIELDS[metric][j][1])
+                            attrs = series[i] = frozenset(base.items())
+                        totals = self._totals[metric]
+                        totals[attrs] = totals.get(attrs, 0) + delta
                 if not listener:
-                    d_est = _delta(now.established, None if before is None else before.established)
-                    d_closed = _delta(now.closed, None if before is None else before.closed)
+                    old = None if last is None else last[0]
+                    d_est = _delta(now.established, None if old is None else old.established)
+                    d_closed = _delta(now.closed, None if old is None else old.closed)
                     if d_est or d_closed:
-                        series = frozenset(self.attributes(ACTIVE, key).items())
-                        self._active[series] = self._active.get(series, 0) + d_est - d_closed
+                        attrs = series[-1]
+                        if attrs is None:
+                            attrs = series[-1] = frozenset(self.attributes(ACTIVE, key).items())
+                        self._active[attrs] = self._active.get(attrs, 0) + d_est - d_closed
             for metric, values in ((EVENTS_LOST, snapshot.probes.events_lost),
                                    (MAP_EVICTIONS, snapshot.probes.map_evictions)):
                 seen = self._probes[metric]
@@ -284,8 +325,12 @@ class Instruments:
             except Exception:  # a callback never raises into the SDK's export thread
                 _log.debug("collecting %s failed", metric, exc_info=True)
                 return
-            for value, attrs in rows:
+            for n, (value, attrs) in enumerate(rows, 1):
                 yield Observation(value, attrs)
+                if not n % ROWS_PER_YIELD:
+                    # the SDK spends ~10 µs on each point, holding the GIL: let the
+                    # application's threads have it now and then
+                    _libbpf.yield_gil()
 
         return callback
 
@@ -327,6 +372,20 @@ class TakesConnRecords(Protocol):
     on_conn: Optional[Callable[[ConnRecord], None]]
 
 
+@runtime_checkable
+class ReadsNow(Protocol):
+    """A source whose counters can be read cheaply from any thread (KernelSource).
+
+    ``scan()`` is the periodic pass (the reader thread's; may take tens of ms, mostly
+    without the GIL); ``read()`` the counters now, without one. A collection then
+    reads instead of waiting for a pass.
+    """
+
+    def scan(self) -> None: ...
+
+    def read(self) -> Snapshot: ...
+
+
 class Pipeline:
     """The reader thread: drains the source's events, samples it, feeds the aggregator."""
 
@@ -355,7 +414,7 @@ class Pipeline:
         self._sampled = threading.Condition()
         self._sampled_at = 0.0
         # Samples numbered as they start; _sample_done is the number of the last
-        # one finished. A collection waits for a sample that started after it
+        # one finished. refresh() waits for a sample that started after it
         # asked, not for one that looks recent when it gets the GIL back.
         self._sample_started = 0
         self._sample_done = 0
@@ -366,6 +425,13 @@ class Pipeline:
         self._pinned_at = -1.0
         self._thread: Optional[threading.Thread] = None
         self._errors = 0
+        # A source read and the aggregator update it feeds are one step, so the
+        # aggregator never takes an older read after a newer one (a counter that
+        # seemed to go down would count as restarted); held by close() too.
+        self._update_lock = threading.Lock()
+        self._reads_now = isinstance(source, ReadsNow)
+        self._stopped = False
+        self._quiesced = False
 
     def start(self) -> None:
         if isinstance(self.source, TakesMetricRecords):  # KernelSource: histogram records skip the FlowEvent
@@ -402,8 +468,13 @@ class Pipeline:
             self._wanted.clear()
             self._sample_started += 1
             number = self._sample_started
-        snapshot = self.source.sample()
-        self.aggregator.update(snapshot)
+        if self._reads_now:
+            self.source.scan()  # type: ignore[attr-defined]
+            self._read_now()
+        else:
+            snapshot = self.source.sample()
+            with self._update_lock:
+                self.aggregator.update(snapshot)
         with self._sampled:
             self._sampled_at = time.monotonic()
             self._sample_done = number
@@ -434,24 +505,39 @@ class Pipeline:
                     _log.warning("reading kernel TCP data failed; retrying", exc_info=True)
                 self._stop.wait(min(5.0, self._poll_interval * 2 ** min(self._errors, 6)))
 
+    def _read_now(self) -> None:
+        """The source's counters now into the aggregator (a :class:`ReadsNow` source)."""
+        with self._update_lock:
+            if self._stopped:
+                return
+            self.aggregator.update(self.source.read())  # type: ignore[attr-defined]
+
     def observations(self, metric: str, first: bool = False) -> List[Tuple[int, Dict[str, Any]]]:
         """Rows of ``metric`` from the view pinned for the current collection.
 
         The SDK calls observable callbacks in registration order, so ``first``
-        (the first instrument's callback) starts a collection: it waits, bounded,
-        for a fresh sample and pins the aggregator's state. The collection's other
+        (the first instrument's callback) starts a collection: it brings the
+        aggregator up to date and pins its state. The collection's other
         callbacks read that same state, so an export never mixes two samples.
+        A :class:`ReadsNow` source is read right here (a batch read of the
+        counter maps, well under a millisecond): no collection waits for the
+        reader's socket pass, whose RTT samples and live connections' bytes
+        arrive with the pass. Any other source: a bounded wait for a fresh sample.
         """
         with self._pin_lock:
             if first or time.monotonic() - self._pinned_at >= self.FRESH_S:
-                self.refresh()
+                if self._reads_now and self._thread is not None:
+                    self._read_now()
+                else:
+                    self.refresh()
                 self._pinned = self.aggregator.all_observations()
                 self._pinned_at = time.monotonic()
             return self._pinned.get(metric, [])
 
     def refresh(self, timeout: float = 2.0) -> None:
         """Unless a sample finished less than FRESH_S ago, wait (at most ``timeout``) for one
-        that starts after this call (called by metric callbacks)."""
+        that starts after this call (a whole pass: for tests, a final export, and collections
+        of a source that cannot be read from another thread)."""
         thread = self._thread
         if thread is None or not thread.is_alive() or threading.current_thread() is thread:
             return
@@ -468,11 +554,17 @@ class Pipeline:
                 self._sampled.wait(left)
 
     def quiesce(self) -> None:
-        """Wait until the reader is between iterations and hold it there (before fork)."""
+        """Wait until the reader is between iterations, and any collection's read is done,
+        and hold them there (before fork)."""
         self._work.acquire()
+        self._update_lock.acquire()
+        self._quiesced = True
 
     def resume(self) -> None:
         """Undo :meth:`quiesce` (after fork, in the parent and in the child)."""
+        if self._quiesced:
+            self._quiesced = False
+            self._update_lock.release()
         if self._work.locked():
             self._work.release()
 
@@ -488,4 +580,6 @@ class Pipeline:
             if thread.is_alive():  # never free kernel objects under a running reader
                 _log.warning("the otel-ebpf-flows reader thread did not stop; leaving its probes attached")
                 return
+        with self._update_lock:  # nor under a collection's read
+            self._stopped = True
         self.source.close()

@@ -93,13 +93,14 @@ class Telemetry:
         if self.instrumentor.pipeline is None:
             raise RuntimeError("instrument() did not start: see the warning above")
 
-    def points(self) -> List[Dict[str, Any]]:
-        # A sample taken now, after the scenario's traffic settled: a collection's own
-        # refresh waits at most 2 s, and on a loaded host it can report an older sample.
+    def points(self, refresh: bool = True) -> List[Dict[str, Any]]:
+        # A sample taken now, after the scenario's traffic settled: a collection reads the
+        # counter maps but runs no socket pass (live connections' bytes, RTT samples).
         # Two samples: a socket whose close the kernel never reported is found gone (and
         # counted, see KernelSource._sweep) by the second iterator pass that misses it.
+        # refresh=False: just the collection, as an exporter's timer takes it.
         pipeline = self.instrumentor.pipeline
-        if pipeline is not None:
+        if pipeline is not None and refresh:
             pipeline.refresh(timeout=60.0)
             time.sleep(pipeline.FRESH_S)
             pipeline.refresh(timeout=60.0)

@@ -142,5 +142,64 @@ def rtt_pass_exported() -> Dict[str, Any]:
     return out
 
 
+def settled() -> None:
+    """Wait until every TCP socket here is established, listening or in TIME_WAIT."""
+    deadline = time.monotonic() + 10
+    while True:
+        with open("/proc/net/tcp", encoding="ascii") as f:
+            next(f)
+            if all(line.split()[3] in ("01", "06", "0A") for line in f):
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError("connections did not settle")
+        time.sleep(0.01)
+
+
+@scenario
+def collect_without_a_pass() -> Dict[str, Any]:
+    """instrument(): a collection right after connections open and close, with no socket pass
+    in between, against one after a pass."""
+    from tests.kernel.conftest import skipped, total
+
+    setup_netns()
+    tel = Telemetry(sample_interval=10.0)  # no periodic pass during the scenario
+    clients, accepted = connections(CONNECTIONS)
+    tel.points()  # passes after that traffic: the live connections' bytes are counted
+    pipeline = tel.instrumentor.pipeline
+    assert pipeline is not None
+    passes = pipeline._sample_done
+    by_port = {a.getpeername()[1]: a for a in accepted}
+    closed, extra = 100, 10
+    for c in clients[:closed]:  # both ends close: 2 x closed closes
+        by_port.pop(c.getsockname()[1]).close()
+        c.close()
+    for c in clients[closed:closed + extra]:  # bytes on live connections: counted by the next pass
+        c.sendall(MSG)
+    new_clients, new_accepted = connections(20)
+    settled()
+    rows = tel.points(refresh=False)
+    passes_during = pipeline._sample_done - passes
+    after = tel.points()  # now with a pass
+    out = {
+        "established": established(),
+        "passes_during": passes_during,
+        "skipped": skipped(after),
+        "attempts_client": total(rows, "ebpf_flows.tcp.connection.attempts", ebpf_flows__tcp__role="client"),
+        "attempts_server": total(rows, "ebpf_flows.tcp.connection.attempts", ebpf_flows__tcp__role="server"),
+        "closes": total(rows, "ebpf_flows.tcp.connection.closes"),
+        "active": total(rows, "ebpf_flows.tcp.connections.active"),
+        "transmit_without_pass": total(rows, "ebpf_flows.tcp.io", network__io__direction="transmit"),
+        "receive_without_pass": total(rows, "ebpf_flows.tcp.io", network__io__direction="receive"),
+        "transmit_after_pass": total(after, "ebpf_flows.tcp.io", network__io__direction="transmit"),
+        "receive_after_pass": total(after, "ebpf_flows.tcp.io", network__io__direction="receive"),
+        "closes_after_pass": total(after, "ebpf_flows.tcp.connection.closes"),
+        "active_after_pass": total(after, "ebpf_flows.tcp.connections.active"),
+    }
+    tel.close()
+    for s in clients[closed:] + list(by_port.values()) + new_clients + new_accepted:
+        s.close()
+    return out
+
+
 if __name__ == "__main__":
     emit(SCENARIOS[sys.argv[1]]())

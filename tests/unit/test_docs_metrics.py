@@ -127,7 +127,7 @@ def probe_names() -> Dict[str, Set[str]]:
             ctypes.memmove(ctypes.addressof(out), ctypes.addressof(ctypes.c_uint64(1)), 8)
 
     class Obj:
-        def map(self, name: str) -> Stats:
+        def map(self, name: str, hold_gil: bool = False) -> Stats:
             assert name == "stats", name
             return Stats()
 
