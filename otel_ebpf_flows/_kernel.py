@@ -19,7 +19,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Callable, Collection, Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Any, Callable, Collection, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import attrs
 
@@ -359,7 +359,7 @@ class KernelSource:
                 obj = self._require()
                 with self._conn_lock:
                     self._conn_ring = obj.ring_buffer("conn_events", self._on_conn_record)
-                    self._threads = obj.map("threads")
+                    self._threads = obj.map("threads", hold_gil=True)  # looked up at span end
                 if self._spans_wanted:  # before adoption: adopted sockets are span records too
                     self._spans_on()
             if self._parents:
@@ -483,7 +483,7 @@ class KernelSource:
         with self._conn_lock:  # one key and value buffer, reused under the lock
             key, value = self._thread_key, self._thread_value
             key.value = tid
-            if self._threads is None or not self._threads.lookup_holding_gil(key, value):
+            if self._threads is None or not self._threads.lookup(key, value):
                 return []
             raw = value.raw
         # the slots' fields in one unpack: conn_id, last_ns, srtt_us, pad, conn_id, ...
@@ -770,28 +770,20 @@ class KernelSource:
 
     def _on_conn_record(self, data: bytes) -> None:
         """A record of the conn_events ring: span records skip the FlowEvent."""
-        sink = self.on_conn
-        if sink is None:
-            self._on_record(data)
-            return
-        try:
-            record = _records.decode_conn(data)
-        except _records.RecordError as exc:
-            self._malformed(exc)
-            return
-        if record is None:
-            self._on_record(data)
-        else:
-            sink(record)
+        self._on_typed_record(data, self.on_conn, _records.decode_conn)
 
     def _on_metric_record(self, data: bytes) -> None:
         """A record of the events ring or the iterator: histogram records skip the FlowEvent."""
-        sink = self.on_metric
+        self._on_typed_record(data, self.on_metric, _records.decode_metric)
+
+    def _on_typed_record(self, data: bytes, sink: Optional[Callable[[Any], None]],
+                         decode: Callable[[bytes], Optional[Any]]) -> None:
+        """``decode``'s tuple to ``sink``; a kind it does not take (None), or no sink, as a FlowEvent."""
         if sink is None:
             self._on_record(data)
             return
         try:
-            record = _records.decode_metric(data)
+            record = decode(data)
         except _records.RecordError as exc:
             self._malformed(exc)
             return

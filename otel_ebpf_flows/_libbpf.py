@@ -108,14 +108,10 @@ _lib_lock = threading.Lock()
 # record's callback then runs without handing the GIL to the application and
 # taking it back (through CDLL, every record cost two GIL hand-offs).
 _consume_gil: Any = None
-# bpf_map_lookup_elem() with the GIL held, for lookups on an application thread
-# (a span's end): a map lookup never blocks, and giving the GIL up for it lets
-# another thread in, which the caller then waits out.
-_lookup_gil: Any = None
-
-# Map reads with the GIL held (see Map's hold_gil): a collection's few short
-# syscalls each cost a GIL hand-off through CDLL, and taking the GIL back from a
-# busy thread can wait for the interpreter's 5 ms switch interval.
+# Map reads with the GIL held (see Map's hold_gil): a map lookup never blocks, and
+# through CDLL each short syscall costs a GIL hand-off; taking the GIL back from a
+# busy thread can wait for the interpreter's 5 ms switch interval (a collection's
+# few reads; the thread-slot lookup at a span's end, on the application's thread).
 _lib_gil: Any = None
 _GIL_HELD = ("bpf_map_lookup_batch", "bpf_map_lookup_elem", "bpf_obj_get_info_by_fd")
 _print_cb = None  # keeps the ctypes callback alive for the process's lifetime
@@ -200,14 +196,11 @@ def load_library() -> ctypes.CDLL:
             )
         _print_cb = _PRINT_FN(_on_libbpf_print)
         lib.libbpf_set_print(ctypes.cast(_print_cb, _c_void_p))
-        global _consume_gil, _lookup_gil, _lib_gil
-        gil = ctypes.PyDLL(lib._name, handle=lib._handle, use_errno=True)
-        _consume_gil = gil.ring_buffer__consume
+        global _consume_gil, _lib_gil
+        lib_gil = ctypes.PyDLL(lib._name, handle=lib._handle, use_errno=True)
+        _consume_gil = lib_gil.ring_buffer__consume
         _consume_gil.restype = _c_int
         _consume_gil.argtypes = [_c_void_p]
-        _lookup_gil = gil.bpf_map_lookup_elem
-        _lookup_gil.restype, _lookup_gil.argtypes = _c_int, [_c_int, _c_void_p, _c_void_p]
-        lib_gil = ctypes.PyDLL(lib._name, handle=lib._handle, use_errno=True)
         for name in _GIL_HELD:
             fn, held = getattr(lib, name), getattr(lib_gil, name)
             held.restype, held.argtypes = fn.restype, fn.argtypes
@@ -333,15 +326,6 @@ class Map:
             return False
         raise _err(f"lookup in map {self.name}")
 
-    def lookup_holding_gil(self, key: ctypes._CData, value: ctypes._CData) -> bool:
-        """:meth:`lookup` without releasing the GIL (never blocks; see _lookup_gil)."""
-        rc = _lookup_gil(self.fd, ctypes.byref(key), ctypes.byref(value))
-        if rc == 0:
-            return True
-        if ctypes.get_errno() == errno.ENOENT:
-            return False
-        raise _err(f"lookup in map {self.name}")
-
     def update(self, key: ctypes._CData, value: ctypes._CData, flags: int = BPF_ANY) -> None:
         rc = self._lib.bpf_map_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value), flags)
         if rc:
@@ -409,40 +393,27 @@ class Map:
         key_size, value_size = ctypes.sizeof(key_type), ctypes.sizeof(value_type)
         keys = ctypes.create_string_buffer(key_size * chunk)
         values = ctypes.create_string_buffer(value_size * chunk)
-        in_batch = ctypes.c_uint64(0)
-        out_batch = ctypes.c_uint64(0)
-        first = True
-        while True:
-            count = _c_u32(chunk)
-            rc = self._read.bpf_map_lookup_batch(
-                self.fd,
-                None if first else ctypes.byref(in_batch),
-                ctypes.byref(out_batch),
-                keys,
-                values,
-                ctypes.byref(count),
-                None,
-            )
-            err = ctypes.get_errno() if rc else 0
-            if rc and err != errno.ENOENT:
-                raise _err(f"batch lookup in map {self.name}", err)
-            n = count.value
-            if n:
-                yield ctypes.string_at(keys, n * key_size), ctypes.string_at(values, n * value_size)
-            if rc:  # ENOENT: that was the last batch
-                return
-            in_batch.value = out_batch.value
-            first = False
+        for n in self._lookup_batches(self._read, keys, values, chunk):
+            yield ctypes.string_at(keys, n * key_size), ctypes.string_at(values, n * value_size)
 
     def _items_batch(self, key_type: Any, value_type: Any, chunk: int) -> Iterator[Tuple[Any, Any]]:
         keys = (key_type * chunk)()
         values = (value_type * chunk)()
+        for n in self._lookup_batches(self._lib, keys, values, chunk):
+            for i in range(n):
+                yield keys[i], values[i]
+
+    def _lookup_batches(self, lib: Any, keys: Any, values: Any, chunk: int) -> Iterator[int]:
+        """bpf_map_lookup_batch() over the whole map into ``keys``/``values``: yields each batch's count.
+
+        The buffers are refilled for the next batch once the caller has taken this one.
+        """
         in_batch = ctypes.c_uint64(0)
         out_batch = ctypes.c_uint64(0)
         first = True
         while True:
             count = _c_u32(chunk)
-            rc = self._lib.bpf_map_lookup_batch(
+            rc = lib.bpf_map_lookup_batch(
                 self.fd,
                 None if first else ctypes.byref(in_batch),
                 ctypes.byref(out_batch),
@@ -454,8 +425,8 @@ class Map:
             err = ctypes.get_errno() if rc else 0
             if rc and err != errno.ENOENT:
                 raise _err(f"batch lookup in map {self.name}", err)
-            for i in range(count.value):
-                yield keys[i], values[i]
+            if count.value:
+                yield count.value
             if rc:  # ENOENT: that was the last batch
                 return
             in_batch.value = out_batch.value

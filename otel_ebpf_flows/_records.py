@@ -284,42 +284,27 @@ def decode_event(data: bytes) -> FlowEvent:
     kind = _EVENT_KINDS.get(raw_kind)
     if kind is None:
         raise RecordError(f"flow event of unknown kind {raw_kind}")
+    if kind in CONN_EVENT_KINDS:
+        _, conn_id, key, peer_port, ts_ns, duration_s, srtt_s, direction, count, adopted = _conn_record(
+            kind, raw_key, raw_reason, peer_port, srtt_us, ts_ns, duration_ns, conn_id)
+        return FlowEvent(kind=kind, key=key, ts_ns=ts_ns, duration_s=duration_s, srtt_s=srtt_s,
+                         close_reason=None, tid=tid, conn_id=conn_id, peer_port=peer_port,
+                         direction=direction, count=count, adopted=adopted)
     reason = None
-    direction = None
-    count = 0
-    duration_s = duration_ns / 1e9
     if kind == "close":
         if raw_reason >= _CLOSE_REASON_COUNT:
             raise RecordError(f"close event with unknown reason {raw_reason}")
         reason = CLOSE_REASONS[raw_reason]
-    elif kind in ("reset", "zero_window"):
-        direction = _DIRECTIONS.get(raw_reason)
-        if direction is None:
-            raise RecordError(f"{kind} event with unknown direction {raw_reason}")
-        count = 1
-    elif kind == "retransmit":
-        count, duration_s = duration_ns, 0.0
-        if not 0 < count < 1 << 16:
-            raise RecordError(f"retransmit event of {count} segments")
-    key = decode_key_bytes(raw_key)
-    if kind in CONN_EVENT_KINDS:
-        if not conn_id:
-            raise RecordError(f"{kind} event without a connection id")
-        if not key.family:
-            raise RecordError(f"{kind} event without a peer")
     return FlowEvent(
         kind=kind,
-        key=key,
+        key=decode_key_bytes(raw_key),
         ts_ns=ts_ns,
-        duration_s=duration_s,
+        duration_s=duration_ns / 1e9,
         srtt_s=srtt_us / 1e6 if srtt_us else None,
         close_reason=reason,
         tid=tid,
         conn_id=conn_id,
         peer_port=peer_port,
-        direction=direction,
-        count=count,
-        adopted=kind == "conn" and raw_reason == 1,
     )
 
 
@@ -362,6 +347,12 @@ def decode_conn(data: bytes) -> Optional[ConnRecord]:
     kind = _CONN_KINDS.get(raw_kind)
     if kind is None:
         return None
+    return _conn_record(kind, raw_key, raw_reason, peer_port, srtt_us, ts_ns, duration_ns, conn_id)
+
+
+def _conn_record(kind: str, raw_key: bytes, raw_reason: int, peer_port: int, srtt_us: int, ts_ns: int,
+                 duration_ns: int, conn_id: int) -> ConnRecord:
+    """A span record's fields, checked (decode_conn and decode_event both come here)."""
     direction = None
     count = 0
     duration_s = duration_ns / 1e9
