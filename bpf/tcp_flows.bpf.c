@@ -94,6 +94,16 @@ __u32 target_host_tgid = 0;
 __u32 owned_filter[1 << OWNED_SLOTS_LOG2] = {};
 __u32 listen_filter[1 << LISTEN_SLOTS_LOG2] = {};
 
+/*
+ * Zero-window marks (SF_PEER_ZERO_WIN, SF_OUR_ZERO_WIN) set on tracked
+ * sockets: incremented with each mark set, decremented with each mark cleared
+ * or forgotten, so never below the number set (a socket user space deletes
+ * keeps its marks counted: only the shortcut below is lost). While it is 0, a
+ * segment with open windows both ways changes nothing, and tcp_probe (every
+ * received segment) returns without looking its socket up.
+ */
+__u32 zero_win_marks = 0;
+
 /* BTF-typed programs only: the verifier lets no pointer be multiplied, but
  * the distance between two pointers is a number. The raw_tp copies (untyped
  * pointers) neither consult nor maintain the filter. */
@@ -884,6 +894,11 @@ static __always_inline void forget(int direct, const struct sock *sk, struct soc
 	} else {
 		conn_event(st, FLOW_EVENT_GONE, 0, bpf_ktime_get_ns(), 0);
 	}
+	if (st->flags & SF_PEER_ZERO_WIN)
+		__sync_fetch_and_sub(&zero_win_marks, 1);
+	if (st->flags & SF_OUR_ZERO_WIN)
+		__sync_fetch_and_sub(&zero_win_marks, 1);
+	st->flags &= ~(SF_PEER_ZERO_WIN | SF_OUR_ZERO_WIN);
 	if (!bpf_map_delete_elem(&socks, &skp) && direct)	/* after the delete: see owned_filter */
 		__sync_fetch_and_sub(&owned_filter[owned_slot(sk)], 1);
 }
@@ -1148,13 +1163,16 @@ struct tcphdr_min {
 
 static __always_inline int handle_probe(int direct, const struct sock *sk, const struct sk_buff *skb)
 {
-	struct sock_state *st = tracked(direct, sk);
 	const struct tcp_sock *tp;
+	struct sock_state *st;
 	struct tcphdr_min th;
 	unsigned char *data;
+	__u64 skp = (__u64)sk;
+	bool peer_zero, rst;
 	__u32 rcv_wnd;
 
-	if (!st || (st->flags & SF_PENDING))
+	/* tcp_probe: a full TCP socket, read before the lookup (see zero_win_marks) */
+	if (!maybe_tracked(direct, sk))
 		return 0;
 	tp = tcp_of(direct, sk);
 	if (!tp)
@@ -1171,26 +1189,35 @@ static __always_inline int handle_probe(int direct, const struct sock *sk, const
 	}
 	/* The peer's window: this segment's, or (for a window the peer advertised
 	 * in a segment coalesced away) the one the socket last recorded. */
-	if (!(bpf_ntohs(th.flags) & TCP_FLAG_RST)) {
-		if (th.window == 0 || RD(direct, tp, snd_wnd) == 0) {
-			if (!(st->flags & SF_PEER_ZERO_WIN)) {
-				st->flags |= SF_PEER_ZERO_WIN;
-				COUNT(&st->key, zero_window_rx, 1);
-				conn_event(st, FLOW_EVENT_ZERO_WINDOW, FLOW_DIR_RECEIVE, bpf_ktime_get_ns(), 1);
-			}
-		} else {
-			st->flags &= ~SF_PEER_ZERO_WIN;
-		}
-	}
+	rst = bpf_ntohs(th.flags) & TCP_FLAG_RST;
+	peer_zero = !rst && (th.window == 0 || RD(direct, tp, snd_wnd) == 0);
 	rcv_wnd = RD(direct, tp, rcv_wnd);
+	if (!peer_zero && rcv_wnd && !zero_win_marks)
+		return 0;	/* no episode starts, and none of ours is in one to end */
+	st = bpf_map_lookup_elem(&socks, &skp);
+	if (!st || (st->flags & SF_PENDING))
+		return 0;
+	if (peer_zero) {
+		if (!(st->flags & SF_PEER_ZERO_WIN)) {
+			st->flags |= SF_PEER_ZERO_WIN;
+			__sync_fetch_and_add(&zero_win_marks, 1);
+			COUNT(&st->key, zero_window_rx, 1);
+			conn_event(st, FLOW_EVENT_ZERO_WINDOW, FLOW_DIR_RECEIVE, bpf_ktime_get_ns(), 1);
+		}
+	} else if (!rst && (st->flags & SF_PEER_ZERO_WIN)) {
+		st->flags &= ~SF_PEER_ZERO_WIN;
+		__sync_fetch_and_sub(&zero_win_marks, 1);
+	}
 	if (rcv_wnd == 0) {
 		if (!(st->flags & SF_OUR_ZERO_WIN)) {
 			st->flags |= SF_OUR_ZERO_WIN;
+			__sync_fetch_and_add(&zero_win_marks, 1);
 			COUNT(&st->key, zero_window_tx, 1);
 			conn_event(st, FLOW_EVENT_ZERO_WINDOW, FLOW_DIR_TRANSMIT, bpf_ktime_get_ns(), 1);
 		}
-	} else {
+	} else if (st->flags & SF_OUR_ZERO_WIN) {
 		st->flags &= ~SF_OUR_ZERO_WIN;
+		__sync_fetch_and_sub(&zero_win_marks, 1);
 	}
 	return 0;
 }

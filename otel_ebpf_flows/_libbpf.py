@@ -552,6 +552,18 @@ class BpfObject:
                 raise BpfError(f"global {name} lies outside {section}", errno.EINVAL)
             ctypes.memmove(data + offset, int(value).to_bytes(width, "little"), width)
 
+    def get_global(self, section: str, name: str) -> int:
+        """An integer global's value now, read from the kernel's map of ``section`` (after load)."""
+        layout = self._section_vars(section)
+        if name not in layout:
+            raise BpfError(f"{self.path} has no global {name} in {section}", errno.ENOENT)
+        offset, width = layout[name]
+        _, size = self._section_data(section)
+        value = ctypes.create_string_buffer(size)
+        if not self.map(section).lookup(ctypes.c_uint32(0), value):
+            raise BpfError(f"cannot read {section}", errno.ENOENT)
+        return int.from_bytes(value.raw[offset:offset + width], "little")
+
     def _map_ptr(self, name: str) -> int:
         ptr = self._lib.bpf_object__find_map_by_name(self._ptr, name.encode())
         if not ptr:

@@ -148,6 +148,11 @@ def test_zero_windows_both_ways(run_scenario):
     rows = r["points"]
     assert total(rows, ZERO, network__io__direction="transmit") == r["tx_mib"]["TcpExt.TCPToZeroWindowAdv"]
     assert total(rows, ZERO, network__io__direction="receive") == r["rx_mib"]["TcpExt.TCPToZeroWindowAdv"]
+    # the stalled socket is marked while the peer's window is zero; every mark set
+    # was cleared or forgotten with its socket: segments of open windows skip the
+    # socket lookup again (tcp_probe's shortcut)
+    assert max(r["marks_in_stall"]) == 1
+    assert r["zero_win_marks"] == 0
 
 
 def test_durations_and_timeout_close(run_scenario):

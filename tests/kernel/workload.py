@@ -315,7 +315,11 @@ def zero_window() -> Dict[str, Any]:
     s.sendall(b"z" * 400_000)
     # Stay ESTABLISHED through the stall: the kernel's only per-segment receive
     # tracepoint (tcp_probe) is on the ESTABLISHED path.
-    time.sleep(2.5)
+    obj = tel.instrumentor.pipeline.source._obj  # type: ignore[union-attr]
+    marks_in_stall = []  # sampled through the stall
+    for _ in range(25):
+        time.sleep(0.1)
+        marks_in_stall.append(obj.get_global(".bss", "zero_win_marks"))
     s.shutdown(socket.SHUT_WR)
     finish(sink)
     s.close()
@@ -334,8 +338,10 @@ def zero_window() -> Dict[str, Any]:
     conn.close()
     finish(sender)
     settle()
+    points = tel.points()
     return {"rx_points": rx_points, "rx_mib": mib_delta(before, middle),
-            "points": tel.points(), "tx_mib": mib_delta(middle, mib())}
+            "points": points, "tx_mib": mib_delta(middle, mib()),
+            "marks_in_stall": marks_in_stall, "zero_win_marks": obj.get_global(".bss", "zero_win_marks")}
 
 
 @scenario
