@@ -517,6 +517,32 @@ def _copies_by_dict(cls: Any) -> bool:
             and all(not c.__dict__.get("__slots__") for c in cls.__mro__))
 
 
+def _merged_attributes(old: Any, ours: Dict[str, Any], bounded: Any) -> Any:
+    """The span's attributes with ours added, as the SDK's limits would keep them.
+
+    The span's own values were cleaned when they were set: copied as they are
+    (cleaning them again was a fifth of ``span.end()``); only ours are cleaned.
+    """
+    maxlen = getattr(old, "maxlen", None)
+    try:
+        if type(old) is bounded and type(getattr(old, "_dict", None)) is dict and hasattr(old, "_set_items"):
+            new: Any = bounded(maxlen=maxlen, immutable=False, max_value_len=old.max_value_len)
+            new._dict = dict(old._dict)
+            new.dropped = old.dropped
+            new._set_items(ours)
+            new._immutable = True
+            return new
+        merged: Dict[str, Any] = dict(old or {})
+        merged.update(ours)
+        new = bounded(maxlen=maxlen, attributes=merged, immutable=True)
+        new.dropped += getattr(old, "dropped", 0)
+        return new
+    except Exception:  # pragma: no cover - an SDK whose BoundedAttributes differs
+        merged = dict(old or {})
+        merged.update(ours)
+        return merged
+
+
 def enriched_copy(span: Any, enrichment: Enrichment, mono_to_wall_ns: int) -> Any:
     """A copy of the finished ``ReadableSpan`` with the enrichment added."""
     Event, BoundedList, BoundedAttributes = _sdk_types()  # noqa: N806
@@ -527,16 +553,7 @@ def enriched_copy(span: Any, enrichment: Enrichment, mono_to_wall_ns: int) -> An
         out.__dict__.update(span.__dict__)
     else:
         out = copy.copy(span)
-    old_attributes = span._attributes
-    merged: Dict[str, Any] = dict(old_attributes or {})
-    merged.update(enrichment.attributes)
-    try:
-        maxlen = getattr(old_attributes, "maxlen", None)
-        new_attributes: Any = BoundedAttributes(maxlen=maxlen, attributes=merged, immutable=True)
-        new_attributes.dropped += getattr(old_attributes, "dropped", 0)
-    except Exception:  # pragma: no cover - an SDK without BoundedAttributes
-        new_attributes = merged
-    out._attributes = new_attributes
+    out._attributes = _merged_attributes(span._attributes, enrichment.attributes, BoundedAttributes)
 
     old_events = span._events
     maxlen = getattr(old_events, "maxlen", None)

@@ -279,3 +279,30 @@ def test_an_object_with_slots_or_its_own_copy_is_copied_by_copy_copy():
 
     assert not _spans._copies_by_dict(Slotted)
     assert not _spans._copies_by_dict(OwnCopy)
+
+
+def test_the_enriched_copy_keeps_the_span_limits():
+    from opentelemetry.sdk.trace import SpanLimits
+
+    provider = TracerProvider(span_limits=SpanLimits(max_span_attributes=3, max_span_attribute_length=4))
+    span = provider.get_tracer("t").start_span(
+        "GET", attributes={"a": "abcdefgh", "b": 1, "c": 2, "d": 3})  # "a" is dropped: 3 at most
+    span.end()
+    assert dict(span.attributes) == {"b": 1, "c": 2, "d": 3} and span.dropped_attributes == 1
+    ours = {"ebpf_flows.tcp.retransmits": 2, "ebpf_flows.tcp.degraded": True}
+    out = _spans.enriched_copy(span, _spans.Enrichment(ours, [], 0), 0)
+    # ours are added as the SDK would: the oldest make room, and are counted dropped
+    assert dict(out.attributes) == {"d": 3, **ours}
+    assert out.dropped_attributes == 3
+    assert out._attributes.max_value_len == 4  # the span's own limit, kept
+    with pytest.raises(TypeError):
+        out._attributes["x"] = 1
+    assert dict(span.attributes) == {"b": 1, "c": 2, "d": 3} and span.dropped_attributes == 1
+
+
+def test_merged_attributes_of_a_plain_mapping_go_through_the_sdk_cleaning():
+    from opentelemetry.attributes import BoundedAttributes
+
+    out = _spans._merged_attributes({"a": [1, 2], "b": "x"}, {"ebpf_flows.tcp.retransmits": 1}, BoundedAttributes)
+    assert dict(out) == {"a": (1, 2), "b": "x", "ebpf_flows.tcp.retransmits": 1}
+    assert out.dropped == 0
