@@ -75,7 +75,7 @@ from . import _agent_protocol as proto
 from ._config import DEFAULT_AGENT_SOCKET, Config, load_config
 from ._kernel import KernelSource, check_environment, own_socket_inodes
 from ._source import CONN_EVENT_KINDS, FlowEvent, ProbeStats, Snapshot, Source
-from ._telemetry import Instruments, Pipeline
+from ._telemetry import Instruments, Pipeline, ReadsNow
 from .exceptions import ConfigurationError, EbpfFlowsError
 from .version import __version__
 
@@ -284,13 +284,32 @@ class ObservedSource:
         self.kernel.poll(timeout_s)
 
     def sample(self) -> Snapshot:
-        snapshot = self.kernel.sample()
+        return self._with_span_lost(self.kernel.sample())
+
+    def _with_span_lost(self, snapshot: Snapshot) -> Snapshot:
         lost = dict(snapshot.probes.events_lost)
         lost[CONN_EVENTS_PROBE] = lost.get(CONN_EVENTS_PROBE, 0) + self._span_lost()
         return Snapshot(snapshot.counters, ProbeStats(lost, snapshot.probes.map_evictions))
 
     def close(self) -> None:
         self.kernel.close()
+
+
+class ObservedReadsNow(ObservedSource):
+    """An :class:`ObservedSource` over a :class:`ReadsNow` kernel source: the agent's
+    collections read the counter maps then, not wait for the reader's socket pass."""
+
+    def scan(self) -> None:
+        self.kernel.scan()  # type: ignore[attr-defined]
+
+    def read(self) -> Snapshot:
+        return self._with_span_lost(self.kernel.read())  # type: ignore[attr-defined]
+
+
+def observed(kernel: Source, span_lost: Callable[[], int]) -> ObservedSource:
+    """The source an agent pipeline reads: ``kernel`` plus the span records the agent lost."""
+    cls = ObservedReadsNow if isinstance(kernel, ReadsNow) else ObservedSource
+    return cls(kernel, span_lost)
 
 
 @attrs.define
@@ -316,7 +335,7 @@ class Observed:
         provider = MeterProvider(metric_readers=[reader], resource=Resource(self.attributes))
         instruments = Instruments(provider.get_meter(SCOPE_NAME, __version__), lambda: self.pipeline)
         self.kernel = KernelSource(config, pid=self.pid, inherited=inherited)
-        pipeline = Pipeline(ObservedSource(self.kernel, span_lost), instruments, config.max_peers,
+        pipeline = Pipeline(observed(self.kernel, span_lost), instruments, config.max_peers,
                             config.poll_interval, config.sample_interval)
         try:
             pipeline.start()

@@ -721,3 +721,30 @@ def test_a_process_that_loads_its_own_probes_after_discovery_is_no_longer_observ
         assert proc.pid not in agent.observed and Recorded.started.count(proc.pid) == 1
     finally:
         _end(proc)
+
+
+def test_an_agent_pipeline_over_the_kernel_source_reads_its_counters_at_collection():
+    from otel_ebpf_flows._source import ProbeStats, Snapshot
+    from otel_ebpf_flows._telemetry import ReadsNow
+
+    from .fakes import FakeSource
+
+    class Reads(FakeSource):
+        def __init__(self, snapshot: Snapshot) -> None:
+            super().__init__(snapshot)
+            self.scans = 0
+
+        def scan(self) -> None:
+            self.scans += 1
+
+        def read(self) -> Snapshot:
+            return Snapshot(counters={}, probes=ProbeStats(events_lost={"tcp_flows.events": 1}, map_evictions={}))
+
+    plain = _agent.observed(FakeSource(Snapshot(counters={}, probes=ProbeStats({}, {}))), lambda: 2)
+    assert not isinstance(plain, ReadsNow)
+    kernel = Reads(Snapshot(counters={}, probes=ProbeStats({}, {})))
+    source = _agent.observed(kernel, lambda: 2)
+    assert isinstance(source, ReadsNow)
+    source.scan()
+    assert kernel.scans == 1
+    assert source.read().probes.events_lost == {"tcp_flows.events": 1, "tcp_flows.conn_events": 2}
