@@ -107,7 +107,7 @@ def assert_reconciles(rows: Dict[RowKey, Dict[str, str]], r: Dict[str, Any], por
 def start_watch(tmux: Tmux, port: int) -> None:
     """watch in a tmux window, under bash, which then reports its exit status and the tty's modes."""
     command = shlex.join([*CLI, *watch_args(port)])
-    tmux.start(f"bash --norc --noprofile -c {shlex.quote(command + '; echo WATCH-EXIT=$?; stty -a; sleep 600')}")
+    tmux.start(f"bash --norc --noprofile -c {shlex.quote(command + '; echo WATCH-EXIT=$?; stty -a; echo STTY-DONE; sleep 600')}")
     wait_for(lambda: any("no TCP activity seen yet" in line for line in tmux.screen()), 60,
              "watch's first screen", lambda: "\n".join(tmux.screen()))
 
@@ -127,7 +127,8 @@ def title(tmux: Tmux) -> str:
 
 
 def assert_terminal_restored(tmux: Tmux) -> None:
-    screen = screen_when(tmux, lambda s: any("WATCH-EXIT=" in line for line in s), "watch to exit")
+    # the whole of stty's report, not a screen caught between the echo and stty
+    screen = screen_when(tmux, lambda s: any("STTY-DONE" in line for line in s), "watch to exit")
     text = "\n".join(screen)
     assert "WATCH-EXIT=0" in text, text
     modes = set(text.split())
