@@ -50,6 +50,8 @@
  *              not yet established (see synacks_counted)
  *   preexisting  sock -> identity: sockets established on our listeners before load
  *              that no process had accepted (so not adopted): never taken on as new
+ *   evicted    sock -> identity (LRU): accepted sockets not tracked for want of room
+ *              in socks (counted as such): never taken on later either
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -226,6 +228,13 @@ struct {
 	__type(key, __u64);
 	__type(value, __u64);
 } preexisting SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u64);
+} evicted SEC(".maps");
 
 /* When a SYN-ACK retransmit last found synacks full (0: never). A request
  * without an entry then may have had some counted: not repaired for a while. */
@@ -723,20 +732,27 @@ static __always_inline bool established_state(int state)
 	       state == TCP_CLOSE_WAIT || state == TCP_CLOSING || state == TCP_LAST_ACK;
 }
 
-/* Which socket a pointer names: the hash of its 4-tuple and its peer port (a
- * later socket at the same address is another connection). */
+/* Which socket a pointer names: its peer port and IPv4 address, set before
+ * SYN_RECV and kept after CLOSE (a later socket at the same address is
+ * another connection). */
 static __always_inline __u64 sock_identity(int direct, const struct sock *sk)
 {
-	return ((__u64)RD(direct, sk, __sk_common.skc_hash) << 32) | RD(direct, sk, __sk_common.skc_dport);
+	return ((__u64)RD(direct, sk, __sk_common.skc_dport) << 32) | RD(direct, sk, __sk_common.skc_daddr);
 }
 
-/* Established on one of our listeners before load (see the preexisting map). */
-static __always_inline bool preexisting_sock(int direct, const struct sock *sk)
+/* An untracked socket on our listener that is not to be taken on: established
+ * before load (see the preexisting map) or not tracked for want of room. */
+static __always_inline bool marked(void *map, int direct, const struct sock *sk)
 {
 	__u64 skp = (__u64)sk;
-	__u64 *id = bpf_map_lookup_elem(&preexisting, &skp);
+	__u64 *id = bpf_map_lookup_elem(map, &skp);
 
 	return id && *id == sock_identity(direct, sk);
+}
+
+static __always_inline bool preexisting_sock(int direct, const struct sock *sk)
+{
+	return marked(&preexisting, direct, sk) || marked(&evicted, direct, sk);
 }
 
 static __always_inline void synack_key_of(struct synack_key *k, const struct flow_key *key, __u16 peer_port,
@@ -1171,8 +1187,13 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 			if (!bpf_map_lookup_elem(&listeners, &lk))
 				return 0;
 			peer_key(direct, &key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
-			track(direct, sk, &key, control_on(CONTROL_CLAIM) ? SF_PENDING : 0,
-			      bpf_ktime_get_ns());
+			if (!track(direct, sk, &key, control_on(CONTROL_CLAIM) ? SF_PENDING : 0,
+				   bpf_ktime_get_ns())) {
+				/* counted in STAT_SOCKS_FULL: not to be found "unseen" later */
+				__u64 id = sock_identity(direct, sk);
+
+				bpf_map_update_elem(&evicted, &skp, &id, BPF_ANY);
+			}
 		} else {
 			/* CLOSE of an established socket we do not track: one accepted on
 			 * our listener whose handshake no program saw, unless it predates
@@ -1445,8 +1466,9 @@ static __always_inline struct sock_state *adopt_accepted(int direct, const struc
 	    !owned_by_target())
 		return NULL;
 	unseen = !preexisting_sock(direct, sk);
-	if (!claiming && !unseen)
-		return NULL;	/* in its accept queue at load: not counted, as before */
+	/* in its accept queue at load: not counted, as before; no room at SYN_RECV: counted so */
+	if (!unseen && (!claiming || marked(&evicted, direct, sk)))
+		return NULL;
 	tp = tcp_of(direct, sk);
 	if (!tp)
 		return NULL;

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.kernel.conftest import exact, points, total
 
 ATTEMPTS = "ebpf_flows.tcp.connection.attempts"
@@ -52,10 +54,15 @@ def test_retransmits_no_probe_ran_for_are_counted_from_the_sockets_own_count(run
     assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client") == 4 == r["mib"]["Tcp.ActiveOpens"]
 
 
-def test_handshakes_no_probe_ran_for_are_counted_on_both_ends(run_scenario):
-    r = run_scenario("unseen_handshakes")
+@pytest.mark.parametrize("mode", ["", "_spans", "_claim"])
+def test_handshakes_no_probe_ran_for_are_counted_on_both_ends(run_scenario, mode):
+    """Found by the iterator or at the close (default), at the first send or receive (with the
+    send/receive programs of span enrichment), or only when this process uses them (claim)."""
+    r = run_scenario("unseen_handshakes" + mode)
     rows, mib, n = r["points"], r["mib"], r["normal"] + r["unseen"]
     assert len(r["detached"]) == 2, r["detached"]  # the main program and its nested copy
+    assert r["claiming"] == (mode == "_claim")
+    assert any("send_length" in name for name in r["attached"]) == bool(mode), r["attached"]
     # every attempt on both ends, exactly as the kernel counted them; none failed; the
     # connection that was in the accept queue at instrument() is not a new handshake
     assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client") == n == mib["Tcp.ActiveOpens"]

@@ -200,6 +200,22 @@ def _echo_and_close(client: socket.socket, server: socket.socket, size: int) -> 
 
 @scenario
 def unseen_handshakes() -> Dict[str, Any]:
+    return _unseen_handshakes("default")
+
+
+@scenario
+def unseen_handshakes_spans() -> Dict[str, Any]:
+    """With span enrichment: the send/receive programs run, and find the connections first."""
+    return _unseen_handshakes("spans")
+
+
+@scenario
+def unseen_handshakes_claim() -> Dict[str, Any]:
+    """Claim mode (a listener shared after fork): accepted sockets count once this process uses them."""
+    return _unseen_handshakes("claim")
+
+
+def _unseen_handshakes(mode: str) -> Dict[str, Any]:
     """Handshakes completed while no set_state program runs, on both ends; then traffic and closes.
 
     This process is both client and server (client attempts = ActiveOpens, server ones =
@@ -218,9 +234,16 @@ def unseen_handshakes() -> Dict[str, Any]:
     srv.bind(("127.0.0.1", port))
     srv.listen(64)
     early = socket.create_connection(("127.0.0.1", port))  # established, not accepted yet
+    if mode == "spans":
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+
+        trace.set_tracer_provider(TracerProvider())
     tel = Telemetry(sample_interval=10)
     pipeline = tel.instrumentor.pipeline
     source = pipeline.source  # type: ignore[union-attr]
+    if mode == "claim":
+        assert source.enable_claim()
     before = mib()
     early_server, _ = srv.accept()
     pairs = []
@@ -246,7 +269,8 @@ def unseen_handshakes() -> Dict[str, Any]:
     srv.close()
     settle()
     return {"points": tel.points(), "mib": mib_delta(before, mib()), "detached": names,
-            "normal": normal, "unseen": unseen, "size": size, "closed": closed}
+            "normal": normal, "unseen": unseen, "size": size, "closed": closed,
+            "attached": list(source.attached), "claiming": source.claiming}
 
 
 @scenario
