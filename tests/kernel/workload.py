@@ -225,14 +225,17 @@ def _unseen_handshakes(mode: str) -> Dict[str, Any]:
     program run on either end (the client's ESTABLISHED, the server's SYN_RECV and
     ESTABLISHED), as the kernel does silently for events raised in some softirqs. With the
     programs back, half of those connections close before a socket-iterator pass is forced
-    (found at their close), the other half after it (found by the iterator). A connection
-    left in the listener's accept queue since before instrument() is never a new handshake.
+    (found at their close), the other half after it (found by the iterator). Connections
+    established before instrument(), one accepted then (adopted) and one still in the
+    listener's accept queue (not seen as this process's then), are never new handshakes.
     """
     setup_netns()
     port, normal, unseen, size = 5590, 2, 6, 20000
     srv = socket.socket()
     srv.bind(("127.0.0.1", port))
     srv.listen(64)
+    adopted = socket.create_connection(("127.0.0.1", port))
+    adopted_server, _ = srv.accept()
     early = socket.create_connection(("127.0.0.1", port))  # established, not accepted yet
     if mode == "spans":
         from opentelemetry import trace
@@ -246,6 +249,13 @@ def _unseen_handshakes(mode: str) -> Dict[str, Any]:
         assert source.enable_claim()
     before = mib()
     early_server, _ = srv.accept()
+    # used (in claim mode it would be counted: a forked worker counts what it accepts from
+    # the queue it shares, whenever that connection was made)
+    early_bytes = 0 if mode == "claim" else 3000
+    if early_bytes:
+        early.sendall(b"e" * early_bytes)
+        early_server.sendall(recv_exactly(early_server, early_bytes))
+        recv_exactly(early, early_bytes)
     pairs = []
     for _ in range(normal):
         c = socket.create_connection(("127.0.0.1", port))
@@ -264,13 +274,13 @@ def _unseen_handshakes(mode: str) -> Dict[str, Any]:
     closed = [_echo_and_close(c, s, size) for c, s in unseen_pairs[:half]]  # found at their close
     pipeline.refresh(timeout=60.0)  # an iterator pass finds the others  # type: ignore[union-attr]
     closed += [_echo_and_close(c, s, size) for c, s in unseen_pairs[half:] + pairs]
-    early.close()  # the pre-existing connection: no traffic since instrument(), closed both ends
-    early_server.close()
+    for sock in (early, early_server, adopted, adopted_server):
+        sock.close()
     srv.close()
     settle()
     return {"points": tel.points(), "mib": mib_delta(before, mib()), "detached": names,
             "normal": normal, "unseen": unseen, "size": size, "closed": closed,
-            "attached": list(source.attached), "claiming": source.claiming}
+            "attached": list(source.attached), "claiming": source.claiming, "early_bytes": early_bytes}
 
 
 @scenario
