@@ -219,6 +219,8 @@ def main() -> None:
         "active": total("ebpf_flows.tcp.connections.active"),
         "events.lost": total("ebpf_flows.probe.events.lost"),
         "map.evictions": total("ebpf_flows.probe.map.evictions"),
+        "events.lost.by_probe": {p["attrs"]["ebpf_flows.probe.name"]: p["value"] for p in points
+                                 if p["name"] == "ebpf_flows.probe.events.lost" and p["value"]},
     }
     kernel = {
         "attempts.client": delta["Tcp.ActiveOpens"],

@@ -46,6 +46,12 @@
  *   busy       per CPU, per hook_id: 1 while the hook's main program runs here
  *   rescued    hook_id -> events its nested copy handled (see tcp_flows.h)
  *   parents    forked child: sockets its parent counted before the fork, never claimed
+ *   synacks    (peer, ports, netns) -> the SYN-ACK retransmits counted for a request
+ *              not yet established (see synacks_counted)
+ *   preexisting  sock -> identity: sockets established on our listeners before load
+ *              that no process had accepted (so not adopted): never taken on as new
+ *   evicted    sock -> identity (LRU): accepted sockets not tracked for want of room
+ *              in socks (counted as such): never taken on later either
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -219,6 +225,32 @@ struct {
 	__type(value, __u64);
 } rescued SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct synack_key);
+	__type(value, struct synack_count);
+} synacks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u64);
+} preexisting SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u64);
+} evicted SEC(".maps");
+
+/* When a SYN-ACK retransmit last found synacks full (0: never). A request
+ * without an entry then may have had some counted: not repaired for a while. */
+__u64 synacks_full_ns = 0;
+#define SYNACK_LIFE_NS (180ULL * 1000000000ULL)	/* user space drops older entries */
+
 #define CONTROL_SEEDING 0
 #define CONTROL_CLAIM 1
 #define CONTROL_SPANS 2
@@ -357,7 +389,7 @@ extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
 /* tcp_sock fields lie past struct sock: a direct read needs the checked cast. */
 static __always_inline const struct tcp_sock *tcp_of(int direct, const struct sock *sk)
 {
-	/* READ_CAST: only ever asked of a tracked socket, which is TCP (track()) */
+	/* READ_CAST: only ever asked of a TCP socket (tracked ones are: track()) */
 	if (direct == READ_CAST)
 		return CAST(const struct tcp_sock, sk);
 	return direct ? bpf_skc_to_tcp_sock((void *)sk) : (const struct tcp_sock *)sk;
@@ -698,8 +730,100 @@ static __always_inline void count_established(struct sock_state *st, struct flow
 		COUNT_INTO(cp, &st->key, wscale_disabled, 1);
 	if (st->handshake_ns)
 		submit(st, FLOW_EVENT_HANDSHAKE, 0, st->established_ns, st->handshake_ns);
-	else if (st->key.role == FLOW_ROLE_SERVER)
+	else if (st->key.role == FLOW_ROLE_SERVER && !(st->flags & SF_UNSEEN))
 		stat_inc(STAT_SYN_WAIT_MISSED);
+}
+
+/* A state a connection reaches only once established (TIME_WAIT sockets are
+ * not full sockets: the iterator never shows them). */
+static __always_inline bool established_state(int state)
+{
+	return state == TCP_ESTABLISHED || state == TCP_FIN_WAIT1 || state == TCP_FIN_WAIT2 ||
+	       state == TCP_CLOSE_WAIT || state == TCP_CLOSING || state == TCP_LAST_ACK;
+}
+
+/* Which socket a pointer names: its peer port and IPv4 address, set before
+ * SYN_RECV and kept after CLOSE (a later socket at the same address is
+ * another connection). */
+static __always_inline __u64 sock_identity(int direct, const struct sock *sk)
+{
+	return ((__u64)RD(direct, sk, __sk_common.skc_dport) << 32) | RD(direct, sk, __sk_common.skc_daddr);
+}
+
+/* An untracked socket on our listener that is not to be taken on: established
+ * before load (see the preexisting map) or not tracked for want of room. */
+static __always_inline bool marked(void *map, int direct, const struct sock *sk)
+{
+	__u64 skp = (__u64)sk;
+	__u64 *id = bpf_map_lookup_elem(map, &skp);
+
+	return id && *id == sock_identity(direct, sk);
+}
+
+static __always_inline bool preexisting_sock(int direct, const struct sock *sk)
+{
+	return marked(&preexisting, direct, sk) || marked(&evicted, direct, sk);
+}
+
+static __always_inline void synack_key_of(struct synack_key *k, const struct flow_key *key, __u16 peer_port,
+					  __u32 netns)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	__builtin_memcpy(k->addr, key->addr, sizeof(k->addr));
+	k->peer_port = peer_port;
+	k->local_port = key->port;
+	k->netns = netns;
+}
+
+/* A SYN-ACK retransmit counted on the listener: remembered for its request. */
+static __always_inline void note_synack(const struct flow_key *key, __u16 peer_port, __u32 netns)
+{
+	struct synack_count one = { .segs = 1 };
+	struct synack_count *v;
+	struct synack_key k;
+	__u64 now = bpf_ktime_get_ns();
+
+	synack_key_of(&k, key, peer_port, netns);
+	v = bpf_map_lookup_elem(&synacks, &k);
+	if (!v) {
+		one.last_ns = now;
+		if (!bpf_map_update_elem(&synacks, &k, &one, BPF_NOEXIST))
+			return;
+		v = bpf_map_lookup_elem(&synacks, &k);	/* inserted meanwhile on another CPU */
+		if (!v) {
+			synacks_full_ns = now;
+			stat_inc(STAT_SYNACKS_FULL);
+			return;
+		}
+	}
+	__sync_fetch_and_add(&v->segs, 1);
+	v->last_ns = now;
+}
+
+/*
+ * Of `total` (the new socket's total_retrans, which starts at its request's
+ * SYN-ACK retransmits: tcp_create_openreq_child), how many were counted on the
+ * listener; the rest no program ran for. Forgets the request.
+ */
+static __always_inline __u32 synacks_counted(__u32 total, const struct sock_state *st, __u64 now)
+{
+	struct synack_count *v;
+	struct synack_key k;
+	__u32 counted;
+
+	if (!total)
+		return 0;
+	synack_key_of(&k, &st->key, st->peer_port, st->netns);
+	v = bpf_map_lookup_elem(&synacks, &k);
+	if (!v) {
+		/* none counted, unless one could not be kept lately */
+		if (synacks_full_ns && now - synacks_full_ns < SYNACK_LIFE_NS)
+			return total;
+		return 0;
+	}
+	counted = v->segs;
+	bpf_map_delete_elem(&synacks, &k);
+	return counted < total ? counted : total;
 }
 
 
@@ -817,15 +941,57 @@ static __always_inline void on_established(int direct, const struct sock *sk,
 	}
 	st->handshake_ns = handshake_ns;
 	/* an accepted socket: the SYN-ACK retransmits its request left in
-	 * total_retrans were counted on the listener (or, pending, at the claim) */
-	if (st->key.role == FLOW_ROLE_SERVER)
-		st->retrans_segs = RD(direct, tp, total_retrans);
+	 * total_retrans were counted on the listener, but those no program ran
+	 * for (or, pending, all of them at the claim) */
+	if (st->key.role == FLOW_ROLE_SERVER) {
+		__u32 total = RD(direct, tp, total_retrans);
+
+		if (st->flags & SF_PENDING)
+			st->retrans_segs = total;
+		else
+			st->retrans_segs += synacks_counted(total, st, now);
+	}
 	if (!(st->flags & SF_PENDING)) {
 		struct flow_counters *c = NULL;
 
 		count_established(st, &c);
 		conn_event(st, FLOW_EVENT_CONN, 0, now, handshake_ns);
+		if (st->key.role == FLOW_ROLE_SERVER)
+			sync_retrans(RD(direct, tp, total_retrans), st, 0, &c);
 	}
+}
+
+/*
+ * A connection found established though no program ran for its ESTABLISHED
+ * (nor, for an untracked server socket, its SYN_RECV: the kernel can run a
+ * tracepoint without our programs, see sync_retrans): counted now as a
+ * completed handshake of unknown duration (no handshake or connection-duration
+ * point) and in STAT_HANDSHAKE_UNSEEN. Its bytes count from the start: what
+ * the kernel had counted by ESTABLISHED is a client's SYN, acknowledged.
+ * `state`: its state now (or before CLOSE), -1 if unknown.
+ */
+static __always_inline void late_established(int direct, const struct tcp_sock *tp, struct sock_state *st,
+					     __u64 now, int state)
+{
+	const struct tcp_options_received *opt = __builtin_preserve_access_index(&tp->rx_opt);
+	struct flow_counters *c = NULL;
+
+	st->flags |= SF_ESTABLISHED | SF_UNSEEN;
+	if (state == TCP_FIN_WAIT1 || state == TCP_FIN_WAIT2 || state == TCP_CLOSING || state == TCP_LAST_ACK)
+		st->flags |= SF_FIN_SENT;
+	st->established_ns = now;
+	st->srtt_us = read_srtt_us(direct, tp);
+	st->bytes_acked = st->key.role == FLOW_ROLE_CLIENT ? 1 : 0;
+	st->bytes_received = 0;
+	if (!RD_BITFIELD(direct, opt, wscale_ok))
+		st->flags |= SF_NO_WSCALE;
+	if (st->flags & SF_PENDING)
+		return;	/* counted at the claim, if this process claims it */
+	stat_inc(STAT_HANDSHAKE_UNSEEN);
+	if (st->key.role == FLOW_ROLE_SERVER)
+		st->retrans_segs += synacks_counted(RD(direct, tp, total_retrans), st, now);
+	count_established(st, &c);
+	conn_event(st, FLOW_EVENT_CONN, 0, now, 0);
 }
 
 /*
@@ -880,7 +1046,9 @@ static __always_inline void finalize_close(struct sock_state *st, struct flow_co
 
 	st->flags |= SF_FINAL;
 	COUNT_INTO(cp, &st->key, closes[reason & 7], 1);
-	submit(st, FLOW_EVENT_CLOSE, reason, st->closed_ns, st->closed_ns - st->established_ns);
+	/* a connection found established late: its RTT, but no duration */
+	submit(st, (st->flags & SF_UNSEEN) ? FLOW_EVENT_RTT : FLOW_EVENT_CLOSE, reason, st->closed_ns,
+	       st->closed_ns - st->established_ns);
 }
 
 static __always_inline void forget(int direct, const struct sock *sk, struct sock_state *st)
@@ -928,9 +1096,10 @@ static __always_inline void count_closed(int direct, const struct tcp_sock *tp, 
 		finalize_close(st, cp);
 }
 
-/* The socket reached CLOSE (or, if that transition was skipped, is destroyed); true if it is forgotten. */
+/* The socket reached CLOSE from `oldstate` (or, if that transition was skipped, is destroyed:
+ * -1); true if it is forgotten. */
 static __always_inline bool on_close(int direct, const struct sock *sk, struct sock_state *st,
-				     struct flow_counters **cp)
+				     struct flow_counters **cp, int oldstate)
 {
 	const struct tcp_sock *tp = tcp_of(direct, sk);
 	unsigned long sk_flags;
@@ -942,6 +1111,12 @@ static __always_inline bool on_close(int direct, const struct sock *sk, struct s
 	st->srtt_us = read_srtt_us(direct, tp);
 	st->err = RD(direct, sk, sk_err);
 
+	/* Established, though no program saw it: the state it leaves, else (destroyed)
+	 * the kernel's count of our SYN acknowledged (client) or an RTT measured (server) */
+	if (!(st->flags & SF_ESTABLISHED) &&
+	    (oldstate >= 0 ? established_state(oldstate) :
+	     st->key.role == FLOW_ROLE_CLIENT ? RD(direct, tp, bytes_acked) != 0 : st->srtt_us != 0))
+		late_established(direct, tp, st, st->closed_ns, oldstate);
 	if (!(st->flags & SF_ESTABLISHED)) {
 		/* A client attempt that never completed; an embryonic server
 		 * socket is simply forgotten. */
@@ -981,7 +1156,8 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 	/* Every state change on the host: other processes' sockets leave after
 	 * one load (owned_filter) unless this may be the birth of one of ours. */
 	st = tracked(direct, sk);
-	if (!st && newstate != TCP_SYN_SENT && newstate != TCP_LISTEN && newstate != TCP_SYN_RECV)
+	if (!st && newstate != TCP_SYN_SENT && newstate != TCP_LISTEN && newstate != TCP_SYN_RECV &&
+	    !(newstate == TCP_CLOSE && established_state(oldstate)))
 		return 0;
 	if (RD_BITFIELD(direct, sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
@@ -1026,8 +1202,34 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 			if (!bpf_map_lookup_elem(&listeners, &lk))
 				return 0;
 			peer_key(direct, &key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
-			track(direct, sk, &key, control_on(CONTROL_CLAIM) ? SF_PENDING : 0,
-			      bpf_ktime_get_ns());
+			if (!track(direct, sk, &key, control_on(CONTROL_CLAIM) ? SF_PENDING : 0,
+				   bpf_ktime_get_ns())) {
+				/* counted in STAT_SOCKS_FULL: not to be found "unseen" later */
+				__u64 id = sock_identity(direct, sk);
+
+				bpf_map_update_elem(&evicted, &skp, &id, BPF_ANY);
+			}
+		} else {
+			/* CLOSE of an established socket we do not track: one accepted on
+			 * our listener whose handshake no program saw, unless it predates
+			 * the probes. Not in claim mode: whose it is, only a claim says. */
+			struct listener_key lk = {};
+
+			tp = tcp_of(direct, sk);
+			if (!tp)
+				return 0;
+			lk.port = bpf_ntohs(RD(direct, tp, inet_conn.icsk_inet.inet_sport));	/* skc_num is 0 now */
+			if (!listen_filter[listen_slot(lk.port)])
+				return 0;
+			lk.netns = sk_netns(direct, sk);
+			if (!bpf_map_lookup_elem(&listeners, &lk) || control_on(CONTROL_CLAIM) ||
+			    preexisting_sock(direct, sk))
+				return 0;
+			now = bpf_ktime_get_ns();
+			peer_key(direct, &key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
+			st = track(direct, sk, &key, 0, now);
+			if (st)
+				on_close(direct, sk, st, &c, oldstate);
 		}
 		return 0;
 	}
@@ -1049,7 +1251,7 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 		return 0;
 	}
 	if (!(st->flags & SF_CLOSED))
-		on_close(direct, sk, st, &c);
+		on_close(direct, sk, st, &c, oldstate);
 	return 0;
 }
 
@@ -1064,7 +1266,7 @@ static __always_inline int handle_destroy(int direct, const struct sock *sk)
 		/* Its CLOSE transition was skipped (see NESTED). The socket is dead
 		 * here (inet_csk_destroy_sock), so on_close() mostly finalises and
 		 * forgets it itself; what it leaves is settled below. */
-		if (on_close(direct, sk, st, &c))
+		if (on_close(direct, sk, st, &c, -1))
 			return 0;
 	}
 	if ((st->flags & SF_CLOSED) && !(st->flags & (SF_FINAL | SF_PENDING)))
@@ -1126,6 +1328,7 @@ static __always_inline int handle_retransmit_synack(int direct, const struct soc
 		return 0;
 	peer_key(direct, &key, &req->__req_common, FLOW_ROLE_SERVER, st->key.port);
 	COUNT(&key, retrans_segs, 1);
+	note_synack(&key, bpf_ntohs(RD(direct, &req->__req_common, skc_dport)), st->netns);
 	return 0;
 }
 
@@ -1235,6 +1438,8 @@ static __always_inline void claim(int direct, struct sock_state *st, const struc
 	st->tid = tid;
 	if (!(st->flags & SF_ESTABLISHED))
 		return;
+	if (st->flags & SF_UNSEEN)
+		stat_inc(STAT_HANDSHAKE_UNSEEN);
 	count_established(st, &c);
 	conn_event(st, FLOW_EVENT_CONN, 0, st->established_ns, st->handshake_ns);
 	/* SYN-ACK retransmits of its request included, as the kernel counts them */
@@ -1252,12 +1457,15 @@ static __always_inline void claim(int direct, struct sock_state *st, const struc
 }
 
 /*
- * Claim mode only: a connection accepted on one of our listeners whose
- * handshake completed before these probes were loaded (a forked worker
- * accepting from the queue it shares with its parent, whose own probes hold
- * it pending for whoever uses it). Taken on at its first read or write, as
- * established from the start (the kernel's byte counts of a passive socket
- * start at 0 at ESTABLISHED), unless the parent counted it before the fork.
+ * A connection accepted on one of our listeners that no program saw become
+ * established, taken on at its first read or write by this process: one whose
+ * handshake the kernel ran no program for (see late_established), or, in
+ * claim mode only, one that completed before these probes were loaded (a
+ * forked worker accepting from the queue it shares with its parent, whose own
+ * probes hold it pending for whoever uses it), as established from the start
+ * (the kernel's byte counts of a passive socket start at 0 at ESTABLISHED),
+ * unless the parent counted it before the fork. In claim mode it is pending
+ * (claimed by the caller).
  */
 static __always_inline struct sock_state *adopt_accepted(int direct, const struct sock *sk)
 {
@@ -1265,9 +1473,12 @@ static __always_inline struct sock_state *adopt_accepted(int direct, const struc
 	struct sock_state *st;
 	struct flow_key key;
 	__u64 skp = (__u64)sk;
+	const struct tcp_sock *tp;
+	bool claiming, unseen;
 	int state;
 
-	if (!control_on(CONTROL_CLAIM))
+	claiming = control_on(CONTROL_CLAIM);
+	if (!claiming && !span_mode)
 		return NULL;
 	lk.port = RD(direct, sk, __sk_common.skc_num);
 	if (!listen_filter[listen_slot(lk.port)])
@@ -1281,10 +1492,23 @@ static __always_inline struct sock_state *adopt_accepted(int direct, const struc
 	if (!bpf_map_lookup_elem(&listeners, &lk) || bpf_map_lookup_elem(&parents, &skp) ||
 	    !owned_by_target())
 		return NULL;
+	unseen = !preexisting_sock(direct, sk);
+	/* in its accept queue at load: not counted, as before; no room at SYN_RECV: counted so */
+	if (!unseen && (!claiming || marked(&evicted, direct, sk)))
+		return NULL;
+	tp = tcp_of(direct, sk);
+	if (!tp)
+		return NULL;
 	peer_key(direct, &key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
-	st = track(direct, sk, &key, SF_PENDING | SF_ESTABLISHED, bpf_ktime_get_ns());
-	if (st)
+	st = track(direct, sk, &key, claiming ? SF_PENDING : 0, bpf_ktime_get_ns());
+	if (!st)
+		return NULL;
+	if (unseen) {
+		late_established(direct, tp, st, st->start_ns, state);
+	} else {
+		st->flags |= SF_ESTABLISHED;
 		st->established_ns = st->start_ns;
+	}
 	return st;
 }
 
@@ -1314,6 +1538,12 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 	if (!tp)
 		return 0;
 	tid = current_tid();	/* no pid namespace walk outside containers */
+	if (!(st->flags & (SF_ESTABLISHED | SF_CLOSED))) {
+		int state = RD(direct, sk, __sk_common.skc_state);
+
+		if (established_state(state))	/* its ESTABLISHED went unseen */
+			late_established(direct, tp, st, bpf_ktime_get_ns(), state);
+	}
 	if (st->flags & SF_PENDING)
 		claim(direct, st, tp, tid);
 	if (!span_mode)
@@ -1452,17 +1682,38 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		struct socket *sock;
 		__u64 ino = 0;
 		struct flow_key key;
-		int state;
+		int state = sk->__sk_common.skc_state;
+		bool seeding = control_on(CONTROL_SEEDING);
 
-		if (!control_on(CONTROL_SEEDING))
-			return 0;
-		sock = sk->sk_socket;
-		if (sock && sock->file && sock->file->f_inode)
-			ino = sock->file->f_inode->i_ino;
-		if (!ino || !bpf_map_lookup_elem(&seeds, &ino))
-			return 0;
-		state = sk->__sk_common.skc_state;
-		if (state == TCP_LISTEN) {
+		if (!seeding || !(sock = sk->sk_socket) || !sock->file || !sock->file->f_inode ||
+		    !(ino = sock->file->f_inode->i_ino) || !bpf_map_lookup_elem(&seeds, &ino)) {
+			/* Not one of this process's sockets at load: one established on
+			 * our listener is then one it had not accepted (remembered, never
+			 * counted), or later, one whose handshake no program saw (taken on;
+			 * in claim mode only when this process uses it). Listeners come
+			 * first in a pass: each is known before its connections. */
+			struct listener_key lk = { .port = sk->__sk_common.skc_num };
+			__u64 id;
+
+			if (!established_state(state) || !listen_filter[listen_slot(lk.port)])
+				return 0;
+			lk.netns = sk_netns(true, sk);
+			if (!bpf_map_lookup_elem(&listeners, &lk))
+				return 0;
+			if (seeding) {
+				id = sock_identity(true, sk);
+				bpf_map_update_elem(&preexisting, &skp, &id, BPF_ANY);
+				return 0;
+			}
+			if (control_on(CONTROL_CLAIM) || preexisting_sock(true, sk))
+				return 0;
+			peer_key(true, &key, skc, FLOW_ROLE_SERVER, lk.port);
+			st = track(true, sk, &key, 0, now);
+			if (!st)
+				return 0;
+			late_established(true, tp, st, now, state);
+			goto sample;	/* and counted from the start, below */
+		} else if (state == TCP_LISTEN) {
 			struct listener_key lk = { .netns = sk_netns(true, sk), .port = sk->__sk_common.skc_num };
 
 			__builtin_memset(&key, 0, sizeof(key));
@@ -1502,11 +1753,15 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		return 0;
 	}
 
+sample:
 	st->seen_ns = now;
 	if (st->flags & SF_LISTENER) {
 		listener_drops(true, sk, st);
 		return 0;
 	}
+	/* a connection whose ESTABLISHED no program ran for */
+	if (!(st->flags & (SF_ESTABLISHED | SF_CLOSED)) && established_state(sk->__sk_common.skc_state))
+		late_established(true, tp, st, now, sk->__sk_common.skc_state);
 	if (!(st->flags & SF_ESTABLISHED) || (st->flags & (SF_CLOSED | SF_PENDING)))
 		return 0;
 	{

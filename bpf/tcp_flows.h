@@ -72,6 +72,8 @@ struct flow_counters {
 #define SF_FIN_SENT (1 << 8)
 #define SF_PENDING (1 << 9)	/* claim mode: accepted, not yet used by this process */
 #define SF_NO_WSCALE (1 << 10)
+#define SF_UNSEEN (1 << 11)	/* found established, its handshake seen by no program:
+				 * no handshake or connection-duration point */
 
 /*
  * What the kernel keeps per tracked socket (the socks map). User space reads it
@@ -145,7 +147,26 @@ enum probe_stat {
 	STAT_CONN_EVENTS_LOST = 5,	/* conn_events ring full: a span-enrichment record was dropped */
 	STAT_RETRANS_UNSEEN = 6,	/* retransmitted segments whose event no program ran for,
 					 * found later in tcp_sock.total_retrans (and counted then) */
-	STAT_MAX = 7,
+	STAT_HANDSHAKE_UNSEEN = 7,	/* connections found established whose ESTABLISHED no
+					 * program ran for (and counted then) */
+	STAT_SYNACKS_FULL = 8,		/* a request's SYN-ACK retransmit not kept in synacks */
+	STAT_MAX = 9,
+};
+
+/* synacks map: the SYN-ACK retransmits counted for one connection request,
+ * until its socket is established (its total_retrans starts at the request's
+ * count: the difference is what no program ran for). */
+struct synack_key {
+	__u8 addr[16];	/* the peer, as flow_key.addr */
+	__u16 peer_port;
+	__u16 local_port;
+	__u32 netns;
+};
+
+struct synack_count {
+	__u64 last_ns;	/* the latest one (user space drops entries of dead requests) */
+	__u32 segs;
+	__u32 __pad0;
 };
 
 /*

@@ -80,6 +80,10 @@ _THREAD_SLOTS = struct.Struct("=" + _records.THREAD_SLOT.format.lstrip("=") * _r
 
 # The sweep (see KernelSource._sweep) reads the socks map this many entries at a time.
 SWEEP_CHUNK = 1024
+# A connection request's SYN-ACK retransmit count (the synacks map) is dropped this long after
+# its latest retransmit: the request is gone by then (default tcp_synack_retries: about 63 s).
+# tcp_flows.bpf.c's SYNACK_LIFE_NS.
+SYNACK_LIFE_NS = 180 * 1_000_000_000
 
 
 def _field_struct(mirror: type, names: Tuple[str, ...]) -> struct.Struct:
@@ -515,6 +519,7 @@ class KernelSource:
             self._sampled = self._sampled[self._sampled_at:] + data
             self._sampled_at = 0
         self._sweep(started)
+        self._prune_synacks(started)
         if self._ring is not None:
             self._ring.consume()
 
@@ -630,6 +635,7 @@ class KernelSource:
             obj.map("threads").set_max_entries(1)
         if self._max_seeds != MAX_SEEDS:
             obj.map("seeds").set_max_entries(self._max_seeds)
+            obj.map("preexisting").set_max_entries(self._max_seeds)
         arity = _libbpf.vmlinux_tracepoint_arities(ARITY_TRACEPOINTS)  # parsed once per process
         retransmit_has_err = arity["tcp_retransmit_skb"] == 3
         has_io = all(arity[tp] is not None for tp in IO_TRACEPOINTS)
@@ -760,6 +766,25 @@ class KernelSource:
                     continue
                 self._swept[key] = self._swept.get(key, 0) + 1
 
+    def _prune_synacks(self, now_ns: int) -> None:
+        """Forget the SYN-ACK retransmit counts of connection requests that are gone.
+
+        The kernel keeps, per request, the SYN-ACK retransmits it counted until the
+        request's socket is established (then it compares them with the socket's own
+        count). A request that never completes leaves its entry: dropped here once its
+        latest retransmit is ``SYNACK_LIFE_NS`` old. Usually the map is empty: one syscall.
+        """
+        synacks = self._require().map("synacks")
+        old = []
+        for keys, values in synacks.batches(_records.CSynackKey, _records.CSynackCount):
+            ks, vs = ctypes.sizeof(_records.CSynackKey), ctypes.sizeof(_records.CSynackCount)
+            for i in range(len(keys) // ks):
+                (last_ns,) = struct.unpack_from("=Q", values, i * vs)
+                if now_ns - last_ns > SYNACK_LIFE_NS:
+                    old.append(keys[i * ks : (i + 1) * ks])
+        for raw in old:
+            synacks.delete(_records.CSynackKey.from_buffer_copy(raw))
+
     def _on_record(self, data: bytes) -> None:
         try:
             event = _records.decode_event(data)
@@ -860,11 +885,13 @@ class KernelSource:
                 "tcp_flows.unseen_close": sum(self._swept.values()),
                 "tcp_flows.skipped": self._skipped(),
                 "tcp_flows.unseen_retransmit": vals[_records.STAT_RETRANS_UNSEEN],
+                "tcp_flows.unseen_handshake": vals[_records.STAT_HANDSHAKE_UNSEEN],
             },
             map_evictions={
                 "tcp_flows.socks": vals[_records.STAT_SOCKS_FULL],
                 "tcp_flows.flows": vals[_records.STAT_FLOWS_FOLDED],
                 "tcp_flows.listeners": vals[_records.STAT_LISTENERS_FULL],
+                "tcp_flows.synacks": vals[_records.STAT_SYNACKS_FULL],
             },
         )
 

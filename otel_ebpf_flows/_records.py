@@ -53,7 +53,9 @@ STAT_SYN_WAIT_MISSED = 3
 STAT_LISTENERS_FULL = 4
 STAT_CONN_EVENTS_LOST = 5
 STAT_RETRANS_UNSEEN = 6
-STAT_MAX = 7
+STAT_HANDSHAKE_UNSEEN = 7
+STAT_SYNACKS_FULL = 8
+STAT_MAX = 9
 
 # enum hook_id: hooks with a nested copy, in _kernel.HOOKS order
 HOOK_SET_STATE = 0
@@ -122,6 +124,23 @@ class CFlowEvent(ctypes.Structure):
     ]
 
 
+class CSynackKey(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint8 * 16),
+        ("peer_port", ctypes.c_uint16),
+        ("local_port", ctypes.c_uint16),
+        ("netns", ctypes.c_uint32),
+    ]
+
+
+class CSynackCount(ctypes.Structure):
+    _fields_ = [
+        ("last_ns", _U64),
+        ("segs", ctypes.c_uint32),
+        ("__pad0", ctypes.c_uint32),
+    ]
+
+
 class CThreadSlot(ctypes.Structure):
     _fields_ = [
         ("conn_id", _U64),
@@ -173,6 +192,8 @@ MIRRORS: Dict[str, Tuple[type, str]] = {
     "thread_slot": (CThreadSlot, "thread_slot"),
     "thread_conns": (CThreadConns, "thread_conns"),
     "sock_state": (CSockState, "sock_state"),
+    "synack_key": (CSynackKey, "synack_key"),
+    "synack_count": (CSynackCount, "synack_count"),
 }
 
 _V4_PREFIX = bytes(10) + b"\xff\xff"

@@ -107,7 +107,8 @@ def assert_reconciles(rows: Dict[RowKey, Dict[str, str]], r: Dict[str, Any], por
 def start_watch(tmux: Tmux, port: int) -> None:
     """watch in a tmux window, under bash, which then reports its exit status and the tty's modes."""
     command = shlex.join([*CLI, *watch_args(port)])
-    tmux.start(f"bash --norc --noprofile -c {shlex.quote(command + '; echo WATCH-EXIT=$?; stty -a; echo STTY-DONE; sleep 600')}")
+    after = "; echo WATCH-EXIT=$?; stty -a; echo STTY-DONE; sleep 600"
+    tmux.start(f"bash --norc --noprofile -c {shlex.quote(command + after)}")
     wait_for(lambda: any("no TCP activity seen yet" in line for line in tmux.screen()), 60,
              "watch's first screen", lambda: "\n".join(tmux.screen()))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.kernel.conftest import exact, points, total
 
 ATTEMPTS = "ebpf_flows.tcp.connection.attempts"
@@ -50,6 +52,67 @@ def test_retransmits_no_probe_ran_for_are_counted_from_the_sockets_own_count(run
     unseen = total(rows, "ebpf_flows.probe.events.lost", ebpf_flows__probe__name="tcp_flows.unseen_retransmit")
     assert r["unseen"] <= unseen <= sum(r["totals"]), (r["unseen"], unseen, r["totals"])
     assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client") == 4 == r["mib"]["Tcp.ActiveOpens"]
+
+
+@pytest.mark.parametrize("mode", ["", "_spans", "_claim"])
+def test_handshakes_no_probe_ran_for_are_counted_on_both_ends(run_scenario, mode):
+    """Found by the iterator or at the close (default), at the first send or receive (with the
+    send/receive programs of span enrichment), or only when this process uses them (claim)."""
+    r = run_scenario("unseen_handshakes" + mode)
+    rows, mib, n = r["points"], r["mib"], r["normal"] + r["unseen"]
+    assert len(r["detached"]) == 2, r["detached"]  # the main program and its nested copy
+    assert r["claiming"] == (mode == "_claim")
+    assert any("send_length" in name for name in r["attached"]) == bool(mode), r["attached"]
+    # every attempt on both ends, exactly as the kernel counted them; none failed; the
+    # connection that was in the accept queue at instrument() is not a new handshake
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client") == n == mib["Tcp.ActiveOpens"]
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == n == mib["Tcp.PassiveOpens"]
+    assert not [p for p in points(rows, ATTEMPTS) if "error.type" in p["attrs"]]
+    assert mib["Tcp.AttemptFails"] == 0
+    # closed normally, both ends, plus the pre-existing connections' ends adopted at load (the
+    # accepted one's both, the queued one's client end; its server end is never taken on)
+    assert total(rows, CLOSES, ebpf_flows__tcp__close__reason="normal") == 2 * n + 3
+    assert total(rows, CLOSES) == 2 * n + 3
+    assert total(rows, ACTIVE) == 0
+    # payload bytes from the start of each connection, both ends, both directions (and what the
+    # queued pre-existing connection carried, on its adopted client end only)
+    for role, extra in (("client", r["early_bytes"]), ("server", 0)):
+        for direction in ("transmit", "receive"):
+            assert total(rows, IO, ebpf_flows__tcp__role=role, network__io__direction=direction) \
+                == n * r["size"] + extra, (role, direction)
+    # the SYN and SYN-ACK retransmits the drop caused, every one, on the side that sent it
+    retrans = [c["client_retrans"] for c in r["closed"]], [c["server_retrans"] for c in r["closed"]]
+    assert sum(retrans[0]) > 0, "no SYN was retransmitted: no test"
+    assert total(rows, RETRANS, ebpf_flows__tcp__role="client") == sum(retrans[0])
+    assert total(rows, RETRANS, ebpf_flows__tcp__role="server") == sum(retrans[1])
+    assert total(rows, RETRANS) == mib["Tcp.RetransSegs"] == mib["TcpExt.TCPSynRetrans"]
+    # no handshake duration is guessed for them, nor a connection duration
+    for role in ("client", "server"):
+        hs = points(rows, HANDSHAKE, ebpf_flows__tcp__role=role)
+        assert sum(p["count"] for p in hs) == r["normal"], (role, hs)
+    assert sum(p["count"] for p in points(rows, DURATION)) == 2 * r["normal"] + 3
+    # each is reported as a handshake no probe ran for; the kernel may also have skipped a
+    # probe of the others on its own (what this telemetry is for): a lower bound
+    unseen = total(rows, "ebpf_flows.probe.events.lost", ebpf_flows__probe__name="tcp_flows.unseen_handshake")
+    assert 2 * r["unseen"] <= unseen <= 2 * n, (unseen, r["unseen"])
+    syn_wait = total(rows, "ebpf_flows.probe.events.lost", ebpf_flows__probe__name="tcp_flows.syn_wait")
+    assert syn_wait < r["unseen"], syn_wait  # found late is not counted as a missed SYN wait
+
+
+def test_synack_retransmits_no_probe_ran_for_are_counted_from_the_accepted_socket(run_scenario):
+    r = run_scenario("unseen_synacks")
+    rows, mib = r["points"], r["mib"]
+    assert len(r["detached"]) == 2, r["detached"]
+    assert r["unseen"] > 0, "no SYN-ACK was retransmitted while the programs were detached: no test"
+    server = sum(c["server_retrans"] for c in r["closed"])
+    client = sum(c["client_retrans"] for c in r["closed"])
+    # the accepted sockets' own counts (their requests' SYN-ACK retransmits), exactly
+    assert total(rows, RETRANS, ebpf_flows__tcp__role="server") == server > r["unseen"]
+    assert total(rows, RETRANS, ebpf_flows__tcp__role="client") == client
+    assert total(rows, RETRANS) == mib["Tcp.RetransSegs"] == mib["TcpExt.TCPSynRetrans"] == server + client
+    unseen = total(rows, "ebpf_flows.probe.events.lost", ebpf_flows__probe__name="tcp_flows.unseen_retransmit")
+    assert r["unseen"] <= unseen <= server, (r["unseen"], unseen, server)
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == r["connections"] == mib["Tcp.PassiveOpens"]
 
 
 def test_server_retransmits_from_softirq_are_the_servers(run_scenario):

@@ -7,12 +7,13 @@ JSON line: the exported metric points and the kernel's ground truth.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 from tests.kernel.harness import (
     Telemetry,
@@ -130,6 +131,191 @@ def unseen_retransmits() -> Dict[str, Any]:
     settle()
     return {"points": tel.points(), "totals": totals, "unseen": unseen, "detached": names,
             "mib": mib_delta(before, mib())}
+
+
+def _detach(source: Any, part: str) -> List[str]:
+    """Detach the attached programs whose name has ``part`` (main and nested copy) through the
+    library's own links: the kernel then runs none of them, as it silently does for events
+    raised in some softirqs. Returns their names, for :func:`_reattach`."""
+    obj = source._obj
+    names = [name for name in source.attached if part in name]
+    for link in [link for link in obj._links if link.name in names]:
+        link.destroy()
+        obj._links.remove(link)
+    return names
+
+
+def _reattach(source: Any, names: List[str]) -> None:
+    for name in names:
+        source._obj.attach(name)
+
+
+def _drop_synacks(port: int) -> None:
+    """Drop the SYN-ACKs from ``port`` on input: its clients wait in SYN_SENT, its requests retransmit."""
+    nft("add table inet hs",
+        "add chain inet hs input { type filter hook input priority 0; }",
+        f"add rule inet hs input tcp sport {port} tcp flags & (syn | ack) == (syn | ack) counter drop")
+
+
+def _lift() -> None:
+    nft("delete table inet hs")
+
+
+def _connect_nonblocking(port: int, n: int) -> List[socket.socket]:
+    socks = []
+    for _ in range(n):
+        c = socket.socket()
+        c.setblocking(False)
+        assert c.connect_ex(("127.0.0.1", port)) == errno.EINPROGRESS
+        socks.append(c)
+    return socks
+
+
+def _until(what: str, cond: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _echo_and_close(client: socket.socket, server: socket.socket, size: int) -> Dict[str, int]:
+    """``size`` bytes each way, then an orderly close (client first); both ends' final TCP_INFO."""
+    client.setblocking(True)
+    server.setblocking(True)
+    client.settimeout(30)
+    server.settimeout(30)
+    client.sendall(b"q" * size)
+    server.sendall(recv_exactly(server, size))
+    recv_exactly(client, size)
+    client.shutdown(socket.SHUT_WR)
+    drain_until_eof(server)
+    server_info = tcp_info(server)
+    server.close()
+    drain_until_eof(client)
+    info = wait_closed(client)
+    client.close()
+    return {"client_retrans": info["total_retrans"], "server_retrans": server_info["total_retrans"]}
+
+
+@scenario
+def unseen_handshakes() -> Dict[str, Any]:
+    return _unseen_handshakes("default")
+
+
+@scenario
+def unseen_handshakes_spans() -> Dict[str, Any]:
+    """With span enrichment: the send/receive programs run, and find the connections first."""
+    return _unseen_handshakes("spans")
+
+
+@scenario
+def unseen_handshakes_claim() -> Dict[str, Any]:
+    """Claim mode (a listener shared after fork): accepted sockets count once this process uses them."""
+    return _unseen_handshakes("claim")
+
+
+def _unseen_handshakes(mode: str) -> Dict[str, Any]:
+    """Handshakes completed while no set_state program runs, on both ends; then traffic and closes.
+
+    This process is both client and server (client attempts = ActiveOpens, server ones =
+    PassiveOpens). The clients' SYN_SENT is seen; their SYN-ACKs are dropped so they wait
+    in SYN_SENT; then the set_state programs (main and nested copy) are detached and the
+    drop lifted: each handshake completes at the next SYN or SYN-ACK retransmit with no
+    program run on either end (the client's ESTABLISHED, the server's SYN_RECV and
+    ESTABLISHED), as the kernel does silently for events raised in some softirqs. With the
+    programs back, half of those connections close before a socket-iterator pass is forced
+    (found at their close), the other half after it (found by the iterator). Connections
+    established before instrument(), one accepted then (adopted) and one still in the
+    listener's accept queue (not seen as this process's then), are never new handshakes.
+    """
+    setup_netns()
+    port, normal, unseen, size = 5590, 2, 6, 20000
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", port))
+    srv.listen(64)
+    adopted = socket.create_connection(("127.0.0.1", port))
+    adopted_server, _ = srv.accept()
+    early = socket.create_connection(("127.0.0.1", port))  # established, not accepted yet
+    if mode == "spans":
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+
+        trace.set_tracer_provider(TracerProvider())
+    tel = Telemetry(sample_interval=10)
+    pipeline = tel.instrumentor.pipeline
+    source = pipeline.source  # type: ignore[union-attr]
+    if mode == "claim":
+        assert source.enable_claim()
+    before = mib()
+    early_server, _ = srv.accept()
+    # used (in claim mode it would be counted: a forked worker counts what it accepts from
+    # the queue it shares, whenever that connection was made)
+    early_bytes = 0 if mode == "claim" else 3000
+    if early_bytes:
+        early.sendall(b"e" * early_bytes)
+        early_server.sendall(recv_exactly(early_server, early_bytes))
+        recv_exactly(early, early_bytes)
+    pairs = []
+    for _ in range(normal):
+        c = socket.create_connection(("127.0.0.1", port))
+        pairs.append((c, srv.accept()[0]))
+    _drop_synacks(port)
+    clients = _connect_nonblocking(port, unseen)
+    _until("SYN_SENT", lambda: all(tcp_info(c)["state"] == 2 for c in clients))
+    names = _detach(source, "set_state")
+    _lift()
+    _until("ESTABLISHED", lambda: all(tcp_info(c)["state"] == 1 for c in clients))
+    servers = [srv.accept()[0] for _ in range(unseen)]
+    by_port = {s.getpeername()[1]: s for s in servers}
+    unseen_pairs = [(c, by_port[c.getsockname()[1]]) for c in clients]
+    _reattach(source, names)
+    half = unseen // 2
+    closed = [_echo_and_close(c, s, size) for c, s in unseen_pairs[:half]]  # found at their close
+    pipeline.refresh(timeout=60.0)  # an iterator pass finds the others  # type: ignore[union-attr]
+    closed += [_echo_and_close(c, s, size) for c, s in unseen_pairs[half:] + pairs]
+    for sock in (early, early_server, adopted, adopted_server):
+        sock.close()
+    srv.close()
+    settle()
+    return {"points": tel.points(), "mib": mib_delta(before, mib()), "detached": names,
+            "normal": normal, "unseen": unseen, "size": size, "closed": closed,
+            "attached": list(source.attached), "claiming": source.claiming, "early_bytes": early_bytes}
+
+
+@scenario
+def unseen_synacks() -> Dict[str, Any]:
+    """SYN-ACK retransmits while the SYN-ACK retransmit programs are detached, then attached.
+
+    The clients' SYN-ACKs are dropped: the listener retransmits them (on its timer, and
+    for each retransmitted SYN) for about 4.5 s, with no program run for the first 2.3 s,
+    then the drop is lifted and the connections carry a little traffic and close."""
+    setup_netns()
+    port, n = 5592, 4
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", port))
+    srv.listen(64)
+    tel = Telemetry(sample_interval=10)
+    source = tel.instrumentor.pipeline.source  # type: ignore[union-attr]
+    before = mib()
+    _drop_synacks(port)
+    names = _detach(source, "retransmit_synack")
+    clients = _connect_nonblocking(port, n)
+    time.sleep(2.3)
+    # SYN-ACK retransmits so far: the namespace's SYN retransmits less the clients' SYNs
+    client_syns = sum(tcp_info(c)["total_retrans"] for c in clients)
+    unseen = mib_delta(before, mib())["TcpExt.TCPSynRetrans"] - client_syns
+    _reattach(source, names)
+    time.sleep(2.2)
+    _lift()
+    _until("ESTABLISHED", lambda: all(tcp_info(c)["state"] == 1 for c in clients))
+    servers = [srv.accept()[0] for _ in range(n)]
+    by_port = {s.getpeername()[1]: s for s in servers}
+    closed = [_echo_and_close(c, by_port[c.getsockname()[1]], 1000) for c in clients]
+    srv.close()
+    settle()
+    return {"points": tel.points(), "mib": mib_delta(before, mib()), "detached": names,
+            "unseen": unseen, "closed": closed, "connections": n}
 
 
 @scenario

@@ -412,3 +412,33 @@ def test_reads_that_hold_the_gil_call_the_same_libbpf_functions_through_pydll():
         assert getattr(held, name).restype == getattr(lib, name).restype
     assert _libbpf.Map(lib, 0, "m", hold_gil=True)._read is held
     assert _libbpf.Map(lib, 0, "m")._read is lib
+
+
+def test_synack_counts_of_requests_gone_for_their_lifetime_are_pruned_and_no_others():
+    """The reader forgets a request's SYN-ACK count only once its last retransmit is older than a
+    request can live; younger ones (a handshake that may still complete) stay."""
+    now = 10 * _kernel.SYNACK_LIFE_NS
+    ages = {1: _kernel.SYNACK_LIFE_NS + 1, 2: _kernel.SYNACK_LIFE_NS, 3: 5, 4: 3 * _kernel.SYNACK_LIFE_NS}
+    keys = [_records.CSynackKey(peer_port=p, local_port=80, netns=7) for p in ages]
+    values = [_records.CSynackCount(last_ns=now - ages[k.peer_port], segs=2) for k in keys]
+    deleted: List[int] = []
+
+    class Synacks:
+        def batches(self, key_type: Any, value_type: Any, chunk: int = 256) -> Any:
+            assert (key_type, value_type) == (_records.CSynackKey, _records.CSynackCount)
+            yield b"".join(bytes(k) for k in keys[:3]), b"".join(bytes(v) for v in values[:3])
+            yield bytes(keys[3]), bytes(values[3])
+
+        def delete(self, key: Any) -> None:
+            assert key.local_port == 80 and key.netns == 7
+            deleted.append(key.peer_port)
+
+    class Obj:
+        def map(self, name: str, hold_gil: bool = False) -> Synacks:
+            assert name == "synacks", name
+            return Synacks()
+
+    source = _kernel.KernelSource()
+    source._obj = Obj()  # type: ignore[assignment]
+    source._prune_synacks(now)
+    assert sorted(deleted) == [1, 4]

@@ -198,6 +198,8 @@ def test_the_kernel_enums_match_the_names():
         "STAT_FLOWS_FOLDED",
         "STAT_SYN_WAIT_MISSED",
         "STAT_RETRANS_UNSEEN",
+        "STAT_HANDSHAKE_UNSEEN",
+        "STAT_SYNACKS_FULL",
         "STAT_MAX",
         "HOOK_SET_STATE",
         "HOOK_DESTROY_SOCK",
