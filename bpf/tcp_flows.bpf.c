@@ -995,6 +995,21 @@ static __always_inline void late_established(int direct, const struct tcp_sock *
 }
 
 /*
+ * late_established() as a global function, which the verifier checks once
+ * rather than in every program and path that may find such a connection (see
+ * attempt_error()): the socket passed as a number, read with probe reads,
+ * its state looked up again. Rare: once per connection at most.
+ */
+__noinline int late_established_at(__u64 skp, __u64 now, int state)
+{
+	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
+
+	if (st)
+		late_established(READ_PROBE, (const struct tcp_sock *)skp, st, now, state);
+	return 0;
+}
+
+/*
  * attempt_error() and final_close_reason() are global functions, not inlined: the
  * verifier checks each once and sees its result as any value, where an inlined
  * copy hands each constant it can return to the rest of the close path (an
@@ -1116,7 +1131,7 @@ static __always_inline bool on_close(int direct, const struct sock *sk, struct s
 	if (!(st->flags & SF_ESTABLISHED) &&
 	    (oldstate >= 0 ? established_state(oldstate) :
 	     st->key.role == FLOW_ROLE_CLIENT ? RD(direct, tp, bytes_acked) != 0 : st->srtt_us != 0))
-		late_established(direct, tp, st, st->closed_ns, oldstate);
+		late_established_at(opaque((__u64)sk), st->closed_ns, oldstate);
 	if (!(st->flags & SF_ESTABLISHED)) {
 		/* A client attempt that never completed; an embryonic server
 		 * socket is simply forgotten. */
@@ -1229,7 +1244,7 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 			peer_key(direct, &key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
 			st = track(direct, sk, &key, 0, now);
 			if (st)
-				on_close(direct, sk, st, &c, oldstate);
+				goto close;	/* one copy of on_close() in the program */
 		}
 		return 0;
 	}
@@ -1250,6 +1265,7 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 		forget(direct, sk, st);
 		return 0;
 	}
+close:
 	if (!(st->flags & SF_CLOSED))
 		on_close(direct, sk, st, &c, oldstate);
 	return 0;
@@ -1504,7 +1520,7 @@ static __always_inline struct sock_state *adopt_accepted(int direct, const struc
 	if (!st)
 		return NULL;
 	if (unseen) {
-		late_established(direct, tp, st, st->start_ns, state);
+		late_established_at(opaque((__u64)sk), st->start_ns, state);
 	} else {
 		st->flags |= SF_ESTABLISHED;
 		st->established_ns = st->start_ns;
@@ -1542,7 +1558,7 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 		int state = RD(direct, sk, __sk_common.skc_state);
 
 		if (established_state(state))	/* its ESTABLISHED went unseen */
-			late_established(direct, tp, st, bpf_ktime_get_ns(), state);
+			late_established_at(opaque((__u64)sk), bpf_ktime_get_ns(), state);
 	}
 	if (st->flags & SF_PENDING)
 		claim(direct, st, tp, tid);
@@ -1711,7 +1727,7 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 			st = track(true, sk, &key, 0, now);
 			if (!st)
 				return 0;
-			late_established(true, tp, st, now, state);
+			late_established_at(opaque((__u64)sk), now, state);
 			goto sample;	/* and counted from the start, below */
 		} else if (state == TCP_LISTEN) {
 			struct listener_key lk = { .netns = sk_netns(true, sk), .port = sk->__sk_common.skc_num };
@@ -1761,7 +1777,7 @@ sample:
 	}
 	/* a connection whose ESTABLISHED no program ran for */
 	if (!(st->flags & (SF_ESTABLISHED | SF_CLOSED)) && established_state(sk->__sk_common.skc_state))
-		late_established(true, tp, st, now, sk->__sk_common.skc_state);
+		late_established_at(opaque((__u64)sk), now, sk->__sk_common.skc_state);
 	if (!(st->flags & SF_ESTABLISHED) || (st->flags & (SF_CLOSED | SF_PENDING)))
 		return 0;
 	{
