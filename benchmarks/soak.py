@@ -102,6 +102,16 @@ def memory_verdict(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
                          "(median of the last third of the samples against the first third)"}
 
 
+def child_sockets_discarded(tel: Telemetry) -> int:
+    """Sockets created for requests on this process's listeners and closed before ESTABLISHED."""
+    from otel_ebpf_flows import _records
+
+    source = tel.instrumentor.pipeline.source  # type: ignore[union-attr]
+    value = ctypes.c_uint64()
+    source._require().map("stats").lookup(ctypes.c_uint32(_records.STAT_CHILD_DISCARDED), value)
+    return value.value
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--duration", type=float, default=600)
@@ -222,14 +232,19 @@ def main() -> None:
         "events.lost.by_probe": {p["attrs"]["ebpf_flows.probe.name"]: p["value"] for p in points
                                  if p["name"] == "ebpf_flows.probe.events.lost" and p["value"]},
     }
+    # PassiveOpens counts every socket the kernel created for a request; one it closed
+    # before ESTABLISHED (the loser of two CPUs completing the same request) completed
+    # no handshake. The probes count those too (a kernel-side statistic, not telemetry).
+    discarded = child_sockets_discarded(tel) if tel is not None else 0
     kernel = {
         "attempts.client": delta["Tcp.ActiveOpens"],
-        "attempts.server": delta["Tcp.PassiveOpens"],
+        "attempts.server": delta["Tcp.PassiveOpens"] - discarded,
         "retransmits": delta["Tcp.RetransSegs"],
     }
     result = {
         "duration_s": round(time.monotonic() - start), "loss_percent": args.loss, "instrumented": tel is not None,
         "done": done, "exported": exported, "kernel": kernel,
+        "passive_opens": delta["Tcp.PassiveOpens"], "children_discarded_before_established": discarded,
         "reconciled": {k: exported[k] == v for k, v in kernel.items()} if tel is not None else {},
         "memory": memory, "samples": samples,
     }

@@ -1138,6 +1138,8 @@ static __always_inline bool on_close(int direct, const struct sock *sk, struct s
 		if (st->key.role == FLOW_ROLE_CLIENT) {
 			sync_retrans(RD(direct, tp, total_retrans), st, 0, cp);	/* SYNs */
 			COUNT_INTO(cp, &st->key, attempts_failed[attempt_error(st->err, st->retrans_segs) & 7], 1);
+		} else if (!(st->flags & SF_PENDING)) {
+			stat_inc(STAT_CHILD_DISCARDED);
 		}
 		forget(direct, sk, st);
 		return true;

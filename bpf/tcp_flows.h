@@ -150,7 +150,11 @@ enum probe_stat {
 	STAT_HANDSHAKE_UNSEEN = 7,	/* connections found established whose ESTABLISHED no
 					 * program ran for (and counted then) */
 	STAT_SYNACKS_FULL = 8,		/* a request's SYN-ACK retransmit not kept in synacks */
-	STAT_MAX = 9,
+	STAT_CHILD_DISCARDED = 9,	/* a socket created for a request on our listener (counted
+					 * in Tcp.PassiveOpens) closed before ESTABLISHED, e.g. the
+					 * loser of two CPUs completing the same request: no
+					 * handshake completed, nothing lost (reconciliation only) */
+	STAT_MAX = 10,
 };
 
 /* synacks map: the SYN-ACK retransmits counted for one connection request,

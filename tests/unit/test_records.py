@@ -200,6 +200,7 @@ def test_the_kernel_enums_match_the_names():
         "STAT_RETRANS_UNSEEN",
         "STAT_HANDSHAKE_UNSEEN",
         "STAT_SYNACKS_FULL",
+        "STAT_CHILD_DISCARDED",
         "STAT_MAX",
         "HOOK_SET_STATE",
         "HOOK_DESTROY_SOCK",
