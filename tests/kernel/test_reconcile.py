@@ -263,3 +263,18 @@ def test_raw_tp_fallback_counts_the_same(run_scenario):
     assert c["client:5574"]["bytes_tx"] == sum(r["tcpi_bytes"]) == 15000
     assert c["client:5575"]["refused"] == 1 == r["mib"]["Tcp.AttemptFails"]
     assert r["mib"]["Tcp.ActiveOpens"] == 4
+
+
+def test_a_child_closed_before_established_is_no_completed_handshake(run_scenario):
+    # PassiveOpens counts a socket the kernel created for a request even if it never
+    # becomes established; the probes count such children apart (the soak's
+    # reconciliation: server attempts = PassiveOpens - discarded children)
+    r = run_scenario("discarded_child")
+    mib, rows = r["mib"], r["points"]
+    assert r["saw_syn_recv"] and mib["TcpExt.TCPFastOpenPassive"] == 1, "no Fast Open child: no test"
+    assert mib["Tcp.PassiveOpens"] == 1
+    assert r["discarded"] == 1
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == mib["Tcp.PassiveOpens"] - r["discarded"] == 0
+    assert total(rows, CLOSES, ebpf_flows__tcp__role="server") == 0
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client") == mib["Tcp.ActiveOpens"] == 1
+    assert total(rows, ACTIVE) == 0

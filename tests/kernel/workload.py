@@ -7,6 +7,7 @@ JSON line: the exported metric points and the kernel's ground truth.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import socket
 import struct
@@ -488,6 +489,51 @@ def bytes_rtt_wscale() -> Dict[str, Any]:
     s.close()
     finish(echo)
     return {"first": first, "second": second, "info": info, "base": base, "sent": sent}
+
+
+@scenario
+def discarded_child() -> Dict[str, Any]:
+    """A socket the kernel creates for a request and closes before ESTABLISHED.
+
+    A TCP Fast Open child is created at the SYN (SYN_RECV, counted in PassiveOpens
+    then); with every segment but the SYN dropped on the way to the server, the
+    client's ACK never arrives and the child closes when its SYN-ACK retries run out.
+    """
+    setup_netns({"net.ipv4.tcp_fastopen": str(0x203), "net.ipv4.tcp_synack_retries": "1"})
+    tel = Telemetry()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 5591))
+    srv.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 8)
+    srv.listen(8)
+    nft(
+        "add table inet tfo",
+        "add chain inet tfo input { type filter hook input priority 0; }",
+        "add rule inet tfo input tcp dport 5591 tcp flags != syn counter drop",
+    )
+    before = mib()
+    client = socket.socket()
+    client.sendto(b"hello", socket.MSG_FASTOPEN, ("127.0.0.1", 5591))
+    deadline = time.monotonic() + 30
+    saw_syn_recv = False
+    while time.monotonic() < deadline:  # until the child is gone
+        with open("/proc/net/tcp") as f:
+            states = [line.split()[3] for line in f if line.split()[1].endswith(f":{5591:04X}")]
+        saw_syn_recv = saw_syn_recv or "03" in states
+        if saw_syn_recv and "03" not in states:
+            break
+        time.sleep(0.05)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    srv.close()
+    settle()
+    points = tel.points()
+    from otel_ebpf_flows import _records
+
+    stats = tel.instrumentor.pipeline.source._require().map("stats")  # type: ignore[union-attr]
+    discarded = ctypes.c_uint64()
+    stats.lookup(ctypes.c_uint32(_records.STAT_CHILD_DISCARDED), discarded)
+    return {"points": points, "mib": mib_delta(before, mib()), "saw_syn_recv": saw_syn_recv,
+            "discarded": discarded.value}
 
 
 @scenario
