@@ -126,6 +126,18 @@ static __always_inline __u32 listen_slot(__u16 port)
 	return ((__u32)port * 0x9E3779B1U) >> (32 - LISTEN_SLOTS_LOG2);
 }
 
+/*
+ * The filter slot a typed program maintains for `sk`, NO_SLOT for raw_tp. A
+ * global function (probe reads, the socket passed as a number, which cannot
+ * be hashed as a typed pointer is) takes the slot from its caller instead.
+ */
+#define NO_SLOT 0xffffffffU
+
+static __always_inline __u32 filter_slot(int direct, const void *sk)
+{
+	return direct ? owned_slot(sk) : NO_SLOT;
+}
+
 static __always_inline bool maybe_tracked(int direct, const void *sk)
 {
 	return !direct || owned_filter[owned_slot(sk)] != 0;
@@ -381,6 +393,18 @@ extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
 
 #define CAST(type, ptr) ((type *)bpf_rdonly_cast((ptr), bpf_core_type_id_kernel(type)))
 
+/*
+ * Global functions (__noinline, not static) are verified once per program,
+ * not once per path that reaches them; they take a socket as a number, which
+ * each reads as its mode says: a _cast copy (READ_CAST: a typed read-only
+ * view, plain loads; for the programs that have bpf_rdonly_cast) and a plain
+ * one with probe reads (for the rest). A program calls its own mode's copy.
+ */
+#define SOCK_VIEW(mode, skp)                                                    \
+	((mode) == READ_CAST ? CAST(const struct sock, (void *)(skp)) : (const struct sock *)(skp))
+#define CALL_AT(direct, name, ...)                                              \
+	((direct) == READ_CAST ? name##_cast(__VA_ARGS__) : name(__VA_ARGS__))
+
 #define RD(direct, src, a, ...)                                                 \
 	((direct) ? ___arrow((src), a, ##__VA_ARGS__) : BPF_CORE_READ((src), a, ##__VA_ARGS__))
 #define RD_BITFIELD(direct, src, field)                                         \
@@ -491,17 +515,16 @@ static __always_inline void peer_key(int direct, struct flow_key *k, const struc
 		k->port = local_port;
 }
 
-static __always_inline struct sock_state *track(int direct, const struct sock *sk, const struct flow_key *key,
-						__u16 flags, __u64 now)
+static __always_inline struct sock_state *track_in(int direct, __u32 slot, const struct sock *sk,
+						   const struct flow_key *key, __u16 flags, __u64 now)
 {
 	__u64 skp = (__u64)sk;
-	__u32 slot = direct ? owned_slot(sk) : 0;
 	struct sock_state *st;
 
-	if (direct)	/* before the insert: see owned_filter */
+	if (slot < (1 << OWNED_SLOTS_LOG2))	/* before the insert: see owned_filter */
 		__sync_fetch_and_add(&owned_filter[slot], 1);
 	if (bpf_map_update_elem(&socks, &skp, &zero_state, BPF_NOEXIST)) {
-		if (direct)
+		if (slot < (1 << OWNED_SLOTS_LOG2))
 			__sync_fetch_and_sub(&owned_filter[slot], 1);
 		stat_inc(STAT_SOCKS_FULL);
 		return NULL;
@@ -516,6 +539,12 @@ static __always_inline struct sock_state *track(int direct, const struct sock *s
 	st->netns = sk_netns(direct, sk);
 	st->conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
 	return st;
+}
+
+static __always_inline struct sock_state *track(int direct, const struct sock *sk, const struct flow_key *key,
+						__u16 flags, __u64 now)
+{
+	return track_in(direct, filter_slot(direct, sk), sk, key, flags, now);
 }
 
 static __always_inline void fill_event(struct flow_event *e, const struct sock_state *st, __u8 kind,
@@ -997,17 +1026,21 @@ static __always_inline void late_established(int direct, const struct tcp_sock *
 /*
  * late_established() as a global function, which the verifier checks once
  * rather than in every program and path that may find such a connection (see
- * attempt_error()): the socket passed as a number, read with probe reads,
- * its state looked up again. Rare: once per connection at most.
+ * attempt_error()): the socket passed as a number (see SOCK_VIEW), its state
+ * looked up again. Rare: once per connection at most.
  */
-__noinline int late_established_at(__u64 skp, __u64 now, int state)
-{
-	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
-
-	if (st)
-		late_established(READ_PROBE, (const struct tcp_sock *)skp, st, now, state);
-	return 0;
+#define LATE_ESTABLISHED_AT(suffix, mode)                                              \
+__noinline int late_established_at##suffix(__u64 skp, __u64 now, int state)            \
+{                                                                                      \
+	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);                     \
+	const struct tcp_sock *tp = tcp_of(mode, SOCK_VIEW(mode, skp));                 \
+                                                                                       \
+	if (st && tp)                                                                  \
+		late_established(mode, tp, st, now, state);                            \
+	return 0;                                                                      \
 }
+LATE_ESTABLISHED_AT(, READ_PROBE)
+LATE_ESTABLISHED_AT(_cast, READ_CAST)
 
 /*
  * attempt_error() and final_close_reason() are global functions, not inlined: the
@@ -1066,7 +1099,7 @@ static __always_inline void finalize_close(struct sock_state *st, struct flow_co
 	       st->closed_ns - st->established_ns);
 }
 
-static __always_inline void forget(int direct, const struct sock *sk, struct sock_state *st)
+static __always_inline void forget_in(__u32 slot, const struct sock *sk, struct sock_state *st)
 {
 	__u64 skp = (__u64)sk;
 
@@ -1082,8 +1115,14 @@ static __always_inline void forget(int direct, const struct sock *sk, struct soc
 	if (st->flags & SF_OUR_ZERO_WIN)
 		__sync_fetch_and_sub(&zero_win_marks, 1);
 	st->flags &= ~(SF_PEER_ZERO_WIN | SF_OUR_ZERO_WIN);
-	if (!bpf_map_delete_elem(&socks, &skp) && direct)	/* after the delete: see owned_filter */
-		__sync_fetch_and_sub(&owned_filter[owned_slot(sk)], 1);
+	/* after the delete: see owned_filter */
+	if (!bpf_map_delete_elem(&socks, &skp) && slot < (1 << OWNED_SLOTS_LOG2))
+		__sync_fetch_and_sub(&owned_filter[slot], 1);
+}
+
+static __always_inline void forget(int direct, const struct sock *sk, struct sock_state *st)
+{
+	forget_in(filter_slot(direct, sk), sk, st);
 }
 
 static __always_inline void listener_drops(int direct, const struct sock *sk, struct sock_state *st)
@@ -1113,7 +1152,7 @@ static __always_inline void count_closed(int direct, const struct tcp_sock *tp, 
 
 /* The socket reached CLOSE from `oldstate` (or, if that transition was skipped, is destroyed:
  * -1); true if it is forgotten. */
-static __always_inline bool on_close(int direct, const struct sock *sk, struct sock_state *st,
+static __always_inline bool on_close(int direct, __u32 slot, const struct sock *sk, struct sock_state *st,
 				     struct flow_counters **cp, int oldstate)
 {
 	const struct tcp_sock *tp = tcp_of(direct, sk);
@@ -1131,7 +1170,7 @@ static __always_inline bool on_close(int direct, const struct sock *sk, struct s
 	if (!(st->flags & SF_ESTABLISHED) &&
 	    (oldstate >= 0 ? established_state(oldstate) :
 	     st->key.role == FLOW_ROLE_CLIENT ? RD(direct, tp, bytes_acked) != 0 : st->srtt_us != 0))
-		late_established_at(opaque((__u64)sk), st->closed_ns, oldstate);
+		CALL_AT(direct, late_established_at, opaque((__u64)sk), st->closed_ns, oldstate);
 	if (!(st->flags & SF_ESTABLISHED)) {
 		/* A client attempt that never completed; an embryonic server
 		 * socket is simply forgotten. */
@@ -1141,7 +1180,7 @@ static __always_inline bool on_close(int direct, const struct sock *sk, struct s
 		} else if (!(st->flags & SF_PENDING)) {
 			stat_inc(STAT_CHILD_DISCARDED);
 		}
-		forget(direct, sk, st);
+		forget_in(slot, sk, st);
 		return true;
 	}
 	if (st->flags & SF_PENDING)
@@ -1154,11 +1193,56 @@ static __always_inline bool on_close(int direct, const struct sock *sk, struct s
 	if (sk_flags & (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DEAD))) {
 		if (!(st->flags & SF_FINAL))
 			finalize_close(st, cp);
-		forget(direct, sk, st);
+		forget_in(slot, sk, st);
 		return true;
 	}
 	return false;
 }
+
+/*
+ * on_close() as a global function: once per connection, checked once per
+ * program rather than on each path to it. Returns 1 if the socket was forgotten.
+ *
+ * closed_unseen_at(): CLOSE of an established socket we do not track: one
+ * accepted on our listener whose handshake no program saw, unless it predates
+ * the probes. Not in claim mode: whose it is, only a claim says.
+ */
+#define CLOSE_AT(suffix, mode)                                                          \
+__noinline int on_close_at##suffix(__u64 skp, int oldstate, __u32 slot)                 \
+{                                                                                       \
+	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);                      \
+	struct flow_counters *c = NULL;                                                 \
+                                                                                        \
+	if (!st)                                                                        \
+		return 1;                                                               \
+	return on_close(mode, slot, SOCK_VIEW(mode, skp), st, &c, oldstate);            \
+}                                                                                       \
+                                                                                        \
+__noinline int closed_unseen_at##suffix(__u64 skp, int oldstate, __u32 slot)            \
+{                                                                                       \
+	const struct sock *sk = SOCK_VIEW(mode, skp);                                   \
+	struct listener_key lk = {};                                                    \
+	const struct tcp_sock *tp;                                                      \
+	struct flow_key key;                                                            \
+                                                                                        \
+	tp = tcp_of(mode, sk);                                                          \
+	if (!tp)                                                                        \
+		return 0;                                                               \
+	/* skc_num is 0 now */                                                          \
+	lk.port = bpf_ntohs(RD(mode, tp, inet_conn.icsk_inet.inet_sport));              \
+	if (!listen_filter[listen_slot(lk.port)])                                       \
+		return 0;                                                               \
+	lk.netns = sk_netns(mode, sk);                                                  \
+	if (!bpf_map_lookup_elem(&listeners, &lk) || control_on(CONTROL_CLAIM) ||       \
+	    preexisting_sock(mode, sk))                                                 \
+		return 0;                                                               \
+	peer_key(mode, &key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);              \
+	if (track_in(mode, slot, sk, &key, 0, bpf_ktime_get_ns()))                      \
+		on_close_at##suffix(skp, oldstate, slot);                               \
+	return 0;                                                                       \
+}
+CLOSE_AT(, READ_PROBE)
+CLOSE_AT(_cast, READ_CAST)
 
 static __always_inline int handle_set_state(int direct, const struct sock *sk, int oldstate,
 					    int newstate)
@@ -1166,7 +1250,6 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 	__u64 skp = (__u64)sk;
 	const struct tcp_sock *tp;
 	struct sock_state *st;
-	struct flow_counters *c = NULL;
 	struct flow_key key;
 	__u64 now;
 
@@ -1227,26 +1310,7 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 				bpf_map_update_elem(&evicted, &skp, &id, BPF_ANY);
 			}
 		} else {
-			/* CLOSE of an established socket we do not track: one accepted on
-			 * our listener whose handshake no program saw, unless it predates
-			 * the probes. Not in claim mode: whose it is, only a claim says. */
-			struct listener_key lk = {};
-
-			tp = tcp_of(direct, sk);
-			if (!tp)
-				return 0;
-			lk.port = bpf_ntohs(RD(direct, tp, inet_conn.icsk_inet.inet_sport));	/* skc_num is 0 now */
-			if (!listen_filter[listen_slot(lk.port)])
-				return 0;
-			lk.netns = sk_netns(direct, sk);
-			if (!bpf_map_lookup_elem(&listeners, &lk) || control_on(CONTROL_CLAIM) ||
-			    preexisting_sock(direct, sk))
-				return 0;
-			now = bpf_ktime_get_ns();
-			peer_key(direct, &key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
-			st = track(direct, sk, &key, 0, now);
-			if (st)
-				goto close;	/* one copy of on_close() in the program */
+			CALL_AT(direct, closed_unseen_at, opaque(skp), oldstate, filter_slot(direct, sk));
 		}
 		return 0;
 	}
@@ -1267,9 +1331,8 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 		forget(direct, sk, st);
 		return 0;
 	}
-close:
 	if (!(st->flags & SF_CLOSED))
-		on_close(direct, sk, st, &c, oldstate);
+		CALL_AT(direct, on_close_at, opaque(skp), oldstate, filter_slot(direct, sk));
 	return 0;
 }
 
@@ -1284,7 +1347,10 @@ static __always_inline int handle_destroy(int direct, const struct sock *sk)
 		/* Its CLOSE transition was skipped (see NESTED). The socket is dead
 		 * here (inet_csk_destroy_sock), so on_close() mostly finalises and
 		 * forgets it itself; what it leaves is settled below. */
-		if (on_close(direct, sk, st, &c, -1))
+		if (CALL_AT(direct, on_close_at, opaque((__u64)sk), -1, filter_slot(direct, sk)))
+			return 0;
+		st = tracked(direct, sk);
+		if (!st)
 			return 0;
 	}
 	if ((st->flags & SF_CLOSED) && !(st->flags & (SF_FINAL | SF_PENDING)))
@@ -1485,7 +1551,7 @@ static __always_inline void claim(int direct, struct sock_state *st, const struc
  * unless the parent counted it before the fork. In claim mode it is pending
  * (claimed by the caller).
  */
-static __always_inline struct sock_state *adopt_accepted(int direct, const struct sock *sk)
+static __always_inline struct sock_state *adopt_accepted(int direct, __u32 slot, const struct sock *sk)
 {
 	struct listener_key lk = {};
 	struct sock_state *st;
@@ -1518,17 +1584,41 @@ static __always_inline struct sock_state *adopt_accepted(int direct, const struc
 	if (!tp)
 		return NULL;
 	peer_key(direct, &key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);
-	st = track(direct, sk, &key, claiming ? SF_PENDING : 0, bpf_ktime_get_ns());
+	st = track_in(direct, slot, sk, &key, claiming ? SF_PENDING : 0, bpf_ktime_get_ns());
 	if (!st)
 		return NULL;
 	if (unseen) {
-		late_established_at(opaque((__u64)sk), st->start_ns, state);
+		CALL_AT(direct, late_established_at, opaque((__u64)sk), st->start_ns, state);
 	} else {
 		st->flags |= SF_ESTABLISHED;
 		st->established_ns = st->start_ns;
 	}
 	return st;
 }
+
+/*
+ * adopt_accepted() and claim() as global functions (see SOCK_VIEW): rare
+ * paths, at most once per connection, which the verifier then checks once per
+ * program instead of on every path of the send and receive programs.
+ * adopt_accepted_at() returns whether the socket is tracked now.
+ */
+#define ADOPT_AT(suffix, mode)                                                          \
+__noinline int adopt_accepted_at##suffix(__u64 skp, __u32 slot)                         \
+{                                                                                       \
+	return adopt_accepted(mode, slot, SOCK_VIEW(mode, skp)) != NULL;                \
+}                                                                                       \
+                                                                                        \
+__noinline int claim_at##suffix(__u64 skp, __u32 tid)                                   \
+{                                                                                       \
+	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);                      \
+	const struct tcp_sock *tp = tcp_of(mode, SOCK_VIEW(mode, skp));                  \
+                                                                                        \
+	if (st && tp)                                                                   \
+		claim(mode, st, tp, tid);                                               \
+	return 0;                                                                       \
+}
+ADOPT_AT(, READ_PROBE)
+ADOPT_AT(_cast, READ_CAST)
 
 /*
  * A send or receive by a thread (process context), on every TCP socket of the
@@ -1547,8 +1637,8 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 	if (!sk)
 		return 0;
 	st = tracked(direct, sk);
-	if (!st)
-		st = adopt_accepted(direct, sk);
+	if (!st && CALL_AT(direct, adopt_accepted_at, opaque((__u64)sk), filter_slot(direct, sk)))
+		st = tracked(direct, sk);
 	if (!st || (st->flags & SF_LISTENER) || !(span_mode || (st->flags & SF_PENDING)) ||
 	    !owned_by_target())
 		return 0;
@@ -1560,10 +1650,10 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 		int state = RD(direct, sk, __sk_common.skc_state);
 
 		if (established_state(state))	/* its ESTABLISHED went unseen */
-			late_established_at(opaque((__u64)sk), bpf_ktime_get_ns(), state);
+			CALL_AT(direct, late_established_at, opaque((__u64)sk), bpf_ktime_get_ns(), state);
 	}
 	if (st->flags & SF_PENDING)
-		claim(direct, st, tp, tid);
+		CALL_AT(direct, claim_at, opaque((__u64)sk), tid);
 	if (!span_mode)
 		return 0;
 	st->last_tid = tid;

@@ -343,6 +343,7 @@ class KernelSource:
         check_environment()
         self._on_event = on_event
         path = verify_object()
+        _libbpf.prefetch_tracepoint_arities(ARITY_TRACEPOINTS)  # overlaps the object's open
         if self._host_wide:  # room for every socket now open (and some that open meanwhile)
             self._max_seeds = max(MAX_SEEDS, min(MAX_HOST_SEEDS, 2 * len(all_socket_inodes())))
         err: Optional[BpfError] = None

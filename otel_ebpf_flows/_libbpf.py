@@ -161,11 +161,16 @@ def load_library() -> ctypes.CDLL:
     with _lib_lock:
         if _lib is not None:
             return _lib
-        name = ctypes.util.find_library("bpf")
-        candidates = [name] if name else []
-        candidates += ["libbpf.so.1", "libbpf.so"]
+        # libbpf.so.1 first: its soname promises 1.x, and dlopen() finds it without
+        # find_library(), which runs `ldconfig -p` in a subprocess (a few ms)
+        candidates = ["libbpf.so.1"]
         lib = None
-        for candidate in candidates:
+        try:
+            lib = ctypes.CDLL(candidates[0], use_errno=True)
+        except OSError:
+            name = ctypes.util.find_library("bpf")
+            candidates = ([name] if name else []) + ["libbpf.so"]
+        for candidate in candidates if lib is None else ():
             try:
                 lib = ctypes.CDLL(candidate, use_errno=True)
                 break
@@ -265,6 +270,35 @@ def vmlinux_tracepoint_arities(names: Iterable[str]) -> Dict[str, Optional[int]]
             finally:
                 lib.btf__free(btf)
         return {name: _arities[name] for name in wanted}
+
+
+def prefetch_tracepoint_arities(names: Iterable[str]) -> None:
+    """Start parsing vmlinux BTF for :func:`vmlinux_tracepoint_arities` on a short-lived thread.
+
+    The parse (15-30 ms, in libbpf: the GIL is released) then overlaps the caller's
+    own start-up work; a later :func:`vmlinux_tracepoint_arities` waits for it on
+    the lock rather than parsing again.
+    """
+    wanted = tuple(names)
+    if all(name in _arities for name in wanted):
+        return
+
+    def parse() -> None:
+        try:
+            vmlinux_tracepoint_arities(wanted)
+        except Exception:  # pragma: no cover - the caller's own call reports it
+            pass
+
+    threading.Thread(target=parse, name="otel-ebpf-flows-btf", daemon=True).start()
+
+
+def _reset_arities_lock() -> None:
+    """In a forked child: the parent's parsing thread, which may have held the lock, is gone."""
+    global _arities_lock
+    _arities_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_arities_lock)
 
 
 def vmlinux_tracepoint_arity(name: str) -> Optional[int]:

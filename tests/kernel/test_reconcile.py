@@ -74,6 +74,9 @@ def test_handshakes_no_probe_ran_for_are_counted_on_both_ends(run_scenario, mode
     assert total(rows, CLOSES, ebpf_flows__tcp__close__reason="normal") == 2 * n + 3
     assert total(rows, CLOSES) == 2 * n + 3
     assert total(rows, ACTIVE) == 0
+    # every socket taken on (by the programs or their global functions) was forgotten, and
+    # the owned-socket filter counted each in and out: nothing tracked, nothing left counted
+    assert r["balance"] == {"filter": 0, "tracked": 0}, r["balance"]
     # payload bytes from the start of each connection, both ends, both directions (and what the
     # queued pre-existing connection carried, on its adopted client end only)
     for role, extra in (("client", r["early_bytes"]), ("server", 0)):
@@ -112,6 +115,7 @@ def test_synack_retransmits_no_probe_ran_for_are_counted_from_the_accepted_socke
     assert total(rows, RETRANS) == mib["Tcp.RetransSegs"] == mib["TcpExt.TCPSynRetrans"] == server + client
     unseen = total(rows, "ebpf_flows.probe.events.lost", ebpf_flows__probe__name="tcp_flows.unseen_retransmit")
     assert r["unseen"] <= unseen <= server, (r["unseen"], unseen, server)
+    assert r["balance"] == {"filter": 0, "tracked": 0}, r["balance"]
     assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == r["connections"] == mib["Tcp.PassiveOpens"]
 
 

@@ -52,6 +52,26 @@ def wait_closed(sock: socket.socket, timeout: float = 30) -> Dict[str, int]:
         time.sleep(0.01)
 
 
+def filter_balance(source: Any) -> Dict[str, int]:
+    """The owned-socket filter's slots summed, and the sockets tracked: equal once the programs are quiet.
+
+    Every socket the typed programs take on adds one to its slot of the filter and every
+    one they forget takes it off, whichever program or global function does it; a slot
+    left counting a forgotten socket makes every later socket hashed there be looked up
+    for nothing, one never counted hides its socket from the programs.
+    """
+    from otel_ebpf_flows import _records
+
+    obj = source._obj
+    offset, size = obj._section_vars(".bss")["owned_filter"]
+    _, bss_size = obj._section_data(".bss")
+    bss = ctypes.create_string_buffer(bss_size)
+    assert obj.map(".bss").lookup(ctypes.c_uint32(0), bss)
+    slots = struct.unpack_from(f"<{size // 4}I", bss.raw, offset)
+    tracked = sum(1 for _ in obj.map("socks").items(ctypes.c_uint64, _records.CSockState))
+    return {"filter": sum(slots), "tracked": tracked}
+
+
 @scenario
 def client_loss() -> Dict[str, Any]:
     """This process is the client over a lossy path to another process's echo server."""
@@ -281,7 +301,8 @@ def _unseen_handshakes(mode: str) -> Dict[str, Any]:
     settle()
     return {"points": tel.points(), "mib": mib_delta(before, mib()), "detached": names,
             "normal": normal, "unseen": unseen, "size": size, "closed": closed,
-            "attached": list(source.attached), "claiming": source.claiming, "early_bytes": early_bytes}
+            "attached": list(source.attached), "claiming": source.claiming, "early_bytes": early_bytes,
+            "balance": filter_balance(source)}
 
 
 @scenario
@@ -316,7 +337,7 @@ def unseen_synacks() -> Dict[str, Any]:
     srv.close()
     settle()
     return {"points": tel.points(), "mib": mib_delta(before, mib()), "detached": names,
-            "unseen": unseen, "closed": closed, "connections": n}
+            "unseen": unseen, "closed": closed, "connections": n, "balance": filter_balance(source)}
 
 
 @scenario
