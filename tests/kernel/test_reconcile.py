@@ -152,6 +152,8 @@ def test_connection_attempts_and_failures(run_scenario):
     assert total(rows, RETRANS, network__peer__port=5559) == mib["TcpExt.TCPSynRetrans"] == mib["Tcp.RetransSegs"] > 0
     # the other process connected to 5560: none of it is ours
     assert not [p for p in rows if p["attrs"].get("network.peer.port") == 5560]
+    # every socket, failed or not, forgotten and counted out of the owned-socket filter
+    assert r["balance"] == {"filter": 0, "tracked": 0}, r["balance"]
 
 
 def test_server_handshakes_and_listen_overflows(run_scenario):
@@ -186,6 +188,7 @@ def test_resets_both_ways(run_scenario):
         total(rows, CLOSES, ebpf_flows__tcp__close__reason="reset_sent")
         + total(rows, CLOSES, ebpf_flows__tcp__close__reason="reset_received"))
     assert total(rows, ATTEMPTS, error__type="refused") == mib["Tcp.AttemptFails"] == 1
+    assert r["balance"] == {"filter": 0, "tracked": 0}, r["balance"]
 
 
 def test_live_bytes_rtt_and_window_scaling(run_scenario):

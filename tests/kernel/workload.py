@@ -426,7 +426,8 @@ def attempts() -> Dict[str, Any]:
     finish(other_echo)
     settle()
     return {"points": tel.points(), "mib": mib_delta(before, mib()), "errors": errors,
-            "ok": ok, "refused": refused, "other_connects": 4}
+            "ok": ok, "refused": refused, "other_connects": 4,
+            "balance": filter_balance(tel.instrumentor.pipeline.source)}
 
 
 @scenario
@@ -486,7 +487,8 @@ def resets() -> Dict[str, Any]:
     finish(rst_peer)
     finish(plain)
     settle()
-    return {"points": tel.points(), "mib": mib_delta(before, mib())}
+    return {"points": tel.points(), "mib": mib_delta(before, mib()),
+            "balance": filter_balance(tel.instrumentor.pipeline.source)}
 
 
 @scenario
