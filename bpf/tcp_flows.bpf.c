@@ -771,12 +771,19 @@ static __always_inline bool established_state(int state)
 	       state == TCP_CLOSE_WAIT || state == TCP_CLOSING || state == TCP_LAST_ACK;
 }
 
-/* Which socket a pointer names: its peer port and IPv4 address, set before
- * SYN_RECV and kept after CLOSE (a later socket at the same address is
- * another connection). */
+/* Which socket a pointer names: its peer port and address (an IPv6 one folded
+ * to 32 bits), set before SYN_RECV and kept after CLOSE (a later socket at the
+ * same address is another connection). */
 static __always_inline __u64 sock_identity(int direct, const struct sock *sk)
 {
-	return ((__u64)RD(direct, sk, __sk_common.skc_dport) << 32) | RD(direct, sk, __sk_common.skc_daddr);
+	__u32 addr = RD(direct, sk, __sk_common.skc_daddr);
+
+	if (RD(direct, sk, __sk_common.skc_family) == AF_INET6)
+		addr = RD(direct, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr32[0]) ^
+		       RD(direct, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr32[1]) ^
+		       RD(direct, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr32[2]) ^
+		       RD(direct, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr32[3]);
+	return ((__u64)RD(direct, sk, __sk_common.skc_dport) << 32) | addr;
 }
 
 /* An untracked socket on our listener that is not to be taken on: established

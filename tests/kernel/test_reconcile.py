@@ -285,3 +285,26 @@ def test_a_child_closed_before_established_is_no_completed_handshake(run_scenari
     assert total(rows, CLOSES, ebpf_flows__tcp__role="server") == 0
     assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client") == mib["Tcp.ActiveOpens"] == 1
     assert total(rows, ACTIVE) == 0
+
+
+def test_ipv6_connections_and_an_ipv4_mapped_peer(run_scenario):
+    """IPv6 on both ends (::1), and an IPv4 client of a dual-stack listener, whose accepted socket is
+    IPv6 with an IPv4-mapped peer: that peer is named as IPv4, as the client end names it."""
+    r = run_scenario("ipv6")
+    rows, mib, n, size = r["points"], r["mib"], r["n"], r["size"]
+    v6 = {"network__type": "ipv6", "network__peer__address": "::1"}
+    v4 = {"network__type": "ipv4", "network__peer__address": "127.0.0.1"}
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client", network__peer__port=5594, **v6) == n
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server", network__local__port=5594, **v6) == n
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client", network__peer__port=5595, **v4) == 1
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server", network__local__port=5595, **v4) == 1
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client") == mib["Tcp.ActiveOpens"] == n + 1
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == mib["Tcp.PassiveOpens"] == n + 1
+    for role in ("client", "server"):
+        for direction in ("transmit", "receive"):
+            assert total(rows, IO, ebpf_flows__tcp__role=role, network__io__direction=direction, **v6) == n * size
+            assert total(rows, IO, ebpf_flows__tcp__role=role, network__io__direction=direction, **v4) == size
+        assert sum(p["count"] for p in points(rows, HANDSHAKE, ebpf_flows__tcp__role=role, **v6)) == n
+    assert total(rows, CLOSES, ebpf_flows__tcp__close__reason="normal") == total(rows, CLOSES) == 2 * (n + 1)
+    assert total(rows, ACTIVE) == 0
+    assert r["balance"] == {"filter": 0, "tracked": 0}, r["balance"]

@@ -515,6 +515,37 @@ def bytes_rtt_wscale() -> Dict[str, Any]:
 
 
 @scenario
+def ipv6() -> Dict[str, Any]:
+    """IPv6 connections with both ends in this process, then an IPv4 client of a dual-stack listener
+    (its accepted socket is an IPv6 socket whose peer is IPv4-mapped)."""
+    setup_netns()
+    n, size = 3, 5000
+    srv = socket.socket(socket.AF_INET6)
+    srv.bind(("::1", 5594))
+    srv.listen(16)
+    dual = socket.socket(socket.AF_INET6)
+    dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    dual.bind(("::", 5595))
+    dual.listen(16)
+    tel = Telemetry()
+    before = mib()
+    for listener, address in [(srv, "::1")] * n + [(dual, "127.0.0.1")]:
+        c = socket.create_connection((address, listener.getsockname()[1]))
+        s, _ = listener.accept()
+        c.sendall(b"x" * size)
+        recv_exactly(s, size)
+        s.sendall(b"y" * size)
+        recv_exactly(c, size)
+        c.close()
+        s.close()
+    srv.close()
+    dual.close()
+    settle()
+    return {"points": tel.points(), "mib": mib_delta(before, mib()), "n": n, "size": size,
+            "balance": filter_balance(tel.instrumentor.pipeline.source)}
+
+
+@scenario
 def discarded_child() -> Dict[str, Any]:
     """A socket the kernel creates for a request and closes before ESTABLISHED.
 
