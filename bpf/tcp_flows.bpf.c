@@ -15,6 +15,8 @@
  *   sock:sock_recv_length      enrichment), and in claim mode which process
  *                              accepted a socket (kernel 6.3+; one program per
  *                              tracepoint for both, attached when either is on)
+ *   skb:kfree_skb              drops charged to one of our listeners that were
+ *                              no overflow (kernel 6.11+: rx_sk), see listener_drops
  *   iter/tcp                   bytes, RTT samples and listen drops of live
  *                              sockets, and adoption of sockets that existed
  *                              before load (run by the reader thread)
@@ -1132,18 +1134,30 @@ static __always_inline void forget(int direct, const struct sock *sk, struct soc
 	forget_in(filter_slot(direct, sk), sk, st);
 }
 
+/*
+ * A listener's overflows: the growth of its sk_drops, less the drops charged
+ * to it that were no overflow. sk_drops grows by one for a SYN dropped because
+ * the accept queue is full (and for a SYN refused for a full SYN queue), by two
+ * for a request whose final ACK finds the accept queue full, and by one for
+ * every segment the kernel discards on the listener's behalf: a repeated SYN or
+ * ACK of a request it holds, an RST or a flagless segment sent to it, a failed
+ * socket filter, IPsec policy or signature check. Each of the latter frees its
+ * segment with skb:kfree_skb naming the listener (rx_sk), as does the final ACK
+ * that overflows; the kfree_skb program below takes those off (st->drops is
+ * what is already accounted for, so they never show as overflows). Without it
+ * (kernels before 6.11) every growth counts. `drops` is updated with a
+ * compare-and-swap: the kfree_skb program may add to it on another CPU.
+ */
 static __always_inline void listener_drops(int direct, const struct sock *sk, struct sock_state *st)
 {
 	__u32 drops = RD(direct, sk, sk_drops.counter);
+	__u32 seen = st->drops;
 
 	if (st->flags & SF_PENDING)
 		return;	/* a listener inherited at fork: its creator counts its drops */
-	if (drops > st->drops) {
-		COUNT(&st->key, listen_overflows, drops - st->drops);
-		st->drops = drops;
-	}
+	if ((__s32)(drops - seen) > 0 && __sync_val_compare_and_swap(&st->drops, seen, drops) == seen)
+		COUNT(&st->key, listen_overflows, drops - seen);
 }
-
 static __always_inline void count_closed(int direct, const struct tcp_sock *tp, struct sock_state *st,
 					 struct flow_counters **cp)
 {
@@ -1748,6 +1762,66 @@ int BPF_PROG(kind##_send_length, const struct sock *sk, int ret, int flags)     
 SEC(#kind "/sock_recv_length")                                                                 \
 int BPF_PROG(kind##_recv_length, const struct sock *sk, int ret, int flags)                    \
 { return handle_sock_io(direct, sk); }
+
+/*
+ * Whether a segment freed with `reason` on a listener's behalf was charged to
+ * its sk_drops (see listener_drops). Measured on 6.18 against the listener's
+ * sk_drops: charged are the discards of tcp_v4_rcv/tcp_v6_rcv for a listener or
+ * its requests (no reason set: a repeated SYN or ACK, an RST to a request; the
+ * checks of tcp_check_req; filters, policy, signatures, min TTL) and of
+ * tcp_rcv_state_process (an RST, SYN+FIN or flagless segment to the listener).
+ * Not charged: a segment with ACK set that the listener answers with a reset
+ * (TCP_FLAGS from tcp_v4_do_rcv), a failed SYN-cookie ACK (NO_SOCKET: a cookie
+ * ACK that overflows is charged by tcp_listendrop alone), bad checksums. A
+ * reason not listed is taken as not charged: an unknown drop then shows as an
+ * overflow, as before, never hides one.
+ */
+static __always_inline bool charged_to_listener(enum skb_drop_reason reason, const struct sk_buff *skb)
+{
+	__u8 flags = 0;
+
+	if (reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_TCP_FLAGS)) {
+		const unsigned char *head = BPF_CORE_READ(skb, head);
+		__u16 th = BPF_CORE_READ(skb, transport_header);
+
+		if (bpf_probe_read_kernel(&flags, 1, head + th + 13))
+			return false;
+		return !(flags & 0x10);	/* no ACK: dropped by tcp_rcv_state_process */
+	}
+#define CHARGED(name)                                                                   \
+	(bpf_core_enum_value_exists(enum skb_drop_reason, SKB_DROP_REASON_##name) &&     \
+	 reason == bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_##name))
+	return CHARGED(NOT_SPECIFIED) || CHARGED(TCP_RESET) || CHARGED(SOCKET_FILTER) ||
+	       CHARGED(XFRM_POLICY) || CHARGED(TCP_MINTTL) || CHARGED(TCP_MD5NOTFOUND) ||
+	       CHARGED(TCP_MD5UNEXPECTED) || CHARGED(TCP_MD5FAILURE) || CHARGED(TCP_AONOTFOUND) ||
+	       CHARGED(TCP_AOUNEXPECTED) || CHARGED(TCP_AOKEYNOTFOUND) || CHARGED(TCP_AOFAILURE) ||
+	       CHARGED(TCP_AUTH_HDR) || CHARGED(TCP_RFC7323_PAWS) || CHARGED(TCP_RFC7323_TSECR) ||
+	       CHARGED(TCP_OVERWINDOW) || CHARGED(TCP_LISTEN_OVERFLOW);
+#undef CHARGED
+}
+
+/*
+ * Every freed packet on the host (rare next to the hooks above): most have no
+ * receiving socket or one that is not listening, and leave after a load or two.
+ * One of our listeners' drops that was no overflow is added to what its
+ * sk_drops already accounts for. Loaded only where the tracepoint has rx_sk.
+ */
+SEC("tp_btf/kfree_skb")
+int BPF_PROG(tp_btf_kfree_skb, const struct sk_buff *skb, void *location, enum skb_drop_reason reason,
+	     const struct sock *rx_sk)
+{
+	struct sock_state *st;
+
+	if (!rx_sk || rx_sk->__sk_common.skc_state != TCP_LISTEN)
+		return 0;
+	if (!listen_filter[listen_slot(rx_sk->__sk_common.skc_num)])
+		return 0;
+	st = tracked(READ_BTF, rx_sk);
+	if (!st || !(st->flags & SF_LISTENER) || !charged_to_listener(reason, skb))
+		return 0;
+	__sync_fetch_and_add(&st->drops, 1);
+	return 0;
+}
 
 TCP_HOOKS(tp_btf, , READ_BTF, MAIN)
 CAST_HOOKS(tp_btf, , READ_CAST, MAIN)

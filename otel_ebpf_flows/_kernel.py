@@ -58,8 +58,13 @@ IO_HOOKS = ("send_length", "recv_length")
 # probe-reads those fields instead, loaded where the kernel refuses the first.
 CAST_HOOKS = ("set_state", "probe")
 IO_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
+# Drops charged to a listener that were no overflow (listen.overflows): the
+# skb:kfree_skb tracepoint with its receiving socket (4 arguments, Linux 6.11+);
+# one tp_btf program, no raw_tp or nested copy (a skipped run counts a drop as an
+# overflow, as kernels without it do).
+DROP_PROGRAM = "tp_btf_kfree_skb"
 # The tracepoints whose arguments (in vmlinux BTF) choose the programs to load.
-ARITY_TRACEPOINTS = ("tcp_retransmit_skb",) + IO_TRACEPOINTS
+ARITY_TRACEPOINTS = ("tcp_retransmit_skb", "kfree_skb") + IO_TRACEPOINTS
 # Each of HOOKS also has a "_nested" copy that handles the
 # events the kernel skipped for the main program while it was interrupted on
 # the same CPU (see tcp_flows.h); what neither handled is counted as lost.
@@ -645,6 +650,8 @@ class KernelSource:
             _log.info("otel-ebpf-flows: this kernel has no sock:sock_send_length tracepoint (6.3+): "
                       "spans find their connections by peer only")
         can_claim = has_io
+        has_drops = variant == "tp_btf" and arity["kfree_skb"] == 4
+        obj.set_autoload(DROP_PROGRAM, has_drops)
         for kind in ("tp_btf", "raw_tp"):
             for hook in HOOKS:
                 obj.set_autoload(f"{kind}_{hook}", kind == variant)
@@ -683,6 +690,9 @@ class KernelSource:
         for name in self._main_programs:  # each one's nested copy, built the same way
             obj.attach(name + NESTED_SUFFIX)
             attached.append(name + NESTED_SUFFIX)
+        if has_drops:
+            obj.attach(DROP_PROGRAM)
+            attached.append(DROP_PROGRAM)
         self.variant = variant
         self.attached = attached
         self.can_claim = can_claim
@@ -868,6 +878,11 @@ class KernelSource:
             except BpfError:
                 misses = 0
             total += max(0, misses - rescued.get(i, 0))
+        if DROP_PROGRAM in self.attached:  # no nested copy: a drop it skipped may count as an overflow
+            try:
+                total += obj.recursion_misses(DROP_PROGRAM, hold_gil=True)
+            except BpfError:
+                pass
         return total
 
     def _read_probe_stats(self) -> ProbeStats:

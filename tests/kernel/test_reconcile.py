@@ -116,6 +116,8 @@ def test_synack_retransmits_no_probe_ran_for_are_counted_from_the_accepted_socke
     unseen = total(rows, "ebpf_flows.probe.events.lost", ebpf_flows__probe__name="tcp_flows.unseen_retransmit")
     assert r["unseen"] <= unseen <= server, (r["unseen"], unseen, server)
     assert r["balance"] == {"filter": 0, "tracked": 0}, r["balance"]
+    # the repeated SYNs the lost SYN-ACKs caused are no overflow (the listener's drop count has them)
+    assert total(rows, OVERFLOWS) == r["mib"]["TcpExt.ListenOverflows"] == 0
     assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == r["connections"] == mib["Tcp.PassiveOpens"]
 
 
@@ -171,6 +173,26 @@ def test_server_handshakes_and_listen_overflows(run_scenario):
                                                ebpf_flows__probe__name="tcp_flows.syn_wait"))
     assert handshakes and handshakes[0]["count"] + syn_wait == 5, (handshakes, syn_wait)
     assert 0 < handshakes[0]["max"] < 0.5
+
+
+def test_listen_overflows_are_the_kernels_overflows_whatever_else_the_listener_drops(run_scenario):
+    """Per listener, exactly ListenOverflows: a SYN to a full accept queue, a request's final ACK to
+    a full queue (the kernel charges the listener's drop count twice), a SYN-cookie ACK to a full
+    queue; and none for repeated SYNs of held requests or stray segments, which that count also
+    takes (the kfree_skb program takes them off)."""
+    r = run_scenario("listener_drops")
+    rows, phases, ports, sk_drops = r["points"], r["phases"], r["ports"], r["sk_drops"]
+    assert "tp_btf_kfree_skb" in r["attached"], r["attached"]
+    for phase, port in ports.items():
+        want = phases[phase]["TcpExt.ListenOverflows"]
+        assert total(rows, OVERFLOWS, network__local__port=port) == want, (phase, want, sk_drops[phase])
+    # each kind happened, and the listener's drop count alone would be wrong where it should
+    assert phases["syn"]["TcpExt.ListenOverflows"] == sk_drops["syn"] > 0
+    assert phases["cookie"]["TcpExt.SyncookiesRecv"] > 0 and phases["cookie"]["TcpExt.ListenOverflows"] > 0
+    assert sk_drops["final_ack"] == 2 * phases["final_ack"]["TcpExt.ListenOverflows"] > 0
+    assert phases["repeated"]["TcpExt.ListenOverflows"] == 0 < sk_drops["repeated"]
+    assert phases["stray"]["TcpExt.ListenOverflows"] == 0 < sk_drops["stray"] == 3  # RST, SYN+FIN, none
+    assert all(set(p["attrs"]) == {"network.local.port"} for p in points(rows, OVERFLOWS))
 
 
 def test_resets_both_ways(run_scenario):

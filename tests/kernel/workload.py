@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import re
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -543,6 +545,123 @@ def ipv6() -> Dict[str, Any]:
     settle()
     return {"points": tel.points(), "mib": mib_delta(before, mib()), "n": n, "size": size,
             "balance": filter_balance(tel.instrumentor.pipeline.source)}
+
+
+def _segment(sport: int, dport: int, flags: int) -> bytes:
+    """A bare TCP header from 127.0.0.1 to 127.0.0.1 (for a raw socket), checksum included."""
+    hdr = struct.pack("!HHIIBBHHH", sport, dport, 1000, 2000, 5 << 4, flags, 65535, 0, 0)
+    data = socket.inet_aton("127.0.0.1") * 2 + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(hdr)) + hdr
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return hdr[:16] + struct.pack("!H", ~total & 0xFFFF) + hdr[18:]
+
+
+def _connect_from(port: int, dport: int) -> socket.socket:
+    c = socket.socket()
+    c.bind(("127.0.0.1", port))
+    c.setblocking(False)
+    c.connect_ex(("127.0.0.1", dport))
+    return c
+
+
+def _block_acks(table: str, dport: int, sports: str) -> None:
+    """Drop the bare ACKs (no SYN) from client ports ``sports`` to ``dport``."""
+    nft(f"add table inet {table}", f"add chain inet {table} input {{ type filter hook input priority 0; }}",
+        f"add rule inet {table} input tcp dport {dport} tcp sport {sports} tcp flags & (syn | ack) == ack drop")
+
+
+@scenario
+def listener_drops() -> Dict[str, Any]:
+    """What the kernel charges to a listener's drop count: one kind per phase and listener.
+
+    final_ack: five requests are made while their final ACKs are dropped and five SYN-cookie
+    connections fill the accept queue meanwhile; then each request's ACK (sent again for each
+    SYN-ACK retransmit) finds the queue full. cookie: cookie SYN-ACKs go out while the queue
+    has room, their ACKs dropped; requests then fill the queue, and the cookie clients' data
+    (each segment an ACK of its cookie) finds it full. syn: SYNs to a listener whose accept
+    queue is full. repeated: SYN-ACKs are dropped, so clients repeat their SYNs to requests
+    the listener holds. stray: an ACK, an RST, a SYN+FIN, a flagless segment and a PSH+ACK
+    sent to a listener with no connection. Each phase ends with its listener and clients
+    closed (the listener's drops are read then), so the namespace's ListenOverflows of a
+    phase are that listener's.
+    """
+    setup_netns()
+    tel = Telemetry(sample_interval=10)
+    pipeline = tel.instrumentor.pipeline
+    phases: Dict[str, Dict[str, int]] = {}
+    sk_drops: Dict[str, int] = {}
+
+    def run(name: str, port: int, backlog: int, body: Callable[[], List[socket.socket]]) -> None:
+        before = mib()
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", port))
+        srv.listen(backlog)
+        clients = body()
+        out = subprocess.run(["ss", "-tlnm", f"sport = :{port}"], capture_output=True, text=True).stdout
+        found = re.search(r"\bd(\d+)\)", out)
+        sk_drops[name] = int(found.group(1)) if found else -1
+        srv.close()
+        for c in clients:
+            c.close()
+        time.sleep(0.3)
+        phases[name] = mib_delta(before, mib())
+
+    def final_ack() -> List[socket.socket]:
+        _block_acks("held", 5580, "40001-40005")
+        held = [_connect_from(p, 5580) for p in range(40001, 40006)]
+        time.sleep(0.2)
+        held += [_connect_from(p, 5580) for p in range(40011, 40016)]  # cookies, completed at once
+        time.sleep(0.2)
+        nft("delete table inet held")
+        time.sleep(3.5)  # SYN-ACK retransmits at 1 s and 3 s, each answered by an ACK that overflows
+        return held
+
+    def cookie() -> List[socket.socket]:
+        _block_acks("requests", 5581, "40101-40105")
+        _block_acks("cookies", 5581, "40111-40115")
+        held = [_connect_from(p, 5581) for p in range(40101, 40106)]
+        time.sleep(0.2)
+        cookies = [_connect_from(p, 5581) for p in range(40111, 40116)]
+        time.sleep(0.2)
+        nft("delete table inet requests")
+        time.sleep(2.5)  # the requests' ACKs come with the SYN-ACK retransmits: the queue fills
+        nft("delete table inet cookies")
+        for c in cookies:
+            c.send(b"cookie")
+        time.sleep(1.5)
+        return held + cookies
+
+    def syn() -> List[socket.socket]:
+        held = [_connect_from(p, 5582) for p in range(40201, 40207)]
+        time.sleep(3.5)
+        return held
+
+    def repeated() -> List[socket.socket]:
+        nft("add table inet synack", "add chain inet synack output { type filter hook output priority 0; }",
+            "add rule inet synack output tcp sport 5583 tcp flags & (syn | ack) == syn | ack drop")
+        held = [_connect_from(p, 5583) for p in range(40301, 40305)]
+        time.sleep(3.5)
+        nft("delete table inet synack")
+        time.sleep(1.5)
+        return held
+
+    def stray() -> List[socket.socket]:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+        for flags in (0x10, 0x04, 0x03, 0x00, 0x18):  # ACK, RST, SYN+FIN, none, PSH+ACK
+            raw.sendto(_segment(40401, 5584, flags), ("127.0.0.1", 0))
+        time.sleep(0.5)
+        return [raw]
+
+    run("final_ack", 5580, 4, final_ack)
+    run("cookie", 5581, 4, cookie)
+    run("syn", 5582, 1, syn)
+    run("repeated", 5583, 16, repeated)
+    run("stray", 5584, 4, stray)
+    settle()
+    return {"points": tel.points(), "phases": phases, "sk_drops": sk_drops,
+            "ports": {"final_ack": 5580, "cookie": 5581, "syn": 5582, "repeated": 5583, "stray": 5584},
+            "attached": list(pipeline.source.attached)}  # type: ignore[union-attr]
 
 
 @scenario
