@@ -44,6 +44,8 @@
  *   owned_filter (.bss) counting filter over socks' keys: a slot counts the
  *              tracked sockets whose pointer hashes to it, so most other
  *              sockets on the host are turned away by one load, no map lookup
+ *              (an entry user space deletes, a gone socket the sweep found, leaves
+ *              its slot counting: only that slot's shortcut is lost)
  *   listen_filter (.bss) the same over the listeners' ports
  *   busy       per CPU, per hook_id: 1 while the hook's main program runs here
  *   rescued    hook_id -> events its nested copy handled (see tcp_flows.h)
@@ -1265,6 +1267,68 @@ __noinline int closed_unseen_at##suffix(__u64 skp, int oldstate, __u32 slot)    
 CLOSE_AT(, READ_PROBE)
 CLOSE_AT(_cast, READ_CAST)
 
+/*
+ * An entry found at a socket's birth (SYN_SENT: connect(); LISTEN; SYN_RECV made
+ * from a listener) belongs to an earlier life of that address: a socket whose end
+ * no program saw (the kernel can run a tracepoint without our programs, see
+ * sync_retrans: its CLOSE and its destruction both went unseen), freed, its memory
+ * reused for this one; or this same socket connecting again after a disconnect
+ * (its CLOSE seen, its destruction not come). Kept, it would be taken for the new
+ * connection's: the new one's birth and handshake ignored (a client attempt or an
+ * accepted handshake never counted), its retransmits and bytes measured against the
+ * old one's. It is settled from what it holds (the socket's fields are the new
+ * life's now) and forgotten: a close not yet final is finalised as the destroy hook
+ * would; an established connection whose close went unseen is counted closed,
+ * reason _OTHER, as the sweep counts one (STAT_CLOSE_UNSEEN); a client attempt whose
+ * end went unseen failed, _OTHER (the kernel counted it in ActiveOpens); an embryonic
+ * accepted socket was discarded (STAT_CHILD_DISCARDED, as on_close counts one).
+ * A global function, verified once rather than in every set_state program: the
+ * socket passed as a number (no field of it is read: they are the new life's), with
+ * its owned_filter slot (see filter_slot: NO_SLOT from the raw_tp copies, which keep no filter).
+ */
+__noinline int retire_at(__u64 skp, __u32 slot)
+{
+	struct sock_state *st = bpf_map_lookup_elem(&socks, &skp);
+	struct flow_counters *c = NULL;
+
+	if (!st)
+		return 0;
+	if (st->flags & SF_LISTENER) {
+		/* its port may have a newer listener since: only its own registration goes */
+		struct listener_key lk = { .netns = st->netns, .port = st->key.port };
+		__u64 *owner = bpf_map_lookup_elem(&listeners, &lk);
+
+		if (owner && *owner == skp)
+			remove_listener(&lk);
+	} else {
+		if (!(st->flags & SF_PENDING)) {
+			if (st->flags & SF_CLOSED) {
+				if (!(st->flags & SF_FINAL))
+					finalize_close(st, &c);
+			} else if (st->flags & SF_ESTABLISHED) {
+				st->flags |= SF_CLOSED | SF_FINAL;
+				COUNT_INTO(&c, &st->key, closed, 1);
+				COUNT_INTO(&c, &st->key, closes[CLOSE_OTHER], 1);
+				stat_inc(STAT_CLOSE_UNSEEN);
+			} else if (st->key.role == FLOW_ROLE_CLIENT) {
+				COUNT_INTO(&c, &st->key, attempts_failed[CONN_ERR_OTHER], 1);
+			} else {
+				stat_inc(STAT_CHILD_DISCARDED);
+			}
+		}
+		conn_event(st, FLOW_EVENT_GONE, 0, bpf_ktime_get_ns(), 0);
+	}
+	/* as forget() does */
+	if (st->flags & SF_PEER_ZERO_WIN)
+		__sync_fetch_and_sub(&zero_win_marks, 1);
+	if (st->flags & SF_OUR_ZERO_WIN)
+		__sync_fetch_and_sub(&zero_win_marks, 1);
+	st->flags &= ~(SF_PEER_ZERO_WIN | SF_OUR_ZERO_WIN);
+	if (!bpf_map_delete_elem(&socks, &skp) && slot < (1 << OWNED_SLOTS_LOG2))
+		__sync_fetch_and_sub(&owned_filter[slot], 1);
+	return 0;
+}
+
 static __always_inline int handle_set_state(int direct, const struct sock *sk, int oldstate,
 					    int newstate)
 {
@@ -1277,6 +1341,13 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 	/* Every state change on the host: other processes' sockets leave after
 	 * one load (owned_filter) unless this may be the birth of one of ours. */
 	st = tracked(direct, sk);
+	/* A birth (a client's simultaneous open, SYN_SENT -> SYN_RECV, is not one):
+	 * an entry already there is an earlier life's (see retire_at) */
+	if (st && (newstate == TCP_SYN_SENT || newstate == TCP_LISTEN ||
+		   (newstate == TCP_SYN_RECV && oldstate != TCP_SYN_SENT))) {
+		retire_at(opaque(skp), filter_slot(direct, sk));
+		st = NULL;
+	}
 	if (!st && newstate != TCP_SYN_SENT && newstate != TCP_LISTEN && newstate != TCP_SYN_RECV &&
 	    !(newstate == TCP_CLOSE && established_state(oldstate)))
 		return 0;

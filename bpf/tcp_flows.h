@@ -154,7 +154,10 @@ enum probe_stat {
 					 * in Tcp.PassiveOpens) closed before ESTABLISHED, e.g. the
 					 * loser of two CPUs completing the same request: no
 					 * handshake completed, nothing lost (reconciliation only) */
-	STAT_MAX = 10,
+	STAT_CLOSE_UNSEEN = 10,		/* an established connection whose close no program saw,
+					 * found when its socket's address was reused for a new
+					 * socket: counted closed, reason _OTHER */
+	STAT_MAX = 11,
 };
 
 /* synacks map: the SYN-ACK retransmits counted for one connection request,

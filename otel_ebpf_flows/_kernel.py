@@ -764,7 +764,14 @@ class KernelSource:
             if self._obj is None:
                 return
             flows, scratch = self._obj.map("flows"), _records.CFlowCounters()
+            entry = _records.CSockState()
             for skp_value, raw_key in gone:
+                # Read again just before the delete: since the batch, the socket's memory may
+                # have gone to a new socket, whose birth replaced the entry (the probes settle
+                # an old life's entry themselves then): that one is not to be deleted.
+                if not socks.lookup(ctypes.c_uint64(skp_value), entry) or not unseen_sockets(
+                        _U64_KEY.pack(skp_value), bytes(entry), netns, since):
+                    continue
                 socks.delete(ctypes.c_uint64(skp_value))
                 raw = _records.CFlowKey.from_buffer_copy(raw_key)
                 # the flows keys of the last read, else one lookup: not in the map, the kernel
@@ -898,7 +905,7 @@ class KernelSource:
                 "tcp_flows.syn_wait": vals[_records.STAT_SYN_WAIT_MISSED],
                 "tcp_flows.conn_events": vals[_records.STAT_CONN_EVENTS_LOST],
                 "tcp_flows.decode": self._decode_errors,
-                "tcp_flows.unseen_close": sum(self._swept.values()),
+                "tcp_flows.unseen_close": sum(self._swept.values()) + vals[_records.STAT_CLOSE_UNSEEN],
                 "tcp_flows.skipped": self._skipped(),
                 "tcp_flows.unseen_retransmit": vals[_records.STAT_RETRANS_UNSEEN],
                 "tcp_flows.unseen_handshake": vals[_records.STAT_HANDSHAKE_UNSEEN],

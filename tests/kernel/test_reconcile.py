@@ -330,3 +330,37 @@ def test_ipv6_connections_and_an_ipv4_mapped_peer(run_scenario):
     assert total(rows, CLOSES, ebpf_flows__tcp__close__reason="normal") == total(rows, CLOSES) == 2 * (n + 1)
     assert total(rows, ACTIVE) == 0
     assert r["balance"] == {"filter": 0, "tracked": 0}, r["balance"]
+
+
+def test_a_socket_reusing_the_memory_of_one_whose_end_went_unseen_is_a_new_connection(run_scenario):
+    # An entry left by a socket whose CLOSE and destruction no program saw must not be
+    # taken for the new socket the kernel makes in the same memory: the new one's
+    # attempt, handshake and close are its own, the old one's close is counted (_OTHER).
+    r = run_scenario("unseen_ends_then_reused")
+    rows, mib, n = r["points"], r["mib"], r["old"] + r["new"]
+    assert len(r["detached"]) == 4, r["detached"]  # set_state and destroy_sock, main and nested
+    assert r["stale"] >= 2 * r["old"], r  # both ends of each old connection (and the listener)
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client") == n == mib["Tcp.ActiveOpens"]
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == n == mib["Tcp.PassiveOpens"]
+    assert r["tracked_new"] == 2 * r["new"], r  # every new socket has an entry of its own
+    assert r["reused"] > 0, "no new socket got the memory of an old one: no test"
+    # the old connections' closes: found at the reuse of their memory or by the sweep
+    assert total(rows, CLOSES, ebpf_flows__tcp__close__reason="_OTHER") == 2 * r["old"]
+    unseen = total(rows, "ebpf_flows.probe.events.lost", ebpf_flows__probe__name="tcp_flows.unseen_close")
+    assert unseen == 2 * r["old"], unseen
+    assert total(rows, CLOSES, ebpf_flows__tcp__close__reason="normal") == 2 * r["new"]
+    assert total(rows, ACTIVE) == 0
+    assert total(rows, RETRANS) == mib["Tcp.RetransSegs"] == 0
+
+
+def test_a_socket_connected_again_after_a_disconnect_counts_both_connections(run_scenario):
+    r = run_scenario("reconnect_after_disconnect")
+    rows, mib = r["points"], r["mib"]
+    assert mib["Tcp.ActiveOpens"] == 2 == mib["Tcp.PassiveOpens"]
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client") == 2
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == 2
+    # the first ended by our RST (the disconnect), the second normally
+    assert total(rows, CLOSES, ebpf_flows__tcp__role="client", ebpf_flows__tcp__close__reason="reset_sent") == 1
+    assert total(rows, CLOSES, ebpf_flows__tcp__role="client", ebpf_flows__tcp__close__reason="normal") == 1
+    assert total(rows, IO, ebpf_flows__tcp__role="client", network__io__direction="transmit") == 3000
+    assert total(rows, ACTIVE) == 0

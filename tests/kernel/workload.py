@@ -709,6 +709,119 @@ def discarded_child() -> Dict[str, Any]:
             "discarded": discarded.value}
 
 
+def _socks_conn_ids(source: Any) -> Dict[int, int]:
+    """The socks map now: socket address -> conn_id of its entry."""
+    from otel_ebpf_flows import _records
+
+    socks = source._require().map("socks")
+    out: Dict[int, int] = {}
+    conn_id = _records.CSockState.conn_id.offset
+    for keys, values in socks.batches(ctypes.c_uint64, _records.CSockState):
+        size = ctypes.sizeof(_records.CSockState)
+        for i in range(len(keys) // 8):
+            out[struct.unpack_from("=Q", keys, i * 8)[0]] = struct.unpack_from("=Q", values, i * size + conn_id)[0]
+    return out
+
+
+@scenario
+def unseen_ends_then_reused() -> Dict[str, Any]:
+    """Connections whose ends no program saw, their sockets' memory then reused for new ones.
+
+    The kernel can run a tracepoint without our programs (see unseen_handshakes): when a
+    socket's CLOSE and destruction both go unseen, its entry stays in the socks map after
+    the socket is freed, and the kernel soon hands that memory to a new socket (TCP
+    sockets come from a slab cache, most recently freed first). Here: connections made
+    and used with the programs attached; their ends (both sides' CLOSE and destruction)
+    with the set_state and destroy programs (main and nested copies) detached; then, the
+    programs back, new connections on the same CPU (so from the same per-CPU free list).
+    """
+    import os
+
+    setup_netns()
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # threads made from here on too
+    port, old, new, size = 5593, 4, 3, 5000
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", port))
+    srv.listen(64)
+    tel = Telemetry(sample_interval=10)
+    source = tel.instrumentor.pipeline.source  # type: ignore[union-attr]
+    before = mib()
+
+    def connection() -> Any:
+        c = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s, _ = srv.accept()
+        c.sendall(b"o" * size)
+        s.sendall(recv_exactly(s, size))
+        recv_exactly(c, size)
+        return c, s
+
+    def close(c: socket.socket, s: socket.socket) -> None:
+        c.close()
+        drain_until_eof(s)
+        s.close()
+
+    pairs = [connection() for _ in range(old)]
+    names = _detach(source, "set_state") + _detach(source, "destroy_sock")
+    for c, s in pairs:
+        close(c, s)
+    settle()  # every socket of theirs freed (the clients' ends now TIME_WAIT minisocks)
+    stale = _socks_conn_ids(source)  # entries of sockets that are gone
+    _reattach(source, names)
+    pairs = [connection() for _ in range(new)]
+    now = _socks_conn_ids(source)
+    reused = sum(1 for skp, conn_id in stale.items() if skp in now and now[skp] != conn_id)
+    tracked_new = sum(1 for skp, conn_id in now.items() if stale.get(skp) != conn_id)
+    for c, s in pairs:
+        close(c, s)
+    srv.close()
+    settle()
+    # passes that all begin after the old sockets were gone (the first pass, at load, may
+    # have visited them): the sweep finds those whose memory no new socket took
+    pipeline = tel.instrumentor.pipeline
+    for _ in range(2):
+        pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
+        time.sleep(pipeline.FRESH_S)  # type: ignore[union-attr]
+    return {"points": tel.points(), "mib": mib_delta(before, mib()), "detached": names, "old": old,
+            "new": new, "stale": len(stale), "reused": reused, "tracked_new": tracked_new}
+
+
+@scenario
+def reconnect_after_disconnect() -> Dict[str, Any]:
+    """One socket, two connections: connect, disconnect (connect to AF_UNSPEC), connect again.
+
+    The disconnect moves the socket to CLOSE (an RST to the peer) but does not destroy it,
+    so its entry is still in the socks map when the same socket connects again."""
+    setup_netns()
+    port = 5594
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", port))
+    srv.listen(8)
+    tel = Telemetry(sample_interval=10)
+    before = mib()
+    c = socket.create_connection(("127.0.0.1", port), timeout=30)
+    first, _ = srv.accept()
+    c.sendall(b"1" * 1000)
+    recv_exactly(first, 1000)
+    unspec = (ctypes.c_ubyte * 16)()  # struct sockaddr, sa_family AF_UNSPEC (0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.connect(c.fileno(), unspec, 16) != 0:
+        raise OSError(ctypes.get_errno(), "connect(AF_UNSPEC)")
+    c.connect(("127.0.0.1", port))
+    second, _ = srv.accept()
+    c.sendall(b"2" * 2000)
+    recv_exactly(second, 2000)
+    c.shutdown(socket.SHUT_WR)
+    drain_until_eof(second)
+    second.close()
+    drain_until_eof(c)
+    wait_closed(c)
+    c.close()
+    first.close()
+    srv.close()
+    settle()
+    return {"points": tel.points(), "mib": mib_delta(before, mib())}
+
+
 @scenario
 def zero_window() -> Dict[str, Any]:
     """The peer stops reading (it advertises zero windows), then we do."""

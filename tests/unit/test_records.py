@@ -201,6 +201,7 @@ def test_the_kernel_enums_match_the_names():
         "STAT_HANDSHAKE_UNSEEN",
         "STAT_SYNACKS_FULL",
         "STAT_CHILD_DISCARDED",
+        "STAT_CLOSE_UNSEEN",
         "STAT_MAX",
         "HOOK_SET_STATE",
         "HOOK_DESTROY_SOCK",
