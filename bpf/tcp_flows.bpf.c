@@ -1222,6 +1222,16 @@ static __always_inline bool on_close(int direct, __u32 slot, const struct sock *
 	return false;
 }
 
+/* Whether a socket's local port is one of our listeners' (the listen filter: no
+ * false negative, few false positives): an accepted socket may be ours. Read
+ * from inet_sport, which a socket keeps after CLOSE (skc_num is 0 then). */
+static __always_inline bool on_our_listen_port(int direct, const struct sock *sk)
+{
+	const struct tcp_sock *tp = tcp_of(direct, sk);
+
+	return tp && listen_filter[listen_slot(bpf_ntohs(RD(direct, tp, inet_conn.icsk_inet.inet_sport)))];
+}
+
 /*
  * on_close() as a global function: once per connection, checked once per
  * program rather than on each path to it. Returns 1 if the socket was forgotten.
@@ -1401,7 +1411,8 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 
 				bpf_map_update_elem(&evicted, &skp, &id, BPF_ANY);
 			}
-		} else {
+		} else if (on_our_listen_port(direct, sk)) {
+			/* the cheap test inline: every established socket's CLOSE on the host comes here */
 			CALL_AT(direct, closed_unseen_at, opaque(skp), oldstate, filter_slot(direct, sk));
 		}
 		return 0;
@@ -1729,7 +1740,9 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 	if (!sk)
 		return 0;
 	st = tracked(direct, sk);
-	if (!st && CALL_AT(direct, adopt_accepted_at, opaque((__u64)sk), filter_slot(direct, sk)))
+	/* the cheap tests inline: every send and receive on the host comes here */
+	if (!st && (span_mode || control_on(CONTROL_CLAIM)) && on_our_listen_port(direct, sk) &&
+	    CALL_AT(direct, adopt_accepted_at, opaque((__u64)sk), filter_slot(direct, sk)))
 		st = tracked(direct, sk);
 	if (!st || (st->flags & SF_LISTENER) || !(span_mode || (st->flags & SF_PENDING)) ||
 	    !owned_by_target())
