@@ -1110,17 +1110,10 @@ static __always_inline void finalize_close(struct sock_state *st, struct flow_co
 	       st->closed_ns - st->established_ns);
 }
 
-static __always_inline void forget_in(__u32 slot, const struct sock *sk, struct sock_state *st)
+/* The entry's last act, whoever forgets it: its zero-window marks and its
+ * owned_filter count go with it. */
+static __always_inline void drop_entry(__u32 slot, __u64 skp, struct sock_state *st)
 {
-	__u64 skp = (__u64)sk;
-
-	if (st->flags & SF_LISTENER) {
-		struct listener_key lk = { .netns = st->netns, .port = st->key.port };
-
-		remove_listener(&lk);
-	} else {
-		conn_event(st, FLOW_EVENT_GONE, 0, bpf_ktime_get_ns(), 0);
-	}
 	if (st->flags & SF_PEER_ZERO_WIN)
 		__sync_fetch_and_sub(&zero_win_marks, 1);
 	if (st->flags & SF_OUR_ZERO_WIN)
@@ -1129,6 +1122,18 @@ static __always_inline void forget_in(__u32 slot, const struct sock *sk, struct 
 	/* after the delete: see owned_filter */
 	if (!bpf_map_delete_elem(&socks, &skp) && slot < (1 << OWNED_SLOTS_LOG2))
 		__sync_fetch_and_sub(&owned_filter[slot], 1);
+}
+
+static __always_inline void forget_in(__u32 slot, const struct sock *sk, struct sock_state *st)
+{
+	if (st->flags & SF_LISTENER) {
+		struct listener_key lk = { .netns = st->netns, .port = st->key.port };
+
+		remove_listener(&lk);
+	} else {
+		conn_event(st, FLOW_EVENT_GONE, 0, bpf_ktime_get_ns(), 0);
+	}
+	drop_entry(slot, (__u64)sk, st);
 }
 
 static __always_inline void forget(int direct, const struct sock *sk, struct sock_state *st)
@@ -1160,6 +1165,7 @@ static __always_inline void listener_drops(int direct, const struct sock *sk, st
 	if ((__s32)(drops - seen) > 0 && __sync_val_compare_and_swap(&st->drops, seen, drops) == seen)
 		COUNT(&st->key, listen_overflows, drops - seen);
 }
+
 static __always_inline void count_closed(int direct, const struct tcp_sock *tp, struct sock_state *st,
 					 struct flow_counters **cp)
 {
@@ -1261,10 +1267,8 @@ __noinline int closed_unseen_at##suffix(__u64 skp, int oldstate, __u32 slot)    
 	tp = tcp_of(mode, sk);                                                          \
 	if (!tp)                                                                        \
 		return 0;                                                               \
-	/* skc_num is 0 now */                                                          \
+	/* skc_num is 0 now; the caller asked the listen filter (on_our_listen_port) */ \
 	lk.port = bpf_ntohs(RD(mode, tp, inet_conn.icsk_inet.inet_sport));              \
-	if (!listen_filter[listen_slot(lk.port)])                                       \
-		return 0;                                                               \
 	lk.netns = sk_netns(mode, sk);                                                  \
 	if (!bpf_map_lookup_elem(&listeners, &lk) || control_on(CONTROL_CLAIM) ||       \
 	    preexisting_sock(mode, sk))                                                 \
@@ -1328,14 +1332,7 @@ __noinline int retire_at(__u64 skp, __u32 slot)
 		}
 		conn_event(st, FLOW_EVENT_GONE, 0, bpf_ktime_get_ns(), 0);
 	}
-	/* as forget() does */
-	if (st->flags & SF_PEER_ZERO_WIN)
-		__sync_fetch_and_sub(&zero_win_marks, 1);
-	if (st->flags & SF_OUR_ZERO_WIN)
-		__sync_fetch_and_sub(&zero_win_marks, 1);
-	st->flags &= ~(SF_PEER_ZERO_WIN | SF_OUR_ZERO_WIN);
-	if (!bpf_map_delete_elem(&socks, &skp) && slot < (1 << OWNED_SLOTS_LOG2))
-		__sync_fetch_and_sub(&owned_filter[slot], 1);
+	drop_entry(slot, skp, st);
 	return 0;
 }
 

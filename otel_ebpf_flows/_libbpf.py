@@ -163,19 +163,17 @@ def load_library() -> ctypes.CDLL:
             return _lib
         # libbpf.so.1 first: its soname promises 1.x, and dlopen() finds it without
         # find_library(), which runs `ldconfig -p` in a subprocess (a few ms)
-        candidates = ["libbpf.so.1"]
         lib = None
         try:
-            lib = ctypes.CDLL(candidates[0], use_errno=True)
+            lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
         except OSError:
             name = ctypes.util.find_library("bpf")
-            candidates = ([name] if name else []) + ["libbpf.so"]
-        for candidate in candidates if lib is None else ():
-            try:
-                lib = ctypes.CDLL(candidate, use_errno=True)
-                break
-            except OSError:
-                continue
+            for candidate in ([name] if name else []) + ["libbpf.so"]:
+                try:
+                    lib = ctypes.CDLL(candidate, use_errno=True)
+                    break
+                except OSError:
+                    continue
         if lib is None:
             raise UnsupportedEnvironment(
                 "the system libbpf was not found; install libbpf 1.0 or newer "

@@ -44,6 +44,14 @@ def scenario(fn: Callable[[], Dict[str, Any]]) -> Callable[[], Dict[str, Any]]:
     return fn
 
 
+def _listener(port: int, backlog: int = 64) -> socket.socket:
+    """An IPv4 listener on 127.0.0.1:``port``."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", port))
+    srv.listen(backlog)
+    return srv
+
+
 def wait_closed(sock: socket.socket, timeout: float = 30) -> Dict[str, int]:
     """TCP_INFO once the connection is fully closed (nothing more can be retransmitted)."""
     deadline = time.monotonic() + timeout
@@ -254,9 +262,7 @@ def _unseen_handshakes(mode: str) -> Dict[str, Any]:
     """
     setup_netns()
     port, normal, unseen, size = 5590, 2, 6, 20000
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", port))
-    srv.listen(64)
+    srv = _listener(port)
     adopted = socket.create_connection(("127.0.0.1", port))
     adopted_server, _ = srv.accept()
     early = socket.create_connection(("127.0.0.1", port))  # established, not accepted yet
@@ -316,9 +322,7 @@ def unseen_synacks() -> Dict[str, Any]:
     then the drop is lifted and the connections carry a little traffic and close."""
     setup_netns()
     port, n = 5592, 4
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", port))
-    srv.listen(64)
+    srv = _listener(port)
     tel = Telemetry(sample_interval=10)
     source = tel.instrumentor.pipeline.source  # type: ignore[union-attr]
     before = mib()
@@ -350,9 +354,7 @@ def server_loss() -> Dict[str, Any]:
     setup_netns()
     n, rounds, size = 6, 40, 3000
     tel = Telemetry()
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 5556))
-    srv.listen(64)
+    srv = _listener(5556)
     random_loss(5556, 5)
     before = mib()
     infos = []
@@ -437,9 +439,7 @@ def server_attempts() -> Dict[str, Any]:
     """Accepted handshakes, and SYNs dropped by a full listen queue."""
     setup_netns()
     tel = Telemetry()
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 5561))
-    srv.listen(64)
+    srv = _listener(5561)
     full = socket.socket()
     full.bind(("127.0.0.1", 5562))
     full.listen(1)  # never accepted
@@ -594,9 +594,7 @@ def listener_drops() -> Dict[str, Any]:
 
     def run(name: str, port: int, backlog: int, body: Callable[[], List[socket.socket]]) -> None:
         before = mib()
-        srv = socket.socket()
-        srv.bind(("127.0.0.1", port))
-        srv.listen(backlog)
+        srv = _listener(port, backlog)
         clients = body()
         out = subprocess.run(["ss", "-tlnm", f"sport = :{port}"], capture_output=True, text=True).stdout
         found = re.search(r"\bd(\d+)\)", out)
@@ -740,9 +738,7 @@ def unseen_ends_then_reused() -> Dict[str, Any]:
     setup_netns()
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # threads made from here on too
     port, old, new, size = 5593, 4, 3, 5000
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", port))
-    srv.listen(64)
+    srv = _listener(port)
     tel = Telemetry(sample_interval=10)
     source = tel.instrumentor.pipeline.source  # type: ignore[union-attr]
     before = mib()
@@ -793,9 +789,7 @@ def reconnect_after_disconnect() -> Dict[str, Any]:
     so its entry is still in the socks map when the same socket connects again."""
     setup_netns()
     port = 5594
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", port))
-    srv.listen(8)
+    srv = _listener(port, 8)
     tel = Telemetry(sample_interval=10)
     before = mib()
     c = socket.create_connection(("127.0.0.1", port), timeout=30)
