@@ -36,6 +36,7 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     InMemoryMetricReader,
@@ -515,7 +516,10 @@ def cmd_micro(args: argparse.Namespace) -> None:
     hist = provider.get_meter("bench").create_histogram("h", unit="s")
     attrs: Dict[str, Any] = {"network.transport": "tcp", "ebpf_flows.tcp.role": "server",
                              "network.peer.address": "127.0.0.1", "network.type": "ipv4", "network.local.port": 5555}
-    from otel_ebpf_flows import _telemetry  # private: what the reader thread does with a close record
+    from otel_ebpf_flows import _histogram, _telemetry  # private: what the reader thread does with a record
+
+    recorder = _histogram.HistogramRecorder(hist)
+    assert recorder.fast, "the histogram fast path is off on this SDK"
 
     instruments = _telemetry.Instruments(provider.get_meter("otel_ebpf_flows"), lambda: None)
     aggregator = _telemetry.Aggregator(200)
@@ -528,6 +532,7 @@ def cmd_micro(args: argparse.Namespace) -> None:
     emit({"decode_event_us": per_call_us(lambda: _records.decode_event(data), args.n),
           "decode_metric_us": per_call_us(lambda: _records.decode_metric(data), args.n),
           "histogram_record_us": per_call_us(lambda: hist.record(0.001, attrs), args.n),
+          "fast_record_us": per_call_us(lambda: recorder.record(0.001, attrs, Context()), args.n),
           "close_record_us": per_call_us(close_record, args.n)})
 
 
