@@ -89,9 +89,10 @@ class HistogramRecorder:
 
     def __init__(self, instrument: Histogram) -> None:
         self.instrument = instrument
-        self._sdk: Any = instrument  # the SDK's _Histogram once checked: its internals
         self._fast = False
         self._consumer: Any = None
+        self._is_enabled: Callable[[], bool] = lambda: False
+        self._should_sample: Callable[[float, int, Dict[str, Any], Context], bool] = lambda *_: False
         self._storages: Any = None
         self._measurement: Any = None
         self._hash: Any = None
@@ -105,7 +106,7 @@ class HistogramRecorder:
         if type(instrument) is not histogram_class:  # a proxy, a no-op, another SDK
             return
         consumer = getattr(instrument, "_measurement_consumer", None)
-        config = getattr(consumer, "_sdk_config", None)
+        config: Any = getattr(consumer, "_sdk_config", None)
         if (
             not isinstance(getattr(consumer, "_reader_storages", None), Mapping)
             or not callable(getattr(getattr(config, "exemplar_filter", None), "should_sample", None))
@@ -113,6 +114,8 @@ class HistogramRecorder:
         ):
             return
         self._consumer = consumer
+        self._is_enabled = instrument._is_enabled  # type: ignore[attr-defined]
+        self._should_sample = config.exemplar_filter.should_sample
         self._fast = True
 
     @property
@@ -142,12 +145,12 @@ class HistogramRecorder:
             _log.debug("histogram fast path unavailable; using Histogram.record()", exc_info=True)
             self._fast = False
             return False
-        if matches is None or value < 0 or not math.isfinite(value) or not self._sdk._is_enabled():
-            return False  # the SDK's own path warns, or skips a disabled meter
+        if matches is None or not 0 <= value < math.inf or not self._is_enabled():
+            return False  # the SDK's own path warns (negative, NaN, infinite), or skips a disabled meter
         now = time_ns()
         measurement = self._measurement(value, now, self.instrument, context, None)
         object.__setattr__(measurement, "attributes", attributes)  # checked once in _prepare
-        sample = self._consumer._sdk_config.exemplar_filter.should_sample(value, now, attributes, context)
+        sample = self._should_sample(value, now, attributes, context)
         for match, key, attrs in matches:
             if match._reset_on_collect:
                 # a delta collection swaps the aggregations out: hold its lock throughout

@@ -26,7 +26,7 @@ CONNECT_ERRORS = ("refused", "timed_out", "reset", "host_unreachable", "net_unre
 CLOSE_REASONS = ("normal", "reset_sent", "reset_received", "timeout", "_OTHER")
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class FlowKey:
     """A series as the kernel keys it.
 
