@@ -283,6 +283,10 @@ class ObservedSource:
     def poll(self, timeout_s: float) -> None:
         self.kernel.poll(timeout_s)
 
+    def wake_fd(self) -> Optional[int]:
+        wake_fd: Callable[[], Optional[int]] = getattr(self.kernel, "wake_fd", lambda: None)
+        return wake_fd()
+
     def sample(self) -> Snapshot:
         return self._with_span_lost(self.kernel.sample())
 

@@ -39,6 +39,7 @@ import threading
 from time import time_ns
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import Histogram
 
@@ -48,7 +49,8 @@ _log = logging.getLogger("otel_ebpf_flows")
 #: bounded alike); past it the memory starts again.
 MAX_PREPARED = 4096
 
-_EMPTY = Context()
+#: A point's context when no span is named: never the reader thread's current one.
+NO_SPAN = trace.set_span_in_context(trace.INVALID_SPAN)
 _checked: Optional[bool] = None
 _check_lock = threading.Lock()
 
@@ -80,7 +82,7 @@ def _internals() -> Optional[Tuple[type, type, Callable[[Any], Any]]]:
 
 
 class HistogramRecorder:
-    """``record(value, attributes, context)`` for one SDK histogram.
+    """``record(value, attributes, context)`` for one SDK histogram; no context: no span (NO_SPAN).
 
     ``attributes`` must be a dict the caller never changes after its first use
     (the aggregator's series dicts): what was prepared for it is found again by
@@ -92,6 +94,7 @@ class HistogramRecorder:
         self._fast = False
         self._consumer: Any = None
         self._is_enabled: Callable[[], bool] = lambda: False
+        self._spanless_unsampled = False
         self._should_sample: Callable[[float, int, Dict[str, Any], Context], bool] = lambda *_: False
         self._storages: Any = None
         self._measurement: Any = None
@@ -116,6 +119,8 @@ class HistogramRecorder:
         self._consumer = consumer
         self._is_enabled = instrument._is_enabled  # type: ignore[attr-defined]
         self._should_sample = config.exemplar_filter.should_sample
+        # the SDK's filters whose answer for a point with no span is known: no exemplar
+        self._spanless_unsampled = _spanless_unsampled(config.exemplar_filter)
         self._fast = True
 
     @property
@@ -123,21 +128,22 @@ class HistogramRecorder:
         """Whether points skip ``Histogram.record()`` (see the module's docstring)."""
         return self._fast and _self_check()
 
-    def record(self, value: float, attributes: Dict[str, Any], context: Context) -> None:
+    def record(self, value: float, attributes: Dict[str, Any], context: Optional[Context] = None) -> None:
         if self._fast and (_checked if _checked is not None else _self_check()):
             try:
                 if self._record(value, attributes, context):
                     return
             except Exception:  # from an aggregate(): the point may have reached some readers
                 self._fast = False
-                _log.warning("histogram %s: the fast path failed, Histogram.record() from now on (this "
-                             "point may be missing from some readers)", getattr(self.instrument, "name", "?"), exc_info=True)
+                _log.warning("histogram %s: the fast path failed, Histogram.record() from now on (this point "
+                             "may be missing from some readers)", getattr(self.instrument, "name", "?"),
+                             exc_info=True)
                 return
         else:
             self._fast = False
-        self.instrument.record(value, attributes, context=context)
+        self.instrument.record(value, attributes, context=NO_SPAN if context is None else context)
 
-    def _record(self, value: float, attributes: Dict[str, Any], context: Context) -> bool:
+    def _record(self, value: float, attributes: Dict[str, Any], context: Optional[Context]) -> bool:
         """The fast path; False: the point was not recorded, for ``Histogram.record()`` to do."""
         try:
             matches = self._prepare(attributes)
@@ -148,9 +154,13 @@ class HistogramRecorder:
         if matches is None or not 0 <= value < math.inf or not self._is_enabled():
             return False  # the SDK's own path warns (negative, NaN, infinite), or skips a disabled meter
         now = time_ns()
+        if context is None:
+            context = NO_SPAN
+            sample = False if self._spanless_unsampled else self._should_sample(value, now, attributes, context)
+        else:
+            sample = self._should_sample(value, now, attributes, context)
         measurement = self._measurement(value, now, self.instrument, context, None)
         object.__setattr__(measurement, "attributes", attributes)  # checked once in _prepare
-        sample = self._should_sample(value, now, attributes, context)
         for match, key, attrs in matches:
             if match._reset_on_collect:
                 # a delta collection swaps the aggregations out: hold its lock throughout
@@ -195,6 +205,15 @@ class HistogramRecorder:
             self._prepared.clear()
         self._prepared[id(attributes)] = (attributes, matches)
         return matches
+
+
+def _spanless_unsampled(exemplar_filter: Any) -> bool:
+    """Whether ``exemplar_filter`` never samples a point recorded with an empty Context."""
+    try:
+        from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, TraceBasedExemplarFilter
+    except ImportError:
+        return False
+    return type(exemplar_filter) in (AlwaysOffExemplarFilter, TraceBasedExemplarFilter)
 
 
 def _self_check() -> bool:
@@ -242,9 +261,9 @@ def _compare() -> bool:
             now: List[List[float]] = [[], []]
             for index, value, fast in points:
                 if fast:
-                    recorder._record(value, sets[index], _EMPTY)
+                    recorder._record(value, sets[index], None)
                 else:
-                    histogram.record(value, sets[index], context=_EMPTY)
+                    histogram.record(value, sets[index], context=NO_SPAN)
                 now[index].append(value)
                 everything[index].append(value)
             for reader, values in ((cumulative, everything), (delta, now)):

@@ -310,6 +310,7 @@ def _after_fork_in_child() -> None:
         if isinstance(pipeline.source, KernelSource) and pipeline.source.claiming:
             parents = pipeline.source.server_sockets_counted()
         pipeline.source.close()
+        pipeline.discard()
     except Exception:  # pragma: no cover - never fail a fork
         pass
     if setup is None:

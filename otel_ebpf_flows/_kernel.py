@@ -384,6 +384,11 @@ class KernelSource:
             self.close()
             raise
 
+    def wake_fd(self) -> Optional[int]:
+        """A file descriptor that turns readable when the kernel wants the events ring read
+        before the next poll (it is a quarter full), for the reader to sleep on."""
+        return self._ring.epoll_fd if self._ring is not None else None
+
     def poll(self, timeout_s: float) -> None:
         # Records are submitted without a wakeup (only a filling buffer wakes
         # us), so poll() mostly just sleeps; consume() then reads what is there.

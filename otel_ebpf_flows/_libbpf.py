@@ -491,6 +491,11 @@ class RingBuffer:
         self._ptr: Optional[int] = ptr
         self._epoll_fd = int(lib.ring_buffer__epoll_fd(ptr))
 
+    @property
+    def epoll_fd(self) -> Optional[int]:
+        """Readable once the kernel wakes the consumer (a burst filled part of the ring), until drained."""
+        return self._epoll_fd if self._ptr is not None else None
+
     def wait(self, timeout_s: float) -> bool:
         """Wait, without the GIL, until the kernel wakes the consumer or ``timeout_s`` passes."""
         if self._ptr is None or timeout_s <= 0:

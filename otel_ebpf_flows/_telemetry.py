@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
+import select
 import threading
 import time
 from typing import (
@@ -31,7 +33,6 @@ from typing import (
     runtime_checkable,
 )
 
-from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
@@ -104,9 +105,6 @@ _FIELDS: Dict[str, List[Tuple[str, Tuple[Tuple[str, str], ...]]]] = {
 }
 
 Attrs = FrozenSet[Tuple[str, Any]]
-# The context of a histogram point with no span to link as its exemplar (the SDK
-# would otherwise look up the reader thread's current context per point).
-_EMPTY = trace.set_span_in_context(trace.INVALID_SPAN)
 #: Histogram attribute sets kept built (3 histograms x the kernel's flow keys).
 SERIES_CACHE_SIZE = 16384
 
@@ -349,15 +347,15 @@ class Instruments:
         if kind == "handshake":
             # the span that connected: current on the connecting thread at SYN time
             ctx = exemplar(tid, ts_ns - int(duration_s * 1e9), key) if exemplar is not None else None
-            self.handshake.record(duration_s, aggregator.series(HANDSHAKE, key), ctx or _EMPTY)
+            self.handshake.record(duration_s, aggregator.series(HANDSHAKE, key), ctx)
         elif kind == "close":
-            self.duration.record(duration_s, aggregator.series(DURATION, key), _EMPTY)
+            self.duration.record(duration_s, aggregator.series(DURATION, key))
             if srtt_s is not None:
-                self.rtt.record(srtt_s, aggregator.series(RTT, key), _EMPTY)
+                self.rtt.record(srtt_s, aggregator.series(RTT, key))
         elif kind == "rtt" and srtt_s is not None:
             # the span current on the thread that last used the connection
             ctx = exemplar(tid, ts_ns, key) if exemplar is not None else None
-            self.rtt.record(srtt_s, aggregator.series(RTT, key), ctx or _EMPTY)
+            self.rtt.record(srtt_s, aggregator.series(RTT, key), ctx)
 
 
 @runtime_checkable
@@ -409,6 +407,11 @@ class Pipeline:
         self._sample_interval = sample_interval
         self._stop = threading.Event()
         self._wanted = threading.Event()
+        # A source with a wake_fd (KernelSource: its events ring, readable when a burst
+        # fills a quarter of it) is slept on with an eventfd that want() signals, so
+        # neither a filling ring nor a collection waits out the poll interval.
+        self._ring_fd: Optional[int] = None
+        self._wake_fd: Optional[int] = None
         # Held by the reader while it touches the source, the aggregator or the
         # SDK's instruments, and by fork() (see quiesce): a child never inherits
         # one of those mid-operation.
@@ -446,8 +449,48 @@ class Pipeline:
         except BaseException:  # never leave probes attached that nothing will read or close
             self.source.close()
             raise
+        ring_fd = getattr(self.source, "wake_fd", lambda: None)()
+        if ring_fd is not None:
+            try:
+                self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._ring_fd = ring_fd
+            except (AttributeError, OSError):  # no eventfd: sleep the poll interval out
+                _log.debug("no eventfd: the reader reads the ring every poll interval only", exc_info=True)
         self._thread = threading.Thread(target=self._run, name="otel-ebpf-flows-reader", daemon=True)
         self._thread.start()
+
+    def _want(self) -> None:
+        """Wake the reader now (a collection wants a sample; stop)."""
+        self._wanted.set()
+        fd = self._wake_fd
+        if fd is not None:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:  # closed by stop() meanwhile, or the counter is full: awake anyway
+                pass
+
+    def _sleep(self) -> None:
+        """Until the poll interval passes, want() is called, or the kernel wants its ring read."""
+        ring_fd, wake_fd = self._ring_fd, self._wake_fd
+        if ring_fd is None or wake_fd is None:
+            self._wanted.wait(self._poll_interval)
+            return
+        if self._wanted.is_set():
+            return
+        try:
+            select.select([ring_fd, wake_fd], [], [], self._poll_interval)
+            os.eventfd_read(wake_fd)
+        except (BlockingIOError, InterruptedError):  # not signalled; a signal
+            pass
+
+    def discard(self) -> None:
+        """Free what the pipeline holds itself (the source is the caller's): a forked child's copy."""
+        fd, self._wake_fd, self._ring_fd = self._wake_fd, None, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _on_event(self, event: FlowEvent) -> None:
         if event.kind in CONN_EVENT_KINDS:
@@ -485,9 +528,9 @@ class Pipeline:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                # Sleep with no lock held; records are never woken for, so
-                # waiting here loses nothing (the kernel wakes no one per record).
-                self._wanted.wait(self._poll_interval)
+                # Sleep with no lock held; records are never woken for (the kernel
+                # wakes no one per record, only when a burst fills the ring).
+                self._sleep()
                 with self._work:
                     if self._stop.is_set():
                         break
@@ -547,7 +590,7 @@ class Pipeline:
             if time.monotonic() - self._sampled_at < self.FRESH_S:
                 return
             wanted = self._sample_started + 1  # the next sample to start begins after this call
-            self._wanted.set()
+            self._want()
             deadline = time.monotonic() + timeout
             while self._sample_done < wanted:
                 left = deadline - time.monotonic()
@@ -575,7 +618,7 @@ class Pipeline:
             self.spans.enabled = False
             detach(self.spans)
         self._stop.set()
-        self._wanted.set()
+        self._want()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
@@ -585,3 +628,4 @@ class Pipeline:
         with self._update_lock:  # nor under a collection's read
             self._stopped = True
         self.source.close()
+        self.discard()

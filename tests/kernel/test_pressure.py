@@ -101,3 +101,19 @@ def test_tight_maps_and_a_tiny_ring_buffer_count_what_they_drop(pressure):
     assert total(rows, "ebpf_flows.tcp.connection.closes") == tracked
     got = counts(rows, "ebpf_flows.tcp.handshake.duration") + counts(rows, "ebpf_flows.tcp.connection.duration")
     assert got + lost + syn_wait == 2 * tracked, (got, lost, syn_wait, tracked)
+
+
+def test_a_burst_bigger_than_the_ring_is_read_before_the_poll_interval_ends(kernel_ok: None) -> None:
+    """The kernel wakes the reader once a quarter of the ring is full (not per record): a burst of
+    four times the ring's size, made well within one poll interval, loses no record."""
+    proc = subprocess.run(["unshare", "--net", sys.executable, "-m", "tests.kernel.workload", "ring_wakeup"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows, mib, n = r["points"], r["mib"], r["connections"]
+    assert r["burst_s"] < r["poll_interval"] / 2, "the burst took too long to prove anything"
+    assert mib["Tcp.ActiveOpens"] == mib["Tcp.PassiveOpens"] == n
+    assert probe(rows, "ebpf_flows.probe.events.lost", "tcp_flows.events") == 0
+    assert probe(rows, "ebpf_flows.probe.events.lost", "tcp_flows.syn_wait") == 0
+    assert counts(rows, "ebpf_flows.tcp.handshake.duration") == 2 * n
+    assert counts(rows, "ebpf_flows.tcp.connection.duration") == 2 * n

@@ -1438,6 +1438,28 @@ def pressure() -> Dict[str, Any]:
 
 
 @scenario
+def ring_wakeup() -> Dict[str, Any]:
+    """A burst of records four times the ring's size, well within one (long) poll interval."""
+    setup_netns()
+    poll_interval = 5.0
+    tel = Telemetry(poll_interval=poll_interval, ring_buffer_bytes=65536)  # 1,024 records, woken at 256
+    started = time.monotonic()
+    srv = _listener(5597, 1024)
+    before = mib()
+    n = 600  # 4 records each: two handshakes, two closes
+    for _ in range(n):
+        c = socket.create_connection(("127.0.0.1", 5597))
+        a, _ = srv.accept()
+        c.close()
+        a.close()
+    burst_s = time.monotonic() - started
+    srv.close()
+    settle(0.5)
+    return {"points": tel.points(), "mib": mib_delta(before, mib()), "connections": n, "burst_s": burst_s,
+            "poll_interval": poll_interval}
+
+
+@scenario
 def flows_overflow() -> Dict[str, Any]:
     """More peers than the kernel's flows map holds: nothing is lost, the overflow is counted."""
     setup_netns()

@@ -28,7 +28,7 @@ from opentelemetry.sdk.metrics.view import (
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from otel_ebpf_flows import _histogram
-from otel_ebpf_flows._histogram import HistogramRecorder
+from otel_ebpf_flows._histogram import NO_SPAN, HistogramRecorder
 
 BOUNDS = [0.0001, 0.001, 0.01, 0.1, 1.0]
 SETS = [
@@ -114,7 +114,7 @@ def workload(seed: int) -> List[List[Tuple[int, float, Optional[int]]]]:
              for _ in range(rng.randrange(1, 30))] for _ in range(4)]
 
 
-def run(case: Case, record: Callable[[Any], Callable[[float, Dict[str, Any], Context], None]],
+def run(case: Case, record: Callable[[Any], Callable[[float, Dict[str, Any], Optional[Context]], None]],
         rounds: List[List[Tuple[int, float, Optional[int]]]]) -> List[List[Tuple[str, Any]]]:
     provider, readers = provider_for(case)
     try:
@@ -124,22 +124,23 @@ def run(case: Case, record: Callable[[Any], Callable[[float, Dict[str, Any], Con
         exported = []
         for points_ in rounds:
             for index, value, ctx in points_:
-                rec(value, sets[index], Context() if ctx is None else sampled_context(ctx))
+                rec(value, sets[index], None if ctx is None else sampled_context(ctx))
             exported.extend(points(r) for r in readers)
         return exported
     finally:
         provider.shutdown()
 
 
-def public(histogram: Any) -> Callable[[float, Dict[str, Any], Context], None]:
-    return lambda value, attrs, ctx: histogram.record(value, attrs, context=ctx)
+def public(histogram: Any) -> Callable[[float, Dict[str, Any], Optional[Context]], None]:
+    # no span: a context that names none, as the library passes when it has none to link
+    return lambda value, attrs, ctx: histogram.record(value, attrs, context=NO_SPAN if ctx is None else ctx)
 
 
-def fast(histogram: Any) -> Callable[[float, Dict[str, Any], Context], None]:
+def fast(histogram: Any) -> Callable[[float, Dict[str, Any], Optional[Context]], None]:
     recorder = HistogramRecorder(histogram)
     assert recorder.fast, "the fast path is off on this SDK: points cost a whole Histogram.record() each"
 
-    def record(value: float, attrs: Dict[str, Any], ctx: Context) -> None:
+    def record(value: float, attrs: Dict[str, Any], ctx: Optional[Context]) -> None:
         recorder.record(value, attrs, ctx)
         assert recorder.fast  # it never fell back
 
