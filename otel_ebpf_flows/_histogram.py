@@ -24,10 +24,15 @@ where
   same instrument and attribute sets come out as one point per set, with the
   exact count, sum, min, max and bucket counts, across two collections.
 
-Otherwise, or on any error, it calls ``Histogram.record()``: never slower than
-before, never a point lost or doubled (an error before the point reached any
-aggregation falls back for that point; one after cannot happen, see
-:meth:`HistogramRecorder._prepare`).
+Otherwise it calls ``Histogram.record()``. Everything that could fail on an
+SDK of another shape is done before a point reaches any aggregation
+(:meth:`HistogramRecorder._prepare`), so such an error sends that point, and
+every later one, through ``Histogram.record()``: never a point lost or doubled.
+Only an aggregation's own ``aggregate()`` raising (which the SDK would raise
+into ``Histogram.record()``'s caller too) can leave a point with some readers
+and not others; that is logged as a warning and the fast path is dropped. A
+meter that is the API's proxy (the instruments were created before the SDK's
+MeterProvider was set) keeps ``Histogram.record()`` for good.
 """
 
 from __future__ import annotations
