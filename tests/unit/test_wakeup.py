@@ -1,0 +1,120 @@
+"""The reader sleeps on its source's wake fd (the kernel's ring), on collections and on stop().
+
+A source with a ``wake_fd()`` (KernelSource: the events ring's epoll fd, readable once a burst
+fills a quarter of the ring) must be read at once when it turns readable, not at the end of the
+poll interval; a collection that wants a sample and ``stop()`` must not wait the interval out
+either. Here the "ring" is a pipe the test writes to.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterator, List, Optional, Tuple
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from otel_ebpf_flows import _telemetry
+
+from .fakes import FakeSource, wait_until
+
+POLL_INTERVAL = 5.0  # far longer than any wait below
+
+
+class RingSource(FakeSource):
+    """A FakeSource whose wake fd is a pipe; a poll drains it, as consume() drains the ring."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ring_r, self.ring_w = os.pipe()
+        os.set_blocking(self.ring_r, False)
+        self.polls: List[float] = []
+
+    def wake_fd(self) -> Optional[int]:
+        return self.ring_r
+
+    def poll(self, timeout_s: float) -> None:
+        self.polls.append(time.monotonic())
+        try:
+            while os.read(self.ring_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        super().poll(timeout_s)
+
+
+@pytest.fixture
+def running() -> Iterator[Tuple[RingSource, _telemetry.Pipeline]]:
+    source = RingSource()
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    instruments = _telemetry.Instruments(provider.get_meter("t"), lambda: None)
+    pipeline = _telemetry.Pipeline(source, instruments, max_peers=200, poll_interval=POLL_INTERVAL,
+                                   sample_interval=60)
+    pipeline.start()
+    time.sleep(0.05)  # the reader asleep in its first wait
+    try:
+        yield source, pipeline
+    finally:
+        pipeline.stop()
+        provider.shutdown()
+        os.close(source.ring_r)
+        os.close(source.ring_w)
+
+
+def test_the_ring_turning_readable_wakes_the_reader_at_once(running) -> None:
+    source, _ = running
+    before = len(source.polls)
+    time.sleep(0.2)
+    assert len(source.polls) == before  # asleep: nothing to read
+    woken = time.monotonic()
+    os.write(source.ring_w, b"x")  # the kernel's wakeup
+    wait_until(lambda: len(source.polls) > before, timeout=1.0)
+    assert source.polls[before] - woken < 1.0
+    # drained: it sleeps again rather than spinning
+    time.sleep(0.3)
+    assert len(source.polls) <= before + 2
+
+
+def test_a_collection_wanting_a_sample_does_not_wait_for_the_poll_interval(running) -> None:
+    source, pipeline = running
+    time.sleep(pipeline.FRESH_S + 0.05)  # the start's sample is no longer fresh
+    samples = source.samples
+    t0 = time.monotonic()
+    pipeline.refresh(timeout=POLL_INTERVAL)
+    assert time.monotonic() - t0 < 1.0
+    assert source.samples > samples
+
+
+def test_stop_wakes_the_reader_and_closes_what_it_slept_on(running) -> None:
+    source, pipeline = running
+    wake_fd = pipeline._wake_fd
+    assert wake_fd is not None
+    t0 = time.monotonic()
+    pipeline.stop()
+    assert time.monotonic() - t0 < 1.0
+    assert pipeline._thread is not None and not pipeline._thread.is_alive()
+    assert source.closed
+    with pytest.raises(OSError):
+        os.fstat(wake_fd)
+
+
+def test_a_source_without_a_wake_fd_sleeps_on_the_event_as_before() -> None:
+    source = FakeSource()
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    instruments = _telemetry.Instruments(provider.get_meter("t"), lambda: None)
+    pipeline = _telemetry.Pipeline(source, instruments, max_peers=200, poll_interval=POLL_INTERVAL,
+                                   sample_interval=60)
+    pipeline.start()
+    try:
+        assert pipeline._wake_fd is None
+        time.sleep(pipeline.FRESH_S + 0.05)
+        t0 = time.monotonic()
+        pipeline.refresh(timeout=POLL_INTERVAL)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        t0 = time.monotonic()
+        pipeline.stop()
+        assert time.monotonic() - t0 < 1.0
+        provider.shutdown()
