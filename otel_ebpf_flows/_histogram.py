@@ -30,9 +30,10 @@ SDK of another shape is done before a point reaches any aggregation
 every later one, through ``Histogram.record()``: never a point lost or doubled.
 Only an aggregation's own ``aggregate()`` raising (which the SDK would raise
 into ``Histogram.record()``'s caller too) can leave a point with some readers
-and not others; that is logged as a warning and the fast path is dropped. A
-meter that is the API's proxy (the instruments were created before the SDK's
-MeterProvider was set) keeps ``Histogram.record()`` for good.
+and not others; that is logged as a warning and the fast path is dropped. An
+instrument of the API's proxy meter (created before the SDK's MeterProvider was
+set) goes through the proxy until the proxy has its real instrument, then that one
+is used as above.
 """
 
 from __future__ import annotations
@@ -107,11 +108,19 @@ class HistogramRecorder:
         # id(attributes) -> (attributes, [(view match, aggregation key, its attributes)]),
         # for the reader storages in _storages
         self._prepared: Dict[int, Tuple[Dict[str, Any], List[Tuple[Any, Any, Dict[str, Any]]]]] = {}
+        # the API's proxy (created before the SDK's MeterProvider was set): bound once it has
+        # its real instrument
+        self._proxy: Any = None
+        self._bind(instrument)
+
+    def _bind(self, instrument: Histogram) -> None:
         internals = _internals()
         if internals is None:
             return
         histogram_class, self._measurement, self._hash = internals
         if type(instrument) is not histogram_class:  # a proxy, a no-op, another SDK
+            if hasattr(instrument, "_real_instrument"):
+                self._proxy = instrument
             return
         consumer = getattr(instrument, "_measurement_consumer", None)
         config: Any = getattr(consumer, "_sdk_config", None)
@@ -134,6 +143,10 @@ class HistogramRecorder:
         return self._fast and _self_check()
 
     def record(self, value: float, attributes: Dict[str, Any], context: Optional[Context] = None) -> None:
+        if self._proxy is not None and self._proxy._real_instrument is not None:
+            real, self._proxy = self._proxy._real_instrument, None
+            self.instrument = real
+            self._bind(real)
         if self._fast and (_checked if _checked is not None else _self_check()):
             try:
                 if self._record(value, attributes, context):

@@ -267,3 +267,22 @@ def test_no_point_is_lost_to_delta_collections_running_alongside() -> None:
     provider.shutdown()
     assert recorder.fast
     assert collected == total
+
+
+def test_a_proxy_histogram_takes_the_fast_path_once_the_sdk_provider_is_set() -> None:
+    from opentelemetry.metrics._internal import _ProxyMeter
+
+    meter = _ProxyMeter("m")  # what get_meter() hands out before set_meter_provider()
+    histogram = meter.create_histogram("h", unit="s")
+    recorder = HistogramRecorder(histogram)
+    assert not recorder.fast
+    recorder.record(0.1, dict(SETS[0]))  # no provider yet: dropped, as the proxy drops it
+    provider, (reader,) = provider_for({})
+    meter.on_set_meter_provider(provider)
+    attrs = dict(SETS[0])
+    recorder.record(0.2, attrs)
+    recorder.record(0.3, attrs)
+    assert recorder.fast
+    (point,) = reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+    assert (point.count, point.sum) == (2, pytest.approx(0.5))
+    provider.shutdown()
