@@ -15,6 +15,7 @@ import logging
 import operator
 import os
 import select
+import sys
 import threading
 import time
 from typing import (
@@ -386,6 +387,41 @@ class ReadsNow(Protocol):
     def read(self) -> Snapshot: ...
 
 
+class _Waker:
+    """A file descriptor that :meth:`wake` makes readable and :meth:`clear` not: an eventfd,
+    or a pipe where Python has no ``os.eventfd`` (3.9)."""
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):
+            self.fd = self._write_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:
+            self.fd, self._write_fd = os.pipe()
+            for fd in (self.fd, self._write_fd):
+                os.set_blocking(fd, False)
+
+    def wake(self) -> None:
+        try:
+            os.write(self._write_fd, _ONE)
+        except OSError:  # full (readable anyway), or closed by stop() meanwhile
+            pass
+
+    def clear(self) -> None:
+        try:
+            os.read(self.fd, 4096)
+        except OSError:  # not woken (EAGAIN)
+            pass
+
+    def close(self) -> None:
+        for fd in {self.fd, self._write_fd}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+_ONE = (1).to_bytes(8, sys.byteorder)  # an eventfd takes an 8-byte count
+
+
 class Pipeline:
     """The reader thread: drains the source's events, samples it, feeds the aggregator."""
 
@@ -408,10 +444,9 @@ class Pipeline:
         self._stop = threading.Event()
         self._wanted = threading.Event()
         # A source with a wake_fd (KernelSource: its events ring, readable when a burst
-        # fills a quarter of it) is slept on with an eventfd that want() signals, so
+        # fills a quarter of it) is slept on with a fd that want() makes readable, so
         # neither a filling ring nor a collection waits out the poll interval.
-        self._ring_fd: Optional[int] = None
-        self._wake_fd: Optional[int] = None
+        self._waker: Optional[_Waker] = None
         # Held by the reader while it touches the source, the aggregator or the
         # SDK's instruments, and by fork() (see quiesce): a child never inherits
         # one of those mid-operation.
@@ -449,48 +484,45 @@ class Pipeline:
         except BaseException:  # never leave probes attached that nothing will read or close
             self.source.close()
             raise
-        ring_fd = getattr(self.source, "wake_fd", lambda: None)()
-        if ring_fd is not None:
+        if self._ring_fd() is not None:
             try:
-                self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                self._ring_fd = ring_fd
-            except (AttributeError, OSError):  # no eventfd: sleep the poll interval out
-                _log.debug("no eventfd: the reader reads the ring every poll interval only", exc_info=True)
+                self._waker = _Waker()
+            except OSError:  # out of fds: sleep the poll interval out, as a source without a ring
+                _log.debug("the reader reads the ring every poll interval only", exc_info=True)
         self._thread = threading.Thread(target=self._run, name="otel-ebpf-flows-reader", daemon=True)
         self._thread.start()
+
+    def _ring_fd(self) -> Optional[int]:
+        wake_fd: Callable[[], Optional[int]] = getattr(self.source, "wake_fd", lambda: None)
+        return wake_fd()
 
     def _want(self) -> None:
         """Wake the reader now (a collection wants a sample; stop)."""
         self._wanted.set()
-        fd = self._wake_fd
-        if fd is not None:
-            try:
-                os.eventfd_write(fd, 1)
-            except OSError:  # closed by stop() meanwhile, or the counter is full: awake anyway
-                pass
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
 
     def _sleep(self) -> None:
         """Until the poll interval passes, want() is called, or the kernel wants its ring read."""
-        ring_fd, wake_fd = self._ring_fd, self._wake_fd
-        if ring_fd is None or wake_fd is None:
+        waker = self._waker
+        ring_fd = self._ring_fd() if waker is not None else None  # None once the source is closed
+        if waker is None or ring_fd is None:
             self._wanted.wait(self._poll_interval)
             return
         if self._wanted.is_set():
             return
         try:
-            select.select([ring_fd, wake_fd], [], [], self._poll_interval)
-            os.eventfd_read(wake_fd)
-        except (BlockingIOError, InterruptedError):  # not signalled; a signal
+            select.select([ring_fd, waker.fd], [], [], self._poll_interval)
+        except InterruptedError:
             pass
+        waker.clear()
 
     def discard(self) -> None:
         """Free what the pipeline holds itself (the source is the caller's): a forked child's copy."""
-        fd, self._wake_fd, self._ring_fd = self._wake_fd, None, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        waker, self._waker = self._waker, None
+        if waker is not None:
+            waker.close()
 
     def _on_event(self, event: FlowEvent) -> None:
         if event.kind in CONN_EVENT_KINDS:
