@@ -163,22 +163,22 @@ class HistogramRecorder:
 
     def _record(self, value: float, attributes: Dict[str, Any], context: Optional[Context]) -> bool:
         """The fast path; False: the point was not recorded, for ``Histogram.record()`` to do."""
-        try:
+        try:  # nothing reaches an aggregation in here
             matches = self._prepare(attributes)
-        except Exception:  # nothing reached an aggregation yet
+            if matches is None or not 0 <= value < math.inf or not self._is_enabled():
+                return False  # the SDK's own path warns (negative, NaN, infinite), or skips a disabled meter
+            now = time_ns()
+            if context is None:
+                context = NO_SPAN
+                sample = False if self._spanless_unsampled else self._should_sample(value, now, attributes, context)
+            else:
+                sample = self._should_sample(value, now, attributes, context)
+            measurement = self._measurement(value, now, self.instrument, context, None)
+            object.__setattr__(measurement, "attributes", attributes)  # checked once in _prepare
+        except Exception:
             _log.debug("histogram fast path unavailable; using Histogram.record()", exc_info=True)
             self._fast = False
             return False
-        if matches is None or not 0 <= value < math.inf or not self._is_enabled():
-            return False  # the SDK's own path warns (negative, NaN, infinite), or skips a disabled meter
-        now = time_ns()
-        if context is None:
-            context = NO_SPAN
-            sample = False if self._spanless_unsampled else self._should_sample(value, now, attributes, context)
-        else:
-            sample = self._should_sample(value, now, attributes, context)
-        measurement = self._measurement(value, now, self.instrument, context, None)
-        object.__setattr__(measurement, "attributes", attributes)  # checked once in _prepare
         for match, key, attrs in matches:
             if match._reset_on_collect:
                 # a delta collection swaps the aggregations out: hold its lock throughout

@@ -310,9 +310,10 @@ def _after_fork_in_child() -> None:
         if isinstance(pipeline.source, KernelSource) and pipeline.source.claiming:
             parents = pipeline.source.server_sockets_counted()
         pipeline.source.close()
-        pipeline.discard()
     except Exception:  # pragma: no cover - never fail a fork
         pass
+    finally:
+        pipeline.discard()
     if setup is None:
         cls._setup = None
         try:

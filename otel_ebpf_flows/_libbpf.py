@@ -493,18 +493,20 @@ class RingBuffer:
 
     @property
     def epoll_fd(self) -> Optional[int]:
-        """Readable once the kernel wakes the consumer (a burst filled part of the ring), until drained."""
+        """Readable once the kernel wakes the consumer (a burst filled part of the ring), and then
+        for as long as a check finds records in it (level-triggered)."""
         return self._epoll_fd if self._ptr is not None else None
 
     def wait(self, timeout_s: float) -> bool:
         """Wait, without the GIL, until the kernel wakes the consumer or ``timeout_s`` passes."""
         if self._ptr is None or timeout_s <= 0:
             return False
+        poller = select.poll()  # not select(): any fd number, however many the application has open
+        poller.register(self._epoll_fd, select.POLLIN)
         try:
-            readable, _, _ = select.select([self._epoll_fd], [], [], timeout_s)
+            return bool(poller.poll(int(timeout_s * 1000)))
         except InterruptedError:
             return False
-        return bool(readable)
 
     def poll(self, timeout_ms: int) -> int:
         """Wait up to ``timeout_ms`` for the kernel's wakeup, then consume."""

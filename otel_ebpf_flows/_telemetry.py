@@ -389,9 +389,12 @@ class ReadsNow(Protocol):
 
 class _Waker:
     """A file descriptor that :meth:`wake` makes readable and :meth:`clear` not: an eventfd,
-    or a pipe where Python has no ``os.eventfd`` (3.9)."""
+    or a pipe where Python has no ``os.eventfd`` (3.9). Once closed, :meth:`wake` writes
+    nothing: the fd number may be the application's by then."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._closed = False
         if hasattr(os, "eventfd"):
             self.fd = self._write_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         else:
@@ -400,10 +403,13 @@ class _Waker:
                 os.set_blocking(fd, False)
 
     def wake(self) -> None:
-        try:
-            os.write(self._write_fd, _ONE)
-        except OSError:  # full (readable anyway), or closed by stop() meanwhile
-            pass
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._write_fd, _ONE)
+            except OSError:  # full: readable anyway
+                pass
 
     def clear(self) -> None:
         try:
@@ -412,12 +418,32 @@ class _Waker:
             pass
 
     def close(self) -> None:
-        for fd in {self.fd, self._write_fd}:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in {self.fd, self._write_fd}:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
+
+def _wait_readable(fds: List[int], timeout_s: float) -> List[int]:
+    """Which of ``fds`` turned readable within ``timeout_s`` (poll(2): any fd number, unlike select)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    try:
+        return [fd for fd, _ in poller.poll(max(0, int(timeout_s * 1000)))]
+    except InterruptedError:
+        return []
+
+
+#: After the ring woke the reader, it is left out of the next wait for this long: a woken
+#: ring stays readable while records keep coming, and the reader should read batches, not
+#: spin on each record. Loss would need 3/4 of the ring filled in this time.
+RING_REWAIT_S = 0.005
 
 _ONE = (1).to_bytes(8, sys.byteorder)  # an eventfd takes an 8-byte count
 
@@ -447,6 +473,7 @@ class Pipeline:
         # fills a quarter of it) is slept on with a fd that want() makes readable, so
         # neither a filling ring nor a collection waits out the poll interval.
         self._waker: Optional[_Waker] = None
+        self._ring_woke = False  # the last wait ended because the ring was readable
         # Held by the reader while it touches the source, the aggregator or the
         # SDK's instruments, and by fork() (see quiesce): a child never inherits
         # one of those mid-operation.
@@ -512,11 +539,17 @@ class Pipeline:
             return
         if self._wanted.is_set():
             return
-        try:
-            select.select([ring_fd, waker.fd], [], [], self._poll_interval)
-        except InterruptedError:
-            pass
-        waker.clear()
+        timeout = self._poll_interval
+        if self._ring_woke:  # it may still be readable: a short wait without it first
+            self._ring_woke = False
+            if _wait_readable([waker.fd], RING_REWAIT_S):
+                waker.clear()
+                return
+            timeout -= RING_REWAIT_S
+        ready = _wait_readable([ring_fd, waker.fd], timeout)
+        self._ring_woke = ring_fd in ready
+        if waker.fd in ready:
+            waker.clear()
 
     def discard(self) -> None:
         """Free what the pipeline holds itself (the source is the caller's): a forked child's copy."""

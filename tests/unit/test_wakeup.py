@@ -9,6 +9,7 @@ either. Here the "ring" is a pipe the test writes to.
 from __future__ import annotations
 
 import os
+import resource
 import time
 from typing import Iterator, List, Optional, Tuple
 
@@ -26,8 +27,9 @@ POLL_INTERVAL = 5.0  # far longer than any wait below
 class RingSource(FakeSource):
     """A FakeSource whose wake fd is a pipe; a poll drains it, as consume() drains the ring."""
 
-    def __init__(self) -> None:
+    def __init__(self, drain: bool = True) -> None:
         super().__init__()
+        self.drain = drain
         self.ring_r, self.ring_w = os.pipe()
         os.set_blocking(self.ring_r, False)
         self.polls: List[float] = []
@@ -38,18 +40,27 @@ class RingSource(FakeSource):
     def poll(self, timeout_s: float) -> None:
         self.polls.append(time.monotonic())
         try:
-            while os.read(self.ring_r, 4096):
+            while self.drain and os.read(self.ring_r, 4096):
                 pass
         except BlockingIOError:
             pass
         super().poll(timeout_s)
 
 
-@pytest.fixture(params=["eventfd", "pipe"])
+@pytest.fixture(params=["eventfd", "pipe", "fds above 1024"])
 def running(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
             ) -> Iterator[Tuple[RingSource, _telemetry.Pipeline]]:
     if request.param == "pipe":  # Python 3.9 has no os.eventfd
         monkeypatch.delattr(os, "eventfd")
+    held: List[int] = []
+    if request.param == "fds above 1024":  # an application with many sockets: select() cannot take these
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+            request.addfinalizer(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
+        while not held or held[-1] < 1030:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        request.addfinalizer(lambda: [os.close(fd) for fd in held])
     source = RingSource()
     provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
     instruments = _telemetry.Instruments(provider.get_meter("t"), lambda: None)
@@ -122,3 +133,40 @@ def test_a_source_without_a_wake_fd_sleeps_on_the_event_as_before() -> None:
         pipeline.stop()
         assert time.monotonic() - t0 < 1.0
         provider.shutdown()
+
+
+def test_a_ring_that_stays_readable_is_read_in_batches_not_in_a_spin() -> None:
+    """A woken BPF ring stays readable while records keep coming (level-triggered)."""
+    source = RingSource(drain=False)
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    instruments = _telemetry.Instruments(provider.get_meter("t"), lambda: None)
+    pipeline = _telemetry.Pipeline(source, instruments, max_peers=200, poll_interval=POLL_INTERVAL,
+                                   sample_interval=60)
+    pipeline.start()
+    try:
+        os.write(source.ring_w, b"x")  # readable from now on
+        wait_until(lambda: len(source.polls) >= 1, timeout=1.0)
+        time.sleep(0.5)
+        # at most one read per RING_REWAIT_S (100 in 0.5 s), not thousands
+        assert 5 <= len(source.polls) <= 0.5 / _telemetry.RING_REWAIT_S + 10, len(source.polls)
+    finally:
+        pipeline.stop()
+        provider.shutdown()
+        os.close(source.ring_r)
+        os.close(source.ring_w)
+
+
+def test_a_closed_waker_writes_nothing_into_the_fd_number_it_had() -> None:
+    waker = _telemetry._Waker()
+    number = waker._write_fd
+    r, w = os.pipe()
+    waker.close()
+    os.dup2(w, number)  # the application's pipe got the number the waker had
+    try:
+        waker.wake()  # a collection thread late to the party
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 64)
+    finally:
+        for fd in (number, r, w):
+            os.close(fd)
