@@ -75,7 +75,7 @@ from . import _agent_protocol as proto
 from ._config import DEFAULT_AGENT_SOCKET, Config, load_config
 from ._kernel import KernelSource, check_environment, own_socket_inodes
 from ._source import CONN_EVENT_KINDS, FlowEvent, ProbeStats, Snapshot, Source
-from ._telemetry import Instruments, Pipeline, ReadsNow
+from ._telemetry import Instruments, Pipeline, ReadsNow, wake_fd_of
 from .exceptions import ConfigurationError, EbpfFlowsError
 from .version import __version__
 
@@ -284,8 +284,7 @@ class ObservedSource:
         self.kernel.poll(timeout_s)
 
     def wake_fd(self) -> Optional[int]:
-        wake_fd: Callable[[], Optional[int]] = getattr(self.kernel, "wake_fd", lambda: None)
-        return wake_fd()
+        return wake_fd_of(self.kernel)
 
     def sample(self) -> Snapshot:
         return self._with_span_lost(self.kernel.sample())

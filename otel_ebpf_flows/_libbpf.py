@@ -123,6 +123,18 @@ _vsnprintf: Any = None  # libc's, resolved on the first libbpf log line
 YIELD_S = 0.00005
 
 
+def wait_readable(fds: List[int], timeout_s: float) -> List[int]:
+    """Which of ``fds`` turned readable within ``timeout_s``, waited for without the GIL
+    (poll(2), not select(): any fd number, however many the application has open)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    try:
+        return [fd for fd, _ in poller.poll(max(0, int(timeout_s * 1000)))]
+    except InterruptedError:
+        return []
+
+
 def yield_gil() -> None:
     """Let another thread that wants the GIL have it, then carry on.
 
@@ -501,12 +513,7 @@ class RingBuffer:
         """Wait, without the GIL, until the kernel wakes the consumer or ``timeout_s`` passes."""
         if self._ptr is None or timeout_s <= 0:
             return False
-        poller = select.poll()  # not select(): any fd number, however many the application has open
-        poller.register(self._epoll_fd, select.POLLIN)
-        try:
-            return bool(poller.poll(int(timeout_s * 1000)))
-        except InterruptedError:
-            return False
+        return bool(wait_readable([self._epoll_fd], timeout_s))
 
     def poll(self, timeout_ms: int) -> int:
         """Wait up to ``timeout_ms`` for the kernel's wakeup, then consume."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import operator
 import os
-import select
 import sys
 import threading
 import time
@@ -387,6 +386,13 @@ class ReadsNow(Protocol):
     def read(self) -> Snapshot: ...
 
 
+def wake_fd_of(source: Any) -> Optional[int]:
+    """The fd a source turns readable when it wants reading before the next poll
+    (``wake_fd()``: KernelSource's events ring), or None."""
+    wake_fd: Callable[[], Optional[int]] = getattr(source, "wake_fd", lambda: None)
+    return wake_fd()
+
+
 class _Waker:
     """A file descriptor that :meth:`wake` makes readable and :meth:`clear` not: an eventfd,
     or a pipe where Python has no ``os.eventfd`` (3.9). Once closed, :meth:`wake` writes
@@ -427,17 +433,6 @@ class _Waker:
                     os.close(fd)
                 except OSError:
                     pass
-
-
-def _wait_readable(fds: List[int], timeout_s: float) -> List[int]:
-    """Which of ``fds`` turned readable within ``timeout_s`` (poll(2): any fd number, unlike select)."""
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    try:
-        return [fd for fd, _ in poller.poll(max(0, int(timeout_s * 1000)))]
-    except InterruptedError:
-        return []
 
 
 #: After the ring woke the reader, it is left out of the next wait for this long: a woken
@@ -520,8 +515,7 @@ class Pipeline:
         self._thread.start()
 
     def _ring_fd(self) -> Optional[int]:
-        wake_fd: Callable[[], Optional[int]] = getattr(self.source, "wake_fd", lambda: None)
-        return wake_fd()
+        return wake_fd_of(self.source)
 
     def _want(self) -> None:
         """Wake the reader now (a collection wants a sample; stop)."""
@@ -542,11 +536,11 @@ class Pipeline:
         timeout = self._poll_interval
         if self._ring_woke:  # it may still be readable: a short wait without it first
             self._ring_woke = False
-            if _wait_readable([waker.fd], RING_REWAIT_S):
+            if _libbpf.wait_readable([waker.fd], RING_REWAIT_S):
                 waker.clear()
                 return
             timeout -= RING_REWAIT_S
-        ready = _wait_readable([ring_fd, waker.fd], timeout)
+        ready = _libbpf.wait_readable([ring_fd, waker.fd], timeout)
         self._ring_woke = ring_fd in ready
         if waker.fd in ready:
             waker.clear()

@@ -47,6 +47,16 @@ class RingSource(FakeSource):
         super().poll(timeout_s)
 
 
+def started(source: FakeSource) -> Tuple[_telemetry.Pipeline, MeterProvider]:
+    """A running pipeline over ``source`` (poll interval POLL_INTERVAL, no sample due)."""
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    instruments = _telemetry.Instruments(provider.get_meter("t"), lambda: None)
+    pipeline = _telemetry.Pipeline(source, instruments, max_peers=200, poll_interval=POLL_INTERVAL,
+                                   sample_interval=60)
+    pipeline.start()
+    return pipeline, provider
+
+
 @pytest.fixture(params=["eventfd", "pipe", "fds above 1024"])
 def running(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
             ) -> Iterator[Tuple[RingSource, _telemetry.Pipeline]]:
@@ -62,11 +72,7 @@ def running(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
             held.append(os.open(os.devnull, os.O_RDONLY))
         request.addfinalizer(lambda: [os.close(fd) for fd in held])
     source = RingSource()
-    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
-    instruments = _telemetry.Instruments(provider.get_meter("t"), lambda: None)
-    pipeline = _telemetry.Pipeline(source, instruments, max_peers=200, poll_interval=POLL_INTERVAL,
-                                   sample_interval=60)
-    pipeline.start()
+    pipeline, provider = started(source)
     time.sleep(0.05)  # the reader asleep in its first wait
     try:
         yield source, pipeline
@@ -117,11 +123,7 @@ def test_stop_wakes_the_reader_and_closes_what_it_slept_on(running) -> None:
 
 def test_a_source_without_a_wake_fd_sleeps_on_the_event_as_before() -> None:
     source = FakeSource()
-    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
-    instruments = _telemetry.Instruments(provider.get_meter("t"), lambda: None)
-    pipeline = _telemetry.Pipeline(source, instruments, max_peers=200, poll_interval=POLL_INTERVAL,
-                                   sample_interval=60)
-    pipeline.start()
+    pipeline, provider = started(source)
     try:
         assert pipeline._waker is None
         time.sleep(pipeline.FRESH_S + 0.05)
@@ -138,11 +140,7 @@ def test_a_source_without_a_wake_fd_sleeps_on_the_event_as_before() -> None:
 def test_a_ring_that_stays_readable_is_read_in_batches_not_in_a_spin() -> None:
     """A woken BPF ring stays readable while records keep coming (level-triggered)."""
     source = RingSource(drain=False)
-    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
-    instruments = _telemetry.Instruments(provider.get_meter("t"), lambda: None)
-    pipeline = _telemetry.Pipeline(source, instruments, max_peers=200, poll_interval=POLL_INTERVAL,
-                                   sample_interval=60)
-    pipeline.start()
+    pipeline, provider = started(source)
     try:
         os.write(source.ring_w, b"x")  # readable from now on
         wait_until(lambda: len(source.polls) >= 1, timeout=1.0)
