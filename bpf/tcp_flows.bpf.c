@@ -38,6 +38,14 @@
  *              nothing about which of them will accept the connection;
  *              [2] = 1 once span enrichment is in use (span_mode: a tracer
  *              provider is hooked): until then no conn_events, no thread slots
+ *   hists      flow_key -> per histogram: bucket counts, sum, extremes: histogram
+ *              points aggregated here instead of handed over one record each;
+ *              when full, into the overflow key of the role
+ *   .data.hists  (global data, written by user space through its memory map at
+ *              run time) hist_mode: which histograms the kernel aggregates
+ *              (HIST_MODE_*: where every reader's aggregation takes bucket
+ *              counts); hist_gen: the generation of their extremes (see
+ *              hist_value); hist_bounds: their bucket bounds in kernel units
  *   conn_events  ring buffer of per-connection records for span enrichment
  *              (connection, retransmit, reset, zero window, gone); never wakes
  *   threads    tid -> the connections the thread used lately (span enrichment)
@@ -86,6 +94,11 @@ const volatile __u32 ns_tids = 0;
 const volatile __u64 wakeup_bytes = 65536;
 const volatile __u64 rtt_sample_ns = 5000000000ULL;
 const volatile __u32 span_mode = 0;	/* 1: feed conn_events and threads */
+
+/* Set by user space at run time (see .data.hists above). */
+__u32 hist_mode SEC(".data.hists") = 0;
+__u32 hist_gen SEC(".data.hists") = 0;
+struct hist_bounds hist_bounds[HIST_MAX] SEC(".data.hists") = {};
 
 __u64 next_conn_id = 0;
 /* The target's tgid as the kernel names it (init pid namespace), learned the
@@ -216,6 +229,13 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } control SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct flow_key);
+	__type(value, struct hist_set);
+} hists SEC(".maps");
 
 /* A forked child: the sockets its parent had already counted as its own when it
  * forked (established on a shared listener before claim mode): never taken on. */
@@ -584,6 +604,75 @@ static __always_inline void submit(const struct sock_state *st, __u8 kind, __u8 
 	bpf_ringbuf_submit(e, flags);
 }
 
+static const struct hist_set zero_hists;
+/* the keys a full hists map counts into, by role (user space inserts them) */
+static const struct flow_key hist_overflow[4] = {
+	[FLOW_ROLE_CLIENT] = { .family = FLOW_FAMILY_OVERFLOW, .role = FLOW_ROLE_CLIENT },
+	[FLOW_ROLE_SERVER] = { .family = FLOW_FAMILY_OVERFLOW, .role = FLOW_ROLE_SERVER },
+};
+
+/*
+ * One histogram point into the hists map: what user space would have done with
+ * the record's value (bucket by the SDK's rule, sum, min, max), without the
+ * record. Counts and sum are atomic adds (the nested copy of a program may
+ * interrupt it on the same CPU; another CPU may add to the same peer); the
+ * extremes are plain compare-and-store, so two new extremes of one entry in
+ * the same few nanoseconds can keep the less extreme one. The key is the
+ * socket's own (a map value) or a constant: nothing on the stack of the
+ * set_state handlers, which are near the verifier's limit.
+ */
+static __noinline void hist_add(const struct flow_key *fk, __u32 hist, __u64 value)
+{
+	struct hist_extremes *ext;
+	struct hist_bounds *b;
+	struct hist_value *v;
+	struct hist_set *set;
+	__u32 i, n;
+	__u64 tag;
+
+	set = bpf_map_lookup_elem(&hists, fk);
+	if (!set) {
+		bpf_map_update_elem(&hists, fk, &zero_hists, BPF_NOEXIST);
+		set = bpf_map_lookup_elem(&hists, fk);
+	}
+	if (!set) {
+		stat_inc(STAT_HISTS_FOLDED);
+		set = bpf_map_lookup_elem(&hists, &hist_overflow[fk->role & 3]);
+		if (!set)
+			return;
+	}
+	/* constant offsets: the verifier loses a bound on the argument */
+	if (hist == HIST_HANDSHAKE) {
+		v = &set->hist[HIST_HANDSHAKE];
+		b = &hist_bounds[HIST_HANDSHAKE];
+	} else if (hist == HIST_DURATION) {
+		v = &set->hist[HIST_DURATION];
+		b = &hist_bounds[HIST_DURATION];
+	} else {
+		v = &set->hist[HIST_RTT];
+		b = &hist_bounds[HIST_RTT];
+	}
+	n = b->n;
+	for (i = 0; i < HIST_BOUNDS_MAX; i++) {
+		if (i >= n || value <= b->bound[i])
+			break;
+	}
+	__sync_fetch_and_add(&v->buckets[i & (HIST_BUCKETS - 1)], 1);
+	__sync_fetch_and_add(&v->sum, value);
+	tag = (__u64)hist_gen + 1;	/* never the 0 of a new entry */
+	ext = &v->ext[tag & 1];
+	if (ext->gen != tag) {
+		ext->min = value;
+		ext->max = value;
+		ext->gen = tag;
+		return;
+	}
+	if (value < ext->min)
+		ext->min = value;
+	if (value > ext->max)
+		ext->max = value;
+}
+
 /* A span-enrichment record: read when a span ends and on every poll, never
  * woken for; none until user space has spans to enrich (CONTROL_SPANS). */
 static __always_inline void conn_event(const struct sock_state *st, __u8 kind, __u8 reason,
@@ -761,9 +850,14 @@ static __always_inline void count_established(struct sock_state *st, struct flow
 	COUNT_INTO(cp, &st->key, attempts_ok, 1);
 	if (st->flags & SF_NO_WSCALE)
 		COUNT_INTO(cp, &st->key, wscale_disabled, 1);
-	if (st->handshake_ns)
-		submit(st, FLOW_EVENT_HANDSHAKE, 0, st->established_ns, st->handshake_ns);
-	else if (st->key.role == FLOW_ROLE_SERVER && !(st->flags & SF_UNSEEN))
+	if (st->handshake_ns) {
+		__u32 mode = hist_mode;
+
+		if (mode & HIST_MODE_HANDSHAKE)
+			hist_add(&st->key, HIST_HANDSHAKE, st->handshake_ns);
+		if (!(mode & HIST_MODE_HANDSHAKE) || (mode & HIST_MODE_AUDIT))
+			submit(st, FLOW_EVENT_HANDSHAKE, 0, st->established_ns, st->handshake_ns);
+	} else if (st->key.role == FLOW_ROLE_SERVER && !(st->flags & SF_UNSEEN))
 		stat_inc(STAT_SYN_WAIT_MISSED);
 }
 
@@ -1105,6 +1199,14 @@ static __always_inline void finalize_close(struct sock_state *st, struct flow_co
 
 	st->flags |= SF_FINAL;
 	COUNT_INTO(cp, &st->key, closes[reason & 7], 1);
+	if (hist_mode & HIST_MODE_CLOSE) {
+		if (!(st->flags & SF_UNSEEN))
+			hist_add(&st->key, HIST_DURATION, st->closed_ns - st->established_ns);
+		if (st->srtt_us)
+			hist_add(&st->key, HIST_RTT, st->srtt_us);
+		if (!(hist_mode & HIST_MODE_AUDIT))
+			return;
+	}
 	/* a connection found established late: its RTT, but no duration */
 	submit(st, (st->flags & SF_UNSEEN) ? FLOW_EVENT_RTT : FLOW_EVENT_CLOSE, reason, st->closed_ns,
 	       st->closed_ns - st->established_ns);

@@ -138,6 +138,58 @@ struct flow_event {
 	__u64 conn_id;		/* per-load connection number, 1-based */
 };
 
+/*
+ * Histograms the kernel aggregates itself (the hists map), once user space
+ * turns them on (hist_mode): their points never become ring records. Values in the histogram's kernel unit: ns (handshake, duration),
+ * us (rtt); user space divides as it does for records.
+ */
+enum hist_id {
+	HIST_HANDSHAKE = 0,
+	HIST_DURATION = 1,
+	HIST_RTT = 2,
+	HIST_MAX = 3,
+};
+
+/* hist_mode bits: which records the kernel aggregates instead */
+#define HIST_MODE_HANDSHAKE (1 << 0)	/* FLOW_EVENT_HANDSHAKE -> HIST_HANDSHAKE */
+#define HIST_MODE_CLOSE (1 << 1)	/* FLOW_EVENT_CLOSE (and a late-found connection's
+					 * FLOW_EVENT_RTT at close) -> HIST_DURATION, HIST_RTT */
+#define HIST_MODE_AUDIT (1 << 2)	/* the records as well (reconciliation: the same
+					 * values both ways) */
+
+#define HIST_BOUNDS_MAX 31
+#define HIST_BUCKETS (HIST_BOUNDS_MAX + 1)
+
+/* hist_bounds[hist] (global): bucket i holds values <= bound[i] (and above bound[i - 1]);
+ * the last, bucket n, the values above bound[n - 1], as the SDK's buckets do. */
+struct hist_bounds {
+	__u32 n;
+	__u32 __pad0;
+	__u64 bound[HIST_BOUNDS_MAX];
+};
+
+/* Smallest and largest value of one generation (hist_gen, tagged hist_gen + 1):
+ * user space moves to the next generation, then reads the one before. */
+struct hist_extremes {
+	__u64 gen;
+	__u64 min;
+	__u64 max;
+};
+
+/* Counts and sum cumulative since the entry was made (user space takes the
+ * difference; bucket counts wrap at 2^32), extremes per generation. */
+struct hist_value {
+	__u64 sum;
+	struct hist_extremes ext[2];	/* [gen & 1] */
+	__u32 buckets[HIST_BUCKETS];
+};
+
+/* A peer's histograms (the hists map's value, keyed by its flow_key; the
+ * overflow key of the role once the map is full). */
+struct hist_set {
+	struct hist_value hist[HIST_MAX];	/* [enum hist_id] */
+};
+
 enum probe_stat {
 	STAT_EVENTS_LOST = 0,		/* ring buffer full: a flow_event was dropped */
 	STAT_SOCKS_FULL = 1,		/* a connection could not be tracked: socks map full */
@@ -157,7 +209,8 @@ enum probe_stat {
 	STAT_CLOSE_UNSEEN = 10,		/* an established connection whose close no program saw,
 					 * found when its socket's address was reused for a new
 					 * socket: counted closed, reason _OTHER */
-	STAT_MAX = 11,
+	STAT_HISTS_FOLDED = 11,	/* a histogram value went to the overflow key: hists map full */
+	STAT_MAX = 12,
 };
 
 /* synacks map: the SYN-ACK retransmits counted for one connection request,

@@ -67,15 +67,16 @@ import struct
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Deque, Dict, FrozenSet, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple
 
 import attrs
 
 from . import _agent_protocol as proto
 from ._config import DEFAULT_AGENT_SOCKET, Config, load_config
 from ._kernel import KernelSource, check_environment, own_socket_inodes
+from ._records import HistDelta
 from ._source import CONN_EVENT_KINDS, FlowEvent, ProbeStats, Snapshot, Source
-from ._telemetry import Instruments, Pipeline, ReadsNow, wake_fd_of
+from ._telemetry import AggregatesHistograms, Instruments, Pipeline, ReadsNow, wake_fd_of
 from .exceptions import ConfigurationError, EbpfFlowsError
 from .version import __version__
 
@@ -309,10 +310,22 @@ class ObservedReadsNow(ObservedSource):
         return self._with_span_lost(self.kernel.read())  # type: ignore[attr-defined]
 
 
+class ObservedKernel(ObservedReadsNow):
+    """An :class:`ObservedReadsNow` whose kernel source aggregates histograms itself
+    (KernelSource's hists map): the agent's pipeline asks it to, as in-process."""
+
+    def aggregate_histograms(self, mode: int, bounds: Mapping[int, Sequence[float]]) -> int:
+        return self.kernel.aggregate_histograms(mode, bounds)  # type: ignore[attr-defined, no-any-return]
+
+    def read_histograms(self) -> List[HistDelta]:
+        return self.kernel.read_histograms()  # type: ignore[attr-defined, no-any-return]
+
+
 def observed(kernel: Source, span_lost: Callable[[], int]) -> ObservedSource:
     """The source an agent pipeline reads: ``kernel`` plus the span records the agent lost."""
-    cls = ObservedReadsNow if isinstance(kernel, ReadsNow) else ObservedSource
-    return cls(kernel, span_lost)
+    if isinstance(kernel, ReadsNow):
+        return (ObservedKernel if isinstance(kernel, AggregatesHistograms) else ObservedReadsNow)(kernel, span_lost)
+    return ObservedSource(kernel, span_lost)
 
 
 @attrs.define

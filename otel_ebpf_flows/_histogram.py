@@ -43,7 +43,7 @@ import math
 import os
 import threading
 from time import time_ns
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -95,8 +95,13 @@ class HistogramRecorder:
     identity.
     """
 
-    def __init__(self, instrument: Histogram) -> None:
+    def __init__(self, instrument: Histogram, bounds: Sequence[float] = ()) -> None:
         self.instrument = instrument
+        #: the explicit bucket bounds advised for it: what :meth:`add_buckets` counts take
+        self.bounds = tuple(float(b) for b in bounds)
+        # can_add_buckets()'s answer for the reader storages it was worked out for
+        self._buckets_for: Any = None
+        self._buckets_ok = False
         self._fast = False
         self._consumer: Any = None
         self._is_enabled: Callable[[], bool] = lambda: False
@@ -142,11 +147,65 @@ class HistogramRecorder:
         """Whether points skip ``Histogram.record()`` (see the module's docstring)."""
         return self._fast and _self_check()
 
-    def record(self, value: float, attributes: Dict[str, Any], context: Optional[Context] = None) -> None:
+    def _rebind(self) -> None:
         if self._proxy is not None and self._proxy._real_instrument is not None:
             real, self._proxy = self._proxy._real_instrument, None
             self.instrument = real
             self._bind(real)
+
+    def can_add_buckets(self) -> bool:
+        """Whether :meth:`add_buckets` can take bucket counts for this histogram now: the fast
+        path is on, no point of it could get an exemplar without a span (the SDK's trace-based
+        or always-off filter), and every reader's aggregation of it is explicit buckets with
+        :attr:`bounds` (or a View that drops it)."""
+        self._rebind()
+        if not (self.bounds and self._fast and self._spanless_unsampled and _self_check()):
+            return False
+        storages = self._consumer._reader_storages
+        if storages is not self._buckets_for:
+            ok = True
+            try:
+                for storage in storages.values():
+                    for match in storage._get_or_init_view_instrument_match(self.instrument):
+                        ok = ok and _takes_buckets(match._aggregation, self.bounds)
+            except Exception:
+                _log.debug("cannot tell the aggregations of %s", getattr(self.instrument, "name", "?"),
+                           exc_info=True)
+                ok = False
+            self._buckets_for, self._buckets_ok = storages, ok
+        return self._buckets_ok
+
+    def add_buckets(self, attributes: Dict[str, Any], counts: Sequence[int], total: float,
+                    low: float, high: float) -> bool:
+        """Add ``sum(counts)`` points at once: ``counts[i]`` in bucket i of :attr:`bounds`, their
+        sum ``total``, smallest ``low``, largest ``high``; each reader's aggregation ends as if
+        each point had been recorded. False (nothing added): :meth:`can_add_buckets` is not
+        true (any more), or the SDK would clean the attributes into something else."""
+        return self.can_add_buckets() and self._add(attributes, counts, total, low, high)
+
+    def _add(self, attributes: Dict[str, Any], counts: Sequence[int], total: float, low: float,
+             high: float) -> bool:
+        try:  # nothing reaches an aggregation in here
+            matches = self._prepare(attributes)
+            if matches is None or len(counts) != len(self.bounds) + 1:
+                return False
+            if not self._is_enabled():
+                return True  # a disabled meter takes no points
+        except Exception:
+            _log.debug("histogram bucket counts unavailable; using points", exc_info=True)
+            self._buckets_for, self._buckets_ok = None, False
+            return False
+        for match, key, attrs in matches:
+            with match._lock:
+                aggregation = match._get_or_create_aggregation(key, attrs)
+                if match._reset_on_collect:  # a delta collection swaps it out: add under the lock
+                    _add_buckets(aggregation, counts, total, low, high)
+                    continue
+            _add_buckets(aggregation, counts, total, low, high)
+        return True
+
+    def record(self, value: float, attributes: Dict[str, Any], context: Optional[Context] = None) -> None:
+        self._rebind()
         if self._fast and (_checked if _checked is not None else _self_check()):
             try:
                 if self._record(value, attributes, context):
@@ -225,6 +284,54 @@ class HistogramRecorder:
         return matches
 
 
+def _explicit_and_drop() -> Tuple[Optional[type], Optional[type]]:
+    try:
+        from opentelemetry.sdk.metrics._internal.aggregation import (
+            _DropAggregation,
+            _ExplicitBucketHistogramAggregation,
+        )
+    except ImportError:
+        return None, None
+    return _ExplicitBucketHistogramAggregation, _DropAggregation
+
+
+def _takes_buckets(aggregation: Any, bounds: Tuple[float, ...]) -> bool:
+    """Whether ``aggregation`` (a View match's prototype, or an attribute set's own) is one
+    :func:`_add_buckets` can add counts of ``bounds``' buckets to."""
+    explicit, drop = _explicit_and_drop()
+    if explicit is None:
+        return False
+    if type(aggregation) is drop:
+        return True
+    if type(aggregation) is not explicit:
+        return False
+    return (
+        tuple(getattr(aggregation, "_boundaries", ())) == bounds
+        and all(hasattr(aggregation, name) for name in ("_value", "_sum", "_min", "_max", "_record_min_max"))
+        and hasattr(getattr(aggregation, "_lock", None), "__enter__")
+        and callable(getattr(aggregation, "_get_empty_bucket_counts", None))
+    )
+
+
+def _add_buckets(aggregation: Any, counts: Sequence[int], total: float, low: float, high: float) -> None:
+    """What ``aggregate()`` of each of the points would leave (SDK 1.45's explicit buckets),
+    without exemplars (only ever asked where none would be taken)."""
+    _explicit, drop = _explicit_and_drop()
+    if type(aggregation) is drop:
+        return
+    with aggregation._lock:
+        if aggregation._value is None:
+            aggregation._value = aggregation._get_empty_bucket_counts()
+        aggregation._sum += total
+        if aggregation._record_min_max:
+            aggregation._min = min(aggregation._min, low)
+            aggregation._max = max(aggregation._max, high)
+        value = aggregation._value
+        for i, count in enumerate(counts):
+            if count:
+                value[i] += count
+
+
 def _spanless_unsampled(exemplar_filter: Any) -> bool:
     """Whether ``exemplar_filter`` never samples a point recorded with an empty Context."""
     try:
@@ -269,30 +376,39 @@ def _compare(pause: Callable[[], None] = lambda: None) -> bool:
         histogram = provider.get_meter("otel_ebpf_flows.self_check").create_histogram(
             "self_check", unit="s", explicit_bucket_boundaries_advisory=bounds
         )
-        recorder = HistogramRecorder(histogram)
+        recorder = HistogramRecorder(histogram, bounds)
         if not recorder._fast:
             return False
+        for storage in recorder._consumer._reader_storages.values():
+            for match in storage._get_or_init_view_instrument_match(histogram):
+                if not _takes_buckets(match._aggregation, recorder.bounds):
+                    return False
         sets: List[Dict[str, Any]] = [
             {"network.peer.address": "192.0.2.1", "network.peer.port": 80, "ebpf_flows.tcp.role": "client"},
             {"network.peer.address": "192.0.2.2", "network.local.port": 8080, "ebpf_flows.tcp.role": "server"}]
-        # (attribute set, value, through the fast path): both paths into the same
-        # aggregation, over two collections
-        rounds = [[(0, 0.0005, True), (0, 0.02, False), (1, 0.2, True)],
-                  [(0, 0.005, False), (1, 0.0001, True), (1, 0.05, False), (1, 0.3, True)]]
+        # (attribute set, values, how): the fast path, Histogram.record(), or bucket counts
+        # (several values at once), all into the same aggregations, over two collections
+        rounds = [[(0, [0.0005], "fast"), (0, [0.02], "sdk"), (1, [0.2], "fast"), (1, [0.001, 0.03], "buckets")],
+                  [(0, [0.005], "sdk"), (1, [0.0001], "fast"), (0, [0.1, 0.0002, 0.25], "buckets"),
+                   (1, [0.05], "sdk"), (1, [0.3], "fast")]]
         everything: List[List[float]] = [[], []]
         for points in rounds:
             now: List[List[float]] = [[], []]
-            for index, value, fast in points:
-                if fast:
-                    recorder._record(value, sets[index], None)
+            for index, values, how in points:
+                if how == "fast":
+                    recorder._record(values[0], sets[index], None)
+                elif how == "sdk":
+                    histogram.record(values[0], sets[index], context=NO_SPAN)
                 else:
-                    histogram.record(value, sets[index], context=NO_SPAN)
-                now[index].append(value)
-                everything[index].append(value)
-            for reader, values in ((cumulative, everything), (delta, now)):
+                    counts = _summary(values, bounds)[4]
+                    if not recorder._add(sets[index], counts, sum(values), min(values), max(values)):
+                        return False
+                now[index].extend(values)
+                everything[index].extend(values)
+            for reader, by_set in ((cumulative, everything), (delta, now)):
                 pause()
-                expected = {tuple(sorted(s.items())): _summary(v, bounds) for s, v in zip(sets, values) if v}
-                if _points(reader) != expected:
+                expected = {tuple(sorted(s.items())): _summary(v, bounds) for s, v in zip(sets, by_set) if v}
+                if not _same(_points(reader), expected):
                     return False
         return True
     finally:
@@ -310,13 +426,24 @@ def _points(reader: Any) -> Dict[Tuple[Tuple[str, Any], ...], Tuple[Any, ...]]:
                     key = tuple(sorted(dict(point.attributes or {}).items()))
                     if key in points:  # two points for one attribute set: the keys differ
                         return {}
-                    points[key] = (point.count, round(point.sum, 12), point.min, point.max,
+                    points[key] = (point.count, point.sum, point.min, point.max,
                                    tuple(point.bucket_counts))
     return points
+
+
+def _same(got: Dict[Any, Tuple[Any, ...]], expected: Dict[Any, Tuple[Any, ...]]) -> bool:
+    """Equal points; sums to float rounding (a sum of bucket counts' points adds in another order)."""
+    if got.keys() != expected.keys():
+        return False
+    for key, want in expected.items():
+        have = got[key]
+        if have[:1] + have[2:] != want[:1] + want[2:] or not math.isclose(have[1], want[1], rel_tol=1e-9):
+            return False
+    return True
 
 
 def _summary(values: List[float], bounds: List[float]) -> Tuple[Any, ...]:
     buckets = [0] * (len(bounds) + 1)
     for value in values:
         buckets[sum(1 for b in bounds if value > b)] += 1
-    return (len(values), round(sum(values), 12), min(values), max(values), tuple(buckets))
+    return (len(values), sum(values), min(values), max(values), tuple(buckets))

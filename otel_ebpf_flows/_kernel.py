@@ -19,7 +19,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Callable, Collection, Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Any, Callable, Collection, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 import attrs
 
@@ -75,6 +75,7 @@ PROC_PID_INIT_INO = 0xEFFFFFFC
 CONTROL_SEEDING = 0
 CONTROL_CLAIM = 1
 CONTROL_SPANS = 2
+HIST_SECTION = ".data.hists"  # hist_mode, hist_gen, hist_bounds: written while the programs run
 MAX_SEEDS = 4096  # the seeds map's size in tcp_flows.bpf.c
 TCP_LISTEN_HEX = "0A"
 MAX_HOST_SEEDS = 1 << 20  # host-wide: the seeds map is resized to fit every socket, up to this
@@ -110,6 +111,10 @@ _SWEEP_FIELDS = _field_struct(_records.CSockState, ("flags", "established_ns", "
 _SOCK_STATE_SIZE = ctypes.sizeof(_records.CSockState)
 _FLOW_KEY_SIZE = ctypes.sizeof(_records.CFlowKey)  # a sock_state begins with its flow key
 _FLOW_COUNTERS_SIZE = ctypes.sizeof(_records.CFlowCounters)
+_HIST_VALUE_SIZE = ctypes.sizeof(_records.CHistValue)
+_HIST_SET_SIZE = ctypes.sizeof(_records.CHistSet)
+_U32_MASK = (1 << 32) - 1
+_U64_MASK = (1 << 64) - 1
 _U64_KEY = struct.Struct("=Q")
 _U32_KEY = struct.Struct("=I")
 
@@ -341,6 +346,14 @@ class KernelSource:
         # touch (_flows_seen, _swept) and keeps close() from freeing the maps under a read
         self._read_lock = threading.Lock()
         self._netns = 0
+        # Kernel-aggregated histograms (see aggregate_histograms): the HIST_MODE_* bits on,
+        # the bounds written, the generation of extremes being written, and each hists
+        # entry's (bucket counts, sum) as last read, by raw key
+        self._hist_mode = 0
+        self._hist_bounds: Dict[int, Tuple[float, ...]] = {}
+        self._kernel_bounds = (_records.CHistBounds * _records.HIST_MAX)()
+        self._hist_gen = 0
+        self._hists_seen: Dict[bytes, Tuple[Tuple[int, ...], int]] = {}
 
     # -- Source ----------------------------------------------------------------
 
@@ -444,6 +457,8 @@ class KernelSource:
         self._spans_wanted = True
         if self._obj is None:
             return  # start() turns it on
+        if self._hist_mode & _records.HIST_MODE_HANDSHAKE:  # handshake points carry exemplars now
+            self.aggregate_histograms(self._hist_mode, self._hist_bounds)
         try:
             self._spans_on()
         except BpfError as exc:
@@ -486,6 +501,116 @@ class KernelSource:
             event.ts_ns, event.duration_ns, event.conn_id = st.established_ns, st.handshake_ns, st.conn_id
             out.append(bytes(event))
         return out
+
+    def aggregate_histograms(self, mode: int, bounds: Mapping[int, Sequence[float]]) -> int:
+        """Which histogram records (``HIST_MODE_*`` bits) the kernel aggregates into the hists
+        map instead of handing them over (see :meth:`read_histograms`); returns the bits now on.
+
+        ``bounds``: each histogram's bucket bounds in seconds (the SDK aggregation's); a
+        histogram without them stays with records. Handshake records stay records while span
+        enrichment is on: their points carry the span's exemplar.
+        """
+        obj = self._require()
+        needs = {_records.HIST_MODE_HANDSHAKE: (_records.HIST_HANDSHAKE,),
+                 _records.HIST_MODE_CLOSE: (_records.HIST_DURATION, _records.HIST_RTT)}
+        if self._spans_wanted:
+            mode &= ~_records.HIST_MODE_HANDSHAKE
+        with self._read_lock:
+            for bit, hists in needs.items():
+                if not mode & bit:
+                    continue
+                for hist in hists:
+                    wanted = tuple(bounds.get(hist, ()))
+                    if not wanted or len(wanted) > _records.HIST_BOUNDS_MAX:
+                        mode &= ~bit
+                        continue
+                    known = self._hist_bounds.get(hist)
+                    if known is None:  # written once, before any program uses them
+                        kernel = self._kernel_bounds[hist]
+                        kernel.n = len(wanted)
+                        for i, u in enumerate(_records.kernel_bounds(wanted, _records.HIST_SCALE[hist])):
+                            kernel.bound[i] = u
+                        obj.write_live_global(HIST_SECTION, "hist_bounds", bytes(self._kernel_bounds))
+                        self._hist_bounds[hist] = known = wanted
+                    if known != wanted:  # the kernel's buckets are those of its first use
+                        mode &= ~bit
+            if mode != self._hist_mode:
+                obj.write_live_global(HIST_SECTION, "hist_mode", _U32_KEY.pack(mode))
+                self._hist_mode = mode
+        return mode
+
+    def read_histograms(self) -> List[_records.HistDelta]:
+        """What each kernel-aggregated histogram gained since the last call (bucket counts, sum,
+        and the smallest and largest value since then), in seconds; entries that gained nothing
+        are left out.
+
+        The extremes are kept per generation: this moves the kernel to the next one, then
+        reads the last. A value written in the microseconds between the two has its count
+        here and its extremes in the next generation, which is read too (an extreme may
+        then show in two consecutive reads; never in none).
+        """
+        obj = self._require()
+        out: List[_records.HistDelta] = []
+        with self._read_lock:
+            if not self._hist_mode and not self._hists_seen and not self._hist_gen:
+                return out  # never on: nothing in the map
+            gen = self._hist_gen
+            self._hist_gen = (gen + 1) & _U32_MASK
+            obj.write_live_global(HIST_SECTION, "hist_gen", _U32_KEY.pack(self._hist_gen))
+            tags = (gen + 1, gen + 2)  # the kernel tags a generation g with g + 1
+            seen = self._hists_seen
+            ks, ss, vs = _records.KEY_SIZE, _HIST_SET_SIZE, _HIST_VALUE_SIZE
+            for keys, values in obj.map("hists", hold_gil=True).batches(_records.CFlowKey, _records.CHistSet):
+                for i in range(len(keys) // ks):
+                    kb = keys[i * ks : (i + 1) * ks]
+                    for hist in range(_records.HIST_MAX):
+                        at = i * ss + hist * vs
+                        name = kb + bytes((hist,))
+                        delta = self._hist_delta(kb, hist, values[at : at + vs], seen.get(name), tags)
+                        if delta is None:
+                            continue
+                        fields, record = delta
+                        seen[name] = fields
+                        if record is not None:
+                            out.append(record)
+        return out
+
+    def _hist_delta(self, kb: bytes, hist: int, vb: bytes, last: Optional[Tuple[Tuple[int, ...], int]],
+                    tags: Tuple[int, int]) -> Optional[Tuple[Tuple[Tuple[int, ...], int],
+                                                             Optional[_records.HistDelta]]]:
+        """One histogram of a hists entry against its last read: ((bucket counts, sum), its
+        delta or None); None for an entry that cannot be decoded."""
+        fields = _records.HIST_VALUE.unpack(vb)
+        total, ext, buckets = fields[0], fields[1:7], fields[7:]
+        if last is not None and last[0] == buckets:
+            return (buckets, total), None
+        if last is None and not any(buckets):
+            return (buckets, total), None  # a histogram of the peer not used yet
+        try:
+            key = _records.decode_key_bytes(kb)
+            scale = _records.HIST_SCALE[hist]
+            bounds = self._hist_bounds[hist]
+        except (_records.RecordError, KeyError) as exc:
+            self._malformed(_records.RecordError(f"histogram entry: {exc!r}"))
+            return None
+        before, before_total = last if last is not None else ((0,) * len(buckets), 0)
+        counts = [(b - a) & _U32_MASK for a, b in zip(before, buckets)]
+        n = len(bounds) + 1
+        if not any(counts):  # a reserved overflow key, as inserted
+            return (buckets, total), None
+        if any(counts[n:]):
+            self._malformed(_records.RecordError(f"histogram {hist}: a count past its {n} buckets"))
+            return (buckets, total), None
+        extremes = [(lo, hi) for gen, lo, hi in (ext[0:3], ext[3:6]) if gen in tags]
+        if extremes:
+            lo, hi = min(e[0] for e in extremes), max(e[1] for e in extremes)
+            low, high = lo / scale, hi / scale
+        else:  # written under a generation already gone: the buckets' edges
+            nonzero = [i for i, c in enumerate(counts[:n]) if c]
+            low = bounds[nonzero[0] - 1] if nonzero[0] else 0.0
+            high = bounds[nonzero[-1]] if nonzero[-1] < len(bounds) else bounds[-1]
+        return (buckets, total), (hist, key, tuple(counts[:n]), ((total - before_total) & _U64_MASK) / scale,
+                                  low, high)
 
     def drain_conn_events(self) -> None:
         """Deliver every pending span-enrichment record (any thread; never blocks on I/O)."""
@@ -640,6 +765,8 @@ class KernelSource:
         )
         obj.map("socks").set_max_entries(cfg.max_connections)
         obj.map("flows").set_max_entries(cfg.max_flows + 2)  # + the two overflow keys
+        # a peer's three histograms, as many peers as flows (+ the two overflow keys)
+        obj.map("hists").set_max_entries(cfg.max_flows + 2)
         obj.map("events").set_max_entries(cfg.ring_buffer_bytes)
         obj.map("conn_events").set_max_entries(cfg.ring_buffer_bytes if self._span_mode else 4096)
         if not self._span_mode:
@@ -682,6 +809,7 @@ class KernelSource:
         flows = obj.map("flows")
         for role in (_records.FLOW_ROLE_CLIENT, _records.FLOW_ROLE_SERVER):
             flows.update(_records.overflow_key(role), _records.CFlowCounters(), _libbpf.BPF_NOEXIST)
+            obj.map("hists").update(_records.overflow_key(role), _records.CHistSet(), _libbpf.BPF_NOEXIST)
         attached = []
         for hook in HOOKS:
             name = f"{variant}_{hook}"
@@ -920,6 +1048,7 @@ class KernelSource:
                 "tcp_flows.flows": vals[_records.STAT_FLOWS_FOLDED],
                 "tcp_flows.listeners": vals[_records.STAT_LISTENERS_FULL],
                 "tcp_flows.synacks": vals[_records.STAT_SYNACKS_FULL],
+                "tcp_flows.hists": vals[_records.STAT_HISTS_FOLDED],
             },
         )
 

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
 import select
 import threading
@@ -557,6 +558,7 @@ class BpfObject:
         self._ptr: Optional[int] = ptr
         self._links: List[Link] = []
         self._rings: List[RingBuffer] = []
+        self._live: Dict[str, mmap.mmap] = {}  # writable data sections mapped shared (write_live_global)
         self.path = path
 
     # -- before load --------------------------------------------------------------
@@ -597,6 +599,30 @@ class BpfObject:
             if offset + width > size:
                 raise BpfError(f"global {name} lies outside {section}", errno.EINVAL)
             ctypes.memmove(data + offset, int(value).to_bytes(width, "little"), width)
+
+    def write_live_global(self, section: str, name: str, value: bytes) -> None:
+        """Write a global of a writable data section while the programs run: its bytes, whole,
+        straight into the kernel map's memory (mapped shared once per section; libbpf's own
+        copy of the section is only the initial value)."""
+        layout = self._section_vars(section)
+        if name not in layout:
+            raise BpfError(f"{self.path} has no global {name} in {section}", errno.ENOENT)
+        offset, width = layout[name]
+        memory = self._live.get(section)
+        if memory is None:
+            m = self._map_ptr(section)
+            size = _c_size_t(0)
+            if not self._lib.bpf_map__initial_value(m, ctypes.byref(size)):
+                raise BpfError(f"no data for section {section}", errno.ENOENT)
+            length = -(-size.value // mmap.PAGESIZE) * mmap.PAGESIZE
+            try:
+                memory = mmap.mmap(self.map(section).fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as exc:  # a kernel without mmapable arrays (before 5.5)
+                raise BpfError(f"cannot map {section}: {exc}", exc.errno or errno.EINVAL) from exc
+            self._live[section] = memory
+        if len(value) != width or offset + width > len(memory):
+            raise BpfError(f"global {name} is {width} bytes at {offset}, not {len(value)}", errno.EINVAL)
+        memory[offset:offset + width] = value
 
     def get_global(self, section: str, name: str) -> int:
         """An integer global's value now, read from the kernel's map of ``section`` (after load)."""
@@ -693,6 +719,9 @@ class BpfObject:
         for rb in self._rings:
             rb.free()
         self._rings.clear()
+        for memory in self._live.values():
+            memory.close()
+        self._live.clear()
         for link in reversed(self._links):
             link.destroy()
         self._links.clear()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._source import (
     CLOSE_REASONS,
@@ -57,7 +57,19 @@ STAT_HANDSHAKE_UNSEEN = 7
 STAT_SYNACKS_FULL = 8
 STAT_CHILD_DISCARDED = 9
 STAT_CLOSE_UNSEEN = 10
-STAT_MAX = 11
+STAT_HISTS_FOLDED = 11
+STAT_MAX = 12
+
+# enum hist_id: histograms the kernel can aggregate itself (the hists map)
+HIST_HANDSHAKE = 0
+HIST_DURATION = 1
+HIST_RTT = 2
+HIST_MAX = 3
+HIST_MODE_HANDSHAKE = 1 << 0
+HIST_MODE_CLOSE = 1 << 1
+HIST_MODE_AUDIT = 1 << 2  # the records as well (reconciliation)
+HIST_BOUNDS_MAX = 31
+HIST_BUCKETS = HIST_BOUNDS_MAX + 1
 
 # enum hook_id: hooks with a nested copy, in _kernel.HOOKS order
 HOOK_SET_STATE = 0
@@ -186,6 +198,38 @@ class CSockState(ctypes.Structure):
     ]
 
 
+class CHistBounds(ctypes.Structure):
+    _fields_ = [
+        ("n", ctypes.c_uint32),
+        ("__pad0", ctypes.c_uint32),
+        ("bound", _U64 * HIST_BOUNDS_MAX),
+    ]
+
+
+class CHistExtremes(ctypes.Structure):
+    _fields_ = [
+        ("gen", _U64),
+        ("min", _U64),
+        ("max", _U64),
+    ]
+
+
+class CHistValue(ctypes.Structure):
+    _fields_ = [
+        ("sum", _U64),
+        ("ext", CHistExtremes * 2),
+        ("buckets", ctypes.c_uint32 * HIST_BUCKETS),
+    ]
+
+
+class CHistSet(ctypes.Structure):
+    _fields_ = [("hist", CHistValue * HIST_MAX)]
+
+
+#: struct hist_value as one layout: sum, then (gen, min, max) twice, then the bucket counts
+HIST_VALUE = struct.Struct(f"=Q6Q{HIST_BUCKETS}I")
+
+
 # name -> (ctypes mirror, C struct name) for the BTF cross-check
 MIRRORS: Dict[str, Tuple[type, str]] = {
     "flow_key": (CFlowKey, "flow_key"),
@@ -196,6 +240,10 @@ MIRRORS: Dict[str, Tuple[type, str]] = {
     "sock_state": (CSockState, "sock_state"),
     "synack_key": (CSynackKey, "synack_key"),
     "synack_count": (CSynackCount, "synack_count"),
+    "hist_bounds": (CHistBounds, "hist_bounds"),
+    "hist_set": (CHistSet, "hist_set"),
+    "hist_extremes": (CHistExtremes, "hist_extremes"),
+    "hist_value": (CHistValue, "hist_value"),
 }
 
 _V4_PREFIX = bytes(10) + b"\xff\xff"
@@ -333,6 +381,34 @@ def decode_event(data: bytes) -> FlowEvent:
 
 _METRIC_KINDS = {FLOW_EVENT_HANDSHAKE: "handshake", FLOW_EVENT_CLOSE: "close", FLOW_EVENT_RTT: "rtt"}
 MetricRecord = Tuple[str, FlowKey, int, float, Optional[float], int]
+
+
+#: Each kernel-aggregated histogram's kernel unit, as decode_metric() divides it: ns, ns, µs.
+HIST_SCALE = {HIST_HANDSHAKE: 1e9, HIST_DURATION: 1e9, HIST_RTT: 1e6}
+
+#: What one histogram of the hists map gained since the last read: (hist, key, bucket
+#: counts, sum, min, max), the values in seconds.
+HistDelta = Tuple[int, FlowKey, Tuple[int, ...], float, float, float]
+
+
+def kernel_bounds(bounds: Sequence[float], scale: float) -> List[int]:
+    """Bucket bounds in a kernel unit: for each bound b, the largest integer u with ``u / scale <= b``.
+
+    A kernel value u then lands in bucket i (the first with ``u <= bound``) exactly
+    when the SDK would put ``u / scale`` there (``bisect_left``: the first bound
+    ``>= value``): division by a positive constant never reorders two values.
+    """
+    out = []
+    for b in bounds:
+        if not 0 <= b < 2 ** 63 / scale:
+            raise ValueError(f"histogram bound {b!r} cannot be a kernel bound")
+        u = int(b * scale)
+        while u / scale > b:
+            u -= 1
+        while (u + 1) / scale <= b:
+            u += 1
+        out.append(u)
+    return out
 
 
 def decode_metric(data: bytes) -> Optional[MetricRecord]:

@@ -28,6 +28,7 @@ from typing import (
     Mapping,
     Optional,
     Protocol,
+    Sequence,
     Set,
     Tuple,
     runtime_checkable,
@@ -38,7 +39,16 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from . import _libbpf
 from ._histogram import HistogramRecorder
-from ._records import ConnRecord, MetricRecord
+from ._records import (
+    HIST_DURATION,
+    HIST_HANDSHAKE,
+    HIST_MODE_CLOSE,
+    HIST_MODE_HANDSHAKE,
+    HIST_RTT,
+    ConnRecord,
+    HistDelta,
+    MetricRecord,
+)
 from ._source import CLOSE_REASONS, CONN_EVENT_KINDS, CONNECT_ERRORS, Counters, FlowEvent, FlowKey, Role, Snapshot, Source
 from ._spans import SpanEnrichment, detach
 
@@ -287,15 +297,21 @@ class Instruments:
             description="TCP connection establishment time: SYN sent -> ESTABLISHED (client), "
             "SYN received -> ESTABLISHED (server)",
             explicit_bucket_boundaries_advisory=list(HANDSHAKE_BUCKETS),
-        ))
+        ), HANDSHAKE_BUCKETS)
         self.rtt = HistogramRecorder(meter.create_histogram(
             RTT, unit="s", description="Smoothed round-trip time of TCP connections",
             explicit_bucket_boundaries_advisory=list(RTT_BUCKETS),
-        ))
+        ), RTT_BUCKETS)
         self.duration = HistogramRecorder(meter.create_histogram(
             DURATION, unit="s", description="Lifetime of closed TCP connections (ESTABLISHED -> CLOSE)",
             explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
-        ))
+        ), DURATION_BUCKETS)
+        # the kernel's histogram ids (tcp_flows.h enum hist_id) -> (recorder, metric)
+        self._kernel_hists = {HIST_HANDSHAKE: (self.handshake, HANDSHAKE), HIST_DURATION: (self.duration, DURATION),
+                              HIST_RTT: (self.rtt, RTT)}
+        #: each kernel histogram's bucket bounds (see kernel_histograms)
+        self.kernel_bounds = {hist: recorder.bounds for hist, (recorder, _) in self._kernel_hists.items()}
+        self._approximated = False
         counters = [
             (ATTEMPTS, "{connection}", "TCP connection attempts (client) and completed handshakes (server)"),
             (RETRANSMITS, "{segment}", "TCP segments retransmitted, SYN and SYN-ACK included"),
@@ -333,6 +349,42 @@ class Instruments:
                     _libbpf.yield_gil()
 
         return callback
+
+    def kernel_histograms(self) -> int:
+        """The ``HIST_MODE_*`` records the kernel may aggregate itself: those whose every
+        histogram can take bucket counts in every reader (see HistogramRecorder.can_add_buckets)."""
+        mode = 0
+        if self.handshake.can_add_buckets():
+            mode |= HIST_MODE_HANDSHAKE
+        if self.duration.can_add_buckets() and self.rtt.can_add_buckets():
+            mode |= HIST_MODE_CLOSE
+        return mode
+
+    def add_histograms(self, aggregator: Aggregator, deltas: Iterable[HistDelta]) -> None:
+        """The kernel-aggregated histograms' growth into the SDK's aggregations."""
+        for hist, key, counts, total, low, high in deltas:
+            recorder, metric = self._kernel_hists[hist]
+            attributes = aggregator.series(metric, key)
+            if not recorder.add_buckets(attributes, counts, total, low, high):
+                self._approximate(recorder, attributes, counts, total, low, high)
+
+    def _approximate(self, recorder: HistogramRecorder, attributes: Dict[str, Any], counts: Sequence[int],
+                     total: float, low: float, high: float) -> None:
+        """Bucket counts a reader can no longer take as such (one was added with other buckets
+        since the kernel took them on): a point per count, inside its bucket."""
+        if not self._approximated:
+            self._approximated = True
+            _log.warning("otel-ebpf-flows: %s: a metric reader's aggregation changed; points the kernel "
+                         "had aggregated are recorded at their buckets' middles (records from now on)",
+                         getattr(recorder.instrument, "name", "?"))
+        bounds = recorder.bounds
+        for i, count in enumerate(counts):
+            if not count:
+                continue
+            lower = max(low, bounds[i - 1]) if i else low
+            upper = min(high, bounds[i]) if i < len(bounds) else high
+            for _ in range(count):
+                recorder.record((lower + upper) / 2, attributes)
 
     def record(self, aggregator: Aggregator, event: FlowEvent,
                exemplar: Callable[[int, int, FlowKey], Optional[Context]] = lambda tid, ts, key: None) -> None:
@@ -384,6 +436,15 @@ class ReadsNow(Protocol):
     def scan(self) -> None: ...
 
     def read(self) -> Snapshot: ...
+
+
+@runtime_checkable
+class AggregatesHistograms(Protocol):
+    """A source that can aggregate histogram records itself (KernelSource: the hists map)."""
+
+    def aggregate_histograms(self, mode: int, bounds: Mapping[int, Sequence[float]]) -> int: ...
+
+    def read_histograms(self) -> List[HistDelta]: ...
 
 
 def wake_fd_of(source: Any) -> Optional[int]:
@@ -492,6 +553,9 @@ class Pipeline:
         # seemed to go down would count as restarted); held by close() too.
         self._update_lock = threading.Lock()
         self._reads_now = isinstance(source, ReadsNow)
+        # histograms the source aggregates itself (see _kernel_histograms): asked for so far
+        self._hist_source = source if isinstance(source, AggregatesHistograms) and self._reads_now else None
+        self._hist_mode: Optional[int] = None
         self._stopped = False
         self._quiesced = False
 
@@ -574,6 +638,8 @@ class Pipeline:
             number = self._sample_started
         if self._reads_now:
             self.source.scan()  # type: ignore[attr-defined]
+            if threading.current_thread() is self._thread:  # not in instrument(): the check takes ms
+                self._kernel_histograms()
             self._read_now()
         else:
             snapshot = self.source.sample()
@@ -585,6 +651,8 @@ class Pipeline:
             self._sampled.notify_all()
 
     def _run(self) -> None:
+        with self._work:
+            self._kernel_histograms()
         while not self._stop.is_set():
             try:
                 # Sleep with no lock held; records are never woken for (the kernel
@@ -609,12 +677,32 @@ class Pipeline:
                     _log.warning("reading kernel TCP data failed; retrying", exc_info=True)
                 self._stop.wait(min(5.0, self._poll_interval * 2 ** min(self._errors, 6)))
 
+    def _kernel_histograms(self) -> None:
+        """Let the source aggregate the histograms every reader can take as bucket counts
+        (asked again every sample: a proxy meter's instruments become real later)."""
+        source = self._hist_source
+        if source is None:
+            return
+        mode = self._instruments.kernel_histograms()
+        if mode != self._hist_mode:
+            try:
+                source.aggregate_histograms(mode, self._instruments.kernel_bounds)
+            except Exception:  # records, as before; what the kernel aggregated so far is still read
+                _log.warning("otel-ebpf-flows: the kernel cannot aggregate histograms here; every point "
+                             "is handed over as a record", exc_info=True)
+                self._hist_mode = mode  # not asked again
+                return
+            self._hist_mode = mode
+
     def _read_now(self) -> None:
-        """The source's counters now into the aggregator (a :class:`ReadsNow` source)."""
+        """The source's counters now into the aggregator (a :class:`ReadsNow` source), and the
+        histograms it aggregated into the SDK's."""
         with self._update_lock:
             if self._stopped:
                 return
             self.aggregator.update(self.source.read())  # type: ignore[attr-defined]
+            if self._hist_source is not None:
+                self._instruments.add_histograms(self.aggregator, self._hist_source.read_histograms())
 
     def observations(self, metric: str, first: bool = False) -> List[Tuple[int, Dict[str, Any]]]:
         """Rows of ``metric`` from the view pinned for the current collection.
@@ -685,6 +773,11 @@ class Pipeline:
                 _log.warning("the otel-ebpf-flows reader thread did not stop; leaving its probes attached")
                 return
         with self._update_lock:  # nor under a collection's read
+            if self._hist_source is not None:  # what the kernel aggregated since, for the final export
+                try:
+                    self._instruments.add_histograms(self.aggregator, self._hist_source.read_histograms())
+                except Exception:
+                    _log.debug("reading the kernel's histograms at stop failed", exc_info=True)
             self._stopped = True
         self.source.close()
         self.discard()

@@ -81,12 +81,17 @@ def tcp_info(sock: socket.socket) -> Dict[str, int]:
 class Telemetry:
     """This process instrumented on a real SDK MeterProvider with an in-memory reader."""
 
-    def __init__(self, **config: Any) -> None:
+    def __init__(self, records: bool = False, **config: Any) -> None:
+        """``records=True``: histogram points as ring-buffer records, not aggregated in the kernel
+        (the always-on exemplar filter, under which a point with no span gets an exemplar too)."""
+        from opentelemetry.sdk.metrics import AlwaysOnExemplarFilter
+
         from otel_ebpf_flows import EbpfFlowsInstrumentor
 
         self.reader = InMemoryMetricReader()
+        extra: Dict[str, Any] = {"exemplar_filter": AlwaysOnExemplarFilter()} if records else {}
         self.provider = MeterProvider(
-            metric_readers=[self.reader], resource=Resource.create({"service.name": "kernel-test"})
+            metric_readers=[self.reader], resource=Resource.create({"service.name": "kernel-test"}), **extra
         )
         self.instrumentor = EbpfFlowsInstrumentor()
         self.instrumentor.instrument(meter_provider=self.provider, **config)

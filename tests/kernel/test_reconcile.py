@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests.kernel.conftest import exact, points, total
@@ -282,6 +284,13 @@ def test_peers_beyond_the_kernel_map_fold_without_loss(run_scenario):
               and p["attrs"]["ebpf_flows.probe.name"] == "tcp_flows.flows"]
     assert folded and folded[0]["value"] > 0, "the overflow is not visible in self-telemetry"
     assert total(rows, IO, network__io__direction="transmit") == r["peers"]
+    # the histograms the kernel aggregates fold alike (their map holds as many peers): no point lost
+    for name in (HANDSHAKE, DURATION):
+        assert sum(p["count"] for p in points(rows, name)) == r["peers"], name
+        assert {p["attrs"]["network.peer.address"] for p in points(rows, name)} == named, name
+    hists = [p for p in rows if p["name"] == "ebpf_flows.probe.map.evictions"
+             and p["attrs"]["ebpf_flows.probe.name"] == "tcp_flows.hists"]
+    assert hists and hists[0]["value"] >= r["peers"] - 16, "the histograms' overflow is not in self-telemetry"
 
 
 def test_raw_tp_fallback_counts_the_same(run_scenario):
@@ -364,3 +373,26 @@ def test_a_socket_connected_again_after_a_disconnect_counts_both_connections(run
     assert total(rows, CLOSES, ebpf_flows__tcp__role="client", ebpf_flows__tcp__close__reason="normal") == 1
     assert total(rows, IO, ebpf_flows__tcp__role="client", network__io__direction="transmit") == 3000
     assert total(rows, ACTIVE) == 0
+
+
+def test_histograms_aggregated_in_the_kernel_equal_the_records_of_the_same_connections(run_scenario):
+    """240 connections (3 % loss), each histogram value both aggregated in the kernel and handed
+    over as a record: bucket counts, minimum and maximum per peer and histogram are exactly those
+    of the records, sums equal up to float rounding; the counts are the namespace's own."""
+    r = run_scenario("kernel_histograms")
+    assert r["mode"] == 7
+    assert r["lost"] == 0
+    user, kernel = r["user"], r["kernel"]
+    assert set(kernel) == set(user) and user, (sorted(kernel), sorted(user))
+    for name, want in user.items():
+        have = kernel[name]
+        assert have["counts"] == want["counts"], name
+        assert (have["min"], have["max"]) == (want["min"], want["max"]), name
+        assert math.isclose(have["sum"], want["sum"], rel_tol=1e-9), name
+    handshakes = sum(sum(v["counts"]) for k, v in kernel.items() if k.startswith("handshake:client"))
+    assert handshakes == r["mib"]["Tcp.ActiveOpens"] == 240
+    assert sum(sum(v["counts"]) for k, v in kernel.items() if k.startswith("duration:")) == 480
+    # the values spread over several buckets of each histogram (not one bucket compared)
+    for hist in ("handshake", "duration", "rtt"):
+        used = {i for k, v in kernel.items() if k.startswith(hist) for i, c in enumerate(v["counts"]) if c}
+        assert len(used) >= 2, (hist, used)

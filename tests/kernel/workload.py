@@ -1431,7 +1431,7 @@ def pressure() -> Dict[str, Any]:
     roomy = _pressure_round(tel, 5584, concurrent=2000, churn=2000)
     tel.close()
     tight_config = {"max_connections": 256, "ring_buffer_bytes": 4096, "max_flows": 16}
-    tel = Telemetry(**tight_config)
+    tel = Telemetry(records=True, **tight_config)  # histogram records: a ring to overflow
     tight = _pressure_round(tel, 5585, concurrent=600, churn=400)
     tel.close()
     return {"roomy": roomy, "tight": tight, "tight_config": tight_config}
@@ -1442,7 +1442,8 @@ def ring_wakeup() -> Dict[str, Any]:
     """A burst of records four times the ring's size, well within one (long) poll interval."""
     setup_netns()
     poll_interval = 5.0
-    tel = Telemetry(poll_interval=poll_interval, ring_buffer_bytes=65536)  # 1,024 records, woken at 256
+    # 1,024 records, woken at 256 (histogram records, not kernel buckets: the ring is what is tested)
+    tel = Telemetry(records=True, poll_interval=poll_interval, ring_buffer_bytes=65536)
     started = time.monotonic()
     srv = _listener(5597, 1024)
     before = mib()
@@ -1509,6 +1510,86 @@ def raw_tp_variant() -> Dict[str, Any]:
                                              "bytes_tx": v.bytes_transmitted, "closed": v.closed}
                 for k, v in snap.counters.items() if k.address}
     return {"variant": variant, "attached": attached, "counters": counters, "tcpi_bytes": infos,
+            "mib": mib_delta(before, mib())}
+
+
+@scenario
+def kernel_histograms() -> Dict[str, Any]:
+    """Every histogram value both aggregated in the kernel (hists map) and handed over as a
+    record (HIST_MODE_AUDIT): one load of the programs, so the very same values."""
+    import bisect
+
+    from otel_ebpf_flows import _records
+    from otel_ebpf_flows._kernel import KernelSource
+    from otel_ebpf_flows._telemetry import DURATION_BUCKETS, HANDSHAKE_BUCKETS, RTT_BUCKETS
+
+    setup_netns()
+    bounds = {_records.HIST_HANDSHAKE: HANDSHAKE_BUCKETS, _records.HIST_DURATION: DURATION_BUCKETS,
+              _records.HIST_RTT: RTT_BUCKETS}
+    records: List[Any] = []
+    source = KernelSource()
+    source.on_metric = records.append
+    source.start(lambda event: None)
+    mode = source.aggregate_histograms(
+        _records.HIST_MODE_HANDSHAKE | _records.HIST_MODE_CLOSE | _records.HIST_MODE_AUDIT, bounds)
+    srv = _listener(5598, backlog=256)
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            data = c.recv(100)
+            c.sendall(data)
+            c.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    random_loss(5598, 3)  # retransmits: RTTs and lifetimes far from loopback's
+    before = mib()
+    reads: List[Any] = []
+    for i in range(240):
+        s = socket.create_connection(("127.0.0.1", 5598))
+        s.sendall(b"x" * (1 + i % 50))
+        s.recv(100)
+        time.sleep((0, 0.0005, 0.003, 0.012)[i % 4])
+        s.close()
+        if i == 120:  # a read mid-way: the generations of the extremes move on
+            reads.extend(source.read_histograms())
+            source.poll(0)
+    nft("delete table inet loss")
+    settle()
+    reads.extend(source.read_histograms())
+    source.poll(0)
+    lost = source.read().probes.events_lost["tcp_flows.events"]
+    source.close()
+    srv.close()
+
+    names = {_records.HIST_HANDSHAKE: "handshake", _records.HIST_DURATION: "duration", _records.HIST_RTT: "rtt"}
+    kernel: Dict[str, Any] = {}
+    for hist, key, counts, total, low, high in reads:
+        k = f"{names[hist]}:{key.role.value}:{key.port}"
+        have = kernel.setdefault(k, {"counts": [0] * len(counts), "sum": 0.0, "min": low, "max": high})
+        have["counts"] = [a + b for a, b in zip(have["counts"], counts)]
+        have["sum"] += total
+        have["min"], have["max"] = min(have["min"], low), max(have["max"], high)
+    user: Dict[str, Any] = {}
+
+    def add(name: str, hist: int, key: Any, value: float) -> None:
+        k = f"{name}:{key.role.value}:{key.port}"
+        have = user.setdefault(k, {"counts": [0] * (len(bounds[hist]) + 1), "sum": 0.0, "min": value, "max": value})
+        have["counts"][bisect.bisect_left(bounds[hist], value)] += 1
+        have["sum"] += value
+        have["min"], have["max"] = min(have["min"], value), max(have["max"], value)
+
+    for kind, key, _ts, duration_s, srtt_s, _tid in records:
+        if kind == "handshake":
+            add("handshake", _records.HIST_HANDSHAKE, key, duration_s)
+        if kind == "close":
+            add("duration", _records.HIST_DURATION, key, duration_s)
+        if kind in ("close", "rtt") and srtt_s is not None:
+            add("rtt", _records.HIST_RTT, key, srtt_s)
+    return {"mode": mode, "kernel": kernel, "user": user, "reads": len(reads), "lost": lost,
             "mib": mib_delta(before, mib())}
 
 

@@ -202,7 +202,12 @@ def test_the_kernel_enums_match_the_names():
         "STAT_SYNACKS_FULL",
         "STAT_CHILD_DISCARDED",
         "STAT_CLOSE_UNSEEN",
+        "STAT_HISTS_FOLDED",
         "STAT_MAX",
+        "HIST_HANDSHAKE",
+        "HIST_DURATION",
+        "HIST_RTT",
+        "HIST_MAX",
         "HOOK_SET_STATE",
         "HOOK_DESTROY_SOCK",
         "HOOK_RETRANSMIT_SKB",
@@ -213,9 +218,11 @@ def test_the_kernel_enums_match_the_names():
         "HOOK_MAX",
     ):
         assert re.search(rf"\b{name}\b\s*=?\s*{getattr(_records, name)}\b", header), name
-    for name in ("SF_ESTABLISHED", "SF_LISTENER", "SF_CLOSED", "SF_PENDING"):
+    for name in ("SF_ESTABLISHED", "SF_LISTENER", "SF_CLOSED", "SF_PENDING", "HIST_MODE_HANDSHAKE",
+                 "HIST_MODE_CLOSE", "HIST_MODE_AUDIT"):
         bit = getattr(_records, name).bit_length() - 1
         assert re.search(rf"#define {name} \(1 << {bit}\)", header), name
+    assert re.search(rf"#define HIST_BOUNDS_MAX {_records.HIST_BOUNDS_MAX}\b", header)
 
 
 # -- events -------------------------------------------------------------------------------------

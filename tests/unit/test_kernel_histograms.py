@@ -1,0 +1,343 @@
+"""Histograms the kernel aggregates: bucket counts into the SDK give what the points would have.
+
+The kernel side (bucketing in tcp_flows.bpf.c against the real kernel) is reconciled with
+records of the same connections in tests/kernel/test_reconcile.py; here: the bucket
+bounds in kernel units, the reading of the hists map's entries, and
+:meth:`HistogramRecorder.add_buckets` against ``Histogram.record()`` under each
+configuration that lets it take bucket counts, and refusal under the others.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import random
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+from opentelemetry.metrics import NoOpMeterProvider
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics._internal.exemplar import AlwaysOffExemplarFilter, AlwaysOnExemplarFilter
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.view import (
+    DropAggregation,
+    ExplicitBucketHistogramAggregation,
+    ExponentialBucketHistogramAggregation,
+    View,
+)
+
+from otel_ebpf_flows import _kernel, _records
+from otel_ebpf_flows._histogram import NO_SPAN, HistogramRecorder
+from otel_ebpf_flows._source import FlowKey, Role
+from otel_ebpf_flows._telemetry import (
+    DURATION_BUCKETS,
+    HANDSHAKE_BUCKETS,
+    RTT_BUCKETS,
+    Aggregator,
+    Instruments,
+)
+from tests.unit.test_histogram import CASES, SETS, points, provider_for
+
+BOUNDS = [0.0001, 0.001, 0.01, 0.1, 1.0]
+
+#: the configurations of test_histogram.py under which bucket counts can be taken
+TAKES_BUCKETS = ["cumulative", "delta", "a cumulative and a delta reader", "a view keeping some attributes",
+                 "a view dropping the metric", "two views, one renamed", "a cardinality limit of 2, delta",
+                 "a cardinality limit of 2, cumulative"]
+REFUSES_BUCKETS = ["a view with base-2 exponential buckets", "a view with other buckets, delta",
+                   "exemplars of sampled spans"]
+
+
+# -- bucket bounds in kernel units ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bounds, scale", [(HANDSHAKE_BUCKETS, 1e9), (DURATION_BUCKETS, 1e9), (RTT_BUCKETS, 1e6),
+                                           (BOUNDS, 1e9), ((0.1, 0.2, 0.3, 1e-9, ), 1e9),
+                                           # b * scale rounds below the kernel bound here
+                                           ((1.001, 1.003, 1.005), 1e9), ((0.000249, 0.5), 1e6)])
+def test_a_kernel_value_lands_in_the_bucket_the_sdk_puts_its_seconds_in(bounds: Tuple[float, ...],
+                                                                        scale: float) -> None:
+    bounds = tuple(sorted(bounds))
+    kernel = _records.kernel_bounds(bounds, scale)
+    rng = random.Random(5)
+    values = {0, 1, 2 ** 40}
+    for u in kernel:  # every value next to a bound, where rounding could misplace it
+        values.update(range(max(0, u - 3), u + 4))
+    values.update(rng.randrange(0, int(max(bounds) * scale * 2) + 2) for _ in range(20000))
+    for u in sorted(values):
+        in_kernel = next((i for i, b in enumerate(kernel) if u <= b), len(kernel))  # hist_add's loop
+        assert in_kernel == bisect.bisect_left(bounds, u / scale), (u, bounds)
+
+
+def test_a_bound_no_kernel_value_can_reach_is_refused() -> None:
+    with pytest.raises(ValueError, match="cannot be a kernel bound"):
+        _records.kernel_bounds([-1.0], 1e9)
+    with pytest.raises(ValueError):
+        _records.kernel_bounds([float("inf")], 1e9)
+
+
+# -- reading the hists map ------------------------------------------------------------------------
+
+KEY = FlowKey(role=Role.CLIENT, address="192.0.2.1", port=443, family="ipv4")
+
+
+def raw_key() -> bytes:
+    key = _records.CFlowKey()
+    key.addr[10] = key.addr[11] = 0xFF
+    key.addr[12:16] = [192, 0, 2, 1]
+    key.port, key.family, key.role = 443, _records.FLOW_FAMILY_IPV4, _records.FLOW_ROLE_CLIENT
+    return bytes(key)
+
+
+def raw_value(total: int, ext: List[Tuple[int, int, int]], buckets: Dict[int, int]) -> bytes:
+    counts = [0] * _records.HIST_BUCKETS
+    for i, n in buckets.items():
+        counts[i] = n
+    flat = [x for e in ext for x in e]
+    return _records.HIST_VALUE.pack(total, *flat, *counts)
+
+
+def source_with_bounds() -> _kernel.KernelSource:
+    source = _kernel.KernelSource()
+    source._hist_bounds = {_records.HIST_DURATION: (0.001, 0.01), _records.HIST_RTT: (0.0001,)}
+    return source
+
+
+def test_an_entry_is_read_as_what_it_gained_since_the_last_read() -> None:
+    source, kb = source_with_bounds(), raw_key()
+    hist = _records.HIST_DURATION
+    # generation 0 (tag 1): two values, 0.5 ms and 20 ms
+    first = raw_value(20_500_000, [(1, 500_000, 20_000_000), (0, 0, 0)], {0: 1, 2: 1})
+    fields, delta = source._hist_delta(kb, hist, first, None, (1, 2))
+    assert delta == (hist, KEY, (1, 0, 1), 0.0205, 0.0005, 0.02)
+    # generation 1 (tag 2): one value of 5 ms; the old generation's extremes are not this read's
+    second = raw_value(25_500_000, [(1, 500_000, 20_000_000), (2, 5_000_000, 5_000_000)], {0: 1, 1: 1, 2: 1})
+    fields, delta = source._hist_delta(kb, hist, second, fields, (2, 3))
+    assert delta == (hist, KEY, (0, 1, 0), 0.005, 0.005, 0.005)
+    # nothing new: nothing to add
+    assert source._hist_delta(kb, hist, second, fields, (3, 4)) == (fields, None)
+
+
+def test_bucket_counts_that_wrapped_at_2_to_the_32_count_what_they_gained() -> None:
+    source, kb = source_with_bounds(), raw_key()
+    hist = _records.HIST_RTT
+    last = ((0xFFFFFFFF,) + (0,) * (_records.HIST_BUCKETS - 1), 2 ** 64 - 10)
+    now = raw_value(15, [(7, 40, 90), (0, 0, 0)], {0: 2})
+    _fields, delta = source._hist_delta(kb, hist, now, last, (7, 8))
+    assert delta == (hist, KEY, (3, 0), 25 / 1e6, 40 / 1e6, 90 / 1e6)
+
+
+def test_values_written_after_the_switch_of_generation_still_bring_their_extremes() -> None:
+    source, kb = source_with_bounds(), raw_key()
+    hist = _records.HIST_DURATION
+    # counted by this read, extremes under the next generation's tag only
+    value = raw_value(3_000_000, [(0, 0, 0), (6, 3_000_000, 3_000_000)], {1: 1})
+    _fields, delta = source._hist_delta(kb, hist, value, None, (5, 6))
+    assert delta is not None and delta[4:] == (0.003, 0.003)
+    # extremes under no generation this read knows: the bucket's edges, never nothing
+    _fields, delta = source._hist_delta(kb, hist, value, None, (9, 10))
+    assert delta is not None and delta[4:] == (0.001, 0.01)
+
+
+def test_an_entry_that_cannot_be_a_histogram_is_counted_as_malformed(caplog: pytest.LogCaptureFixture) -> None:
+    source, kb = source_with_bounds(), raw_key()
+    past = raw_value(1, [(1, 1, 1), (0, 0, 0)], {5: 1})  # the RTT histogram has 2 buckets
+    assert source._hist_delta(kb, _records.HIST_RTT, past, None, (1, 2))[1] is None
+    unknown = raw_value(1, [(1, 1, 1), (0, 0, 0)], {0: 1})  # no bounds were written for it
+    assert source._hist_delta(kb, _records.HIST_HANDSHAKE, unknown, None, (1, 2)) is None
+    assert source._decode_errors == 2
+    assert "malformed kernel record" in caplog.text
+
+
+# -- bucket counts into the SDK -------------------------------------------------------------------
+
+
+def rounds_of(seed: int) -> List[List[Tuple[int, float]]]:
+    rng = random.Random(seed)
+    return [[(rng.randrange(len(SETS)), rng.choice([0.0, 0.00005, 0.0003, 0.001, 0.004, 0.05, 0.7, 3.0,
+                                                    rng.random() * 2]))
+             for _ in range(rng.randrange(1, 30))] for _ in range(4)]
+
+
+def export(case: Dict[str, Any], rounds: List[List[Tuple[int, float]]], buckets: bool) -> List[Any]:
+    provider, readers = provider_for(case)
+    try:
+        histogram = provider.get_meter("m").create_histogram("h", unit="s", explicit_bucket_boundaries_advisory=BOUNDS)
+        recorder = HistogramRecorder(histogram, BOUNDS)
+        sets = [dict(s) for s in SETS]
+        out = []
+        for round_ in rounds:
+            if buckets:
+                assert recorder.can_add_buckets()
+                by_set: Dict[int, List[float]] = {}
+                for index, value in round_:
+                    by_set.setdefault(index, []).append(value)
+                for index, values in by_set.items():
+                    counts = [0] * (len(BOUNDS) + 1)
+                    for value in values:
+                        counts[bisect.bisect_left(BOUNDS, value)] += 1
+                    assert recorder.add_buckets(sets[index], counts, sum(values), min(values), max(values))
+            else:
+                for index, value in round_:
+                    histogram.record(value, sets[index], context=NO_SPAN)
+            out.extend(rounded(points(r)) for r in readers)
+        return out
+    finally:
+        provider.shutdown()
+
+
+def rounded(exported: List[Tuple[str, Any]]) -> List[Tuple[str, Any]]:
+    """Sums to 9 significant digits: bucket counts add a set's values in one sum."""
+    out = []
+    for name, fields, exemplars in exported:
+        fields = tuple((k, float(f"{v:.9g}") if k == "sum" else v) for k, v in fields)
+        out.append((name, fields, exemplars))
+    return out
+
+
+@pytest.mark.parametrize("name", TAKES_BUCKETS)
+def test_bucket_counts_export_what_the_points_export(name: str) -> None:
+    for seed in range(3):
+        rounds = rounds_of(seed)
+        expected = export(CASES[name], rounds, buckets=False)
+        assert any(expected) or name == "a view dropping the metric"
+        assert export(CASES[name], rounds, buckets=True) == expected, f"{name}, seed {seed}"
+
+
+@pytest.mark.parametrize("name", REFUSES_BUCKETS)
+def test_bucket_counts_are_refused_where_a_reader_needs_the_points(name: str) -> None:
+    provider, _readers = provider_for(CASES[name])
+    histogram = provider.get_meter("m").create_histogram("h", unit="s", explicit_bucket_boundaries_advisory=BOUNDS)
+    recorder = HistogramRecorder(histogram, BOUNDS)
+    assert recorder.fast  # points still take the fast path
+    assert not recorder.can_add_buckets()
+    assert not recorder.add_buckets(dict(SETS[0]), [1, 0, 0, 0, 0, 0], 0.00005, 0.00005, 0.00005)
+    provider.shutdown()
+
+
+def test_the_always_off_exemplar_filter_lets_bucket_counts_in() -> None:
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()], exemplar_filter=AlwaysOffExemplarFilter(),
+                             shutdown_on_exit=False)
+    histogram = provider.get_meter("m").create_histogram("h", unit="s", explicit_bucket_boundaries_advisory=BOUNDS)
+    assert HistogramRecorder(histogram, BOUNDS).can_add_buckets()
+    provider.shutdown()
+
+
+def test_bucket_counts_need_the_buckets_the_aggregation_has() -> None:
+    provider, _readers = provider_for({})
+    meter = provider.get_meter("m")
+    advised = meter.create_histogram("a", unit="s", explicit_bucket_boundaries_advisory=[0.5, 5.0])
+    assert not HistogramRecorder(advised, BOUNDS).can_add_buckets()  # other bounds than the recorder's
+    assert not HistogramRecorder(advised).can_add_buckets()  # no bounds at all
+    assert HistogramRecorder(advised, [0.5, 5.0]).can_add_buckets()
+    provider.shutdown()
+    noop = NoOpMeterProvider().get_meter("m").create_histogram("h")
+    assert not HistogramRecorder(noop, BOUNDS).can_add_buckets()
+
+
+def test_a_reader_that_needs_points_since_is_found_at_the_next_question() -> None:
+    provider, _readers = provider_for({})
+    histogram = provider.get_meter("m").create_histogram("h", unit="s", explicit_bucket_boundaries_advisory=BOUNDS)
+    recorder = HistogramRecorder(histogram, BOUNDS)
+    assert recorder.can_add_buckets()
+    # a reader added (the storages map changes) whose view asks for exponential buckets
+    other, (other_reader,) = provider_for(CASES["a view with base-2 exponential buckets"])
+    other.get_meter("m").create_histogram("h", unit="s")
+    consumer = histogram._measurement_consumer  # type: ignore[attr-defined]
+    added = other._measurement_consumer._reader_storages[other_reader]  # type: ignore[attr-defined]
+    consumer._reader_storages = {**consumer._reader_storages, other_reader: added}
+    assert not recorder.can_add_buckets()
+    assert not recorder.add_buckets(dict(SETS[0]), [1, 0, 0, 0, 0, 0], 0.00005, 0.00005, 0.00005)
+    provider.shutdown()
+    other.shutdown()
+
+
+# -- the instruments: which records the kernel may aggregate, and what it hands back ---------------
+
+
+def instruments(views: Any = (), exemplar_filter: Any = None) -> Tuple[Instruments, InMemoryMetricReader,
+                                                                         MeterProvider]:
+    reader = InMemoryMetricReader()
+    extra = {} if exemplar_filter is None else {"exemplar_filter": exemplar_filter}
+    provider = MeterProvider(metric_readers=[reader], views=views, shutdown_on_exit=False, **extra)
+    return Instruments(provider.get_meter("otel_ebpf_flows"), lambda: None), reader, provider
+
+
+@pytest.mark.parametrize("views, filter_, mode", [
+    ((), None, _records.HIST_MODE_HANDSHAKE | _records.HIST_MODE_CLOSE),
+    ((View(instrument_name="ebpf_flows.tcp.rtt", aggregation=ExponentialBucketHistogramAggregation()),), None,
+     _records.HIST_MODE_HANDSHAKE),
+    ((View(instrument_name="ebpf_flows.tcp.handshake.duration",
+           aggregation=ExplicitBucketHistogramAggregation([0.1, 1.0])),), None, _records.HIST_MODE_CLOSE),
+    ((View(instrument_name="ebpf_flows.tcp.*", aggregation=DropAggregation()),), None,
+     _records.HIST_MODE_HANDSHAKE | _records.HIST_MODE_CLOSE),
+    ((), AlwaysOnExemplarFilter(), 0),
+])
+def test_the_kernel_aggregates_only_the_records_whose_histograms_every_reader_takes_as_buckets(
+        views: Any, filter_: Any, mode: int) -> None:
+    inst, _reader, provider = instruments(views, filter_)
+    assert inst.kernel_histograms() == mode
+    provider.shutdown()
+
+
+def histogram_points(reader: InMemoryMetricReader) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data is not None else ():
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                for p in m.data.data_points:
+                    if hasattr(p, "count"):  # explicit or exponential buckets
+                        out[m.name] = p
+    return out
+
+
+def test_the_kernels_deltas_reach_each_histogram_with_the_contracts_attributes() -> None:
+    inst, reader, provider = instruments()
+    aggregator = Aggregator(200)
+    deltas: List[_records.HistDelta] = [
+        (_records.HIST_HANDSHAKE, KEY, tuple(1 if i == 4 else 0 for i in range(len(HANDSHAKE_BUCKETS) + 1)),
+         0.0007, 0.0007, 0.0007),
+        (_records.HIST_DURATION, KEY, tuple(2 if i == 0 else 0 for i in range(len(DURATION_BUCKETS) + 1)),
+         0.0012, 0.0004, 0.0008),
+        (_records.HIST_RTT, KEY, tuple(2 if i == 1 else 0 for i in range(len(RTT_BUCKETS) + 1)), 0.00004,
+         0.00002, 0.00002),
+    ]
+    inst.add_histograms(aggregator, deltas)
+    got = histogram_points(reader)
+    hs, du, rt = (got["ebpf_flows.tcp.handshake.duration"], got["ebpf_flows.tcp.connection.duration"],
+                  got["ebpf_flows.tcp.rtt"])
+    assert (hs.count, hs.min, hs.max, hs.bucket_counts[4]) == (1, 0.0007, 0.0007, 1)
+    assert (du.count, du.sum, du.min, du.max) == (2, 0.0012, 0.0004, 0.0008)
+    assert (rt.count, rt.bucket_counts[1]) == (2, 2)
+    assert dict(hs.attributes) == aggregator.series("ebpf_flows.tcp.handshake.duration", KEY)
+    provider.shutdown()
+
+
+def test_counts_a_reader_can_no_longer_take_become_points_inside_their_buckets(
+        caplog: pytest.LogCaptureFixture) -> None:
+    views = (View(instrument_name="ebpf_flows.tcp.connection.duration",
+                  aggregation=ExponentialBucketHistogramAggregation()),)
+    inst, reader, provider = instruments(views)
+    counts = tuple(3 if i == 2 else 0 for i in range(len(DURATION_BUCKETS) + 1))  # (0.005, 0.01]
+    with caplog.at_level(logging.WARNING):
+        inst.add_histograms(Aggregator(200), [(_records.HIST_DURATION, KEY, counts, 0.021, 0.006, 0.008)])
+        inst.add_histograms(Aggregator(200), [(_records.HIST_DURATION, KEY, counts, 0.021, 0.006, 0.008)])
+    point = histogram_points(reader)["ebpf_flows.tcp.connection.duration"]
+    assert point.count == 6 and 0.006 <= point.min <= point.max <= 0.008
+    assert math.isclose(point.sum, 6 * 0.007)
+    assert caplog.text.count("buckets' middles") == 1  # warned once
+    provider.shutdown()
+
+
+def kernel_bounds_of(inst: Instruments) -> Dict[int, Optional[Tuple[float, ...]]]:
+    return dict(inst.kernel_bounds)
+
+
+def test_the_instruments_name_each_kernel_histograms_buckets() -> None:
+    inst, _reader, provider = instruments()
+    assert kernel_bounds_of(inst) == {_records.HIST_HANDSHAKE: HANDSHAKE_BUCKETS,
+                                      _records.HIST_DURATION: DURATION_BUCKETS, _records.HIST_RTT: RTT_BUCKETS}
+    assert all(len(b) <= _records.HIST_BOUNDS_MAX for b in kernel_bounds_of(inst).values() if b)
+    provider.shutdown()
