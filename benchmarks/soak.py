@@ -220,7 +220,18 @@ def main() -> None:
         return sum(p["value"] for p in points
                    if p["name"] == name and all(p["attrs"].get(k) == v for k, v in want.items()))
 
+    def count(name: str) -> int:  # a histogram's points
+        return sum(p["count"] for p in points if p["name"] == name)
+
+    lost_by_probe = {p["attrs"]["ebpf_flows.probe.name"]: p["value"] for p in points
+                     if p["name"] == "ebpf_flows.probe.events.lost"}
+    completed = sum(p["value"] for p in points
+                    if p["name"] == "ebpf_flows.tcp.connection.attempts" and "error.type" not in p["attrs"])
     exported = {
+        "handshake.points": count("ebpf_flows.tcp.handshake.duration"),
+        "completed_attempts": completed,
+        "duration.points": count("ebpf_flows.tcp.connection.duration"),
+        "rtt.points": count("ebpf_flows.tcp.rtt"),
         "attempts.client": total("ebpf_flows.tcp.connection.attempts", ebpf_flows__tcp__role="client"),
         "attempts.server": total("ebpf_flows.tcp.connection.attempts", ebpf_flows__tcp__role="server"),
         "retransmits": total("ebpf_flows.tcp.retransmits"),
@@ -246,6 +257,10 @@ def main() -> None:
         "done": done, "exported": exported, "kernel": kernel,
         "passive_opens": delta["Tcp.PassiveOpens"], "children_discarded_before_established": discarded,
         "reconciled": {k: exported[k] == v for k, v in kernel.items()} if tel is not None else {},
+        # every completed handshake has its point, or is counted as one whose start (syn_wait)
+        # or whose handshake itself (unseen_handshake) no probe saw
+        "handshakes_reconciled": exported["handshake.points"] + lost_by_probe.get("tcp_flows.syn_wait", 0)
+        + lost_by_probe.get("tcp_flows.unseen_handshake", 0) == completed if tel is not None else None,
         "memory": memory, "samples": samples,
     }
     sys.stdout.write(json.dumps(result) + "\n")

@@ -76,6 +76,8 @@
 #define AF_INET6 10
 #define IPPROTO_TCP 6
 
+#define E2BIG 7
+#define ENOMEM 12
 #define EBUSY 16
 #define ECONNRESET 104
 #define ENETUNREACH 101
@@ -612,35 +614,44 @@ static const struct flow_key hist_overflow[4] = {
 };
 
 /*
- * One histogram point into the hists map: what user space would have done with
+ * A peer's entry in the hists map: created on first use; once the map is full,
+ * the overflow key of the role (counted). NULL when there is none to be had
+ * now (the update failed otherwise: -EBUSY, this CPU already inside an update
+ * of the map in a program this one interrupted): the caller hands the value
+ * over as a record instead, so nothing is lost or misattributed.
+ */
+static __noinline struct hist_set *hist_set_of(const struct flow_key *fk)
+{
+	struct hist_set *set = bpf_map_lookup_elem(&hists, fk);
+	long err;
+
+	if (set)
+		return set;
+	err = bpf_map_update_elem(&hists, fk, &zero_hists, BPF_NOEXIST);
+	set = bpf_map_lookup_elem(&hists, fk);	/* also one another CPU just made */
+	if (set || (err != -E2BIG && err != -ENOMEM))
+		return set;
+	stat_inc(STAT_HISTS_FOLDED);
+	return bpf_map_lookup_elem(&hists, &hist_overflow[fk->role & 3]);
+}
+
+/*
+ * One histogram point into a peer's entry: what user space would have done with
  * the record's value (bucket by the SDK's rule, sum, min, max), without the
  * record. Counts and sum are atomic adds (the nested copy of a program may
  * interrupt it on the same CPU; another CPU may add to the same peer); the
- * extremes are plain compare-and-store, so two new extremes of one entry in
- * the same few nanoseconds can keep the less extreme one. The key is the
- * socket's own (a map value) or a constant: nothing on the stack of the
- * set_state handlers, which are near the verifier's limit.
+ * extremes are plain compare-and-store, so two new extremes of one peer within
+ * the same few nanoseconds can keep the less extreme one. Not inlined, and
+ * nothing on its stack: the set_state handlers are near the verifier's limit.
  */
-static __noinline void hist_add(const struct flow_key *fk, __u32 hist, __u64 value)
+static __noinline void hist_add(struct hist_set *set, __u32 hist, __u64 value)
 {
 	struct hist_extremes *ext;
 	struct hist_bounds *b;
 	struct hist_value *v;
-	struct hist_set *set;
 	__u32 i, n;
 	__u64 tag;
 
-	set = bpf_map_lookup_elem(&hists, fk);
-	if (!set) {
-		bpf_map_update_elem(&hists, fk, &zero_hists, BPF_NOEXIST);
-		set = bpf_map_lookup_elem(&hists, fk);
-	}
-	if (!set) {
-		stat_inc(STAT_HISTS_FOLDED);
-		set = bpf_map_lookup_elem(&hists, &hist_overflow[fk->role & 3]);
-		if (!set)
-			return;
-	}
 	/* constant offsets: the verifier loses a bound on the argument */
 	if (hist == HIST_HANDSHAKE) {
 		v = &set->hist[HIST_HANDSHAKE];
@@ -657,8 +668,8 @@ static __noinline void hist_add(const struct flow_key *fk, __u32 hist, __u64 val
 		if (i >= n || value <= b->bound[i])
 			break;
 	}
-	__sync_fetch_and_add(&v->buckets[i & (HIST_BUCKETS - 1)], 1);
 	__sync_fetch_and_add(&v->sum, value);
+	__sync_fetch_and_add(&v->buckets[i & (HIST_BUCKETS - 1)], 1);
 	tag = (__u64)hist_gen + 1;	/* never the 0 of a new entry */
 	ext = &v->ext[tag & 1];
 	if (ext->gen != tag) {
@@ -852,10 +863,11 @@ static __always_inline void count_established(struct sock_state *st, struct flow
 		COUNT_INTO(cp, &st->key, wscale_disabled, 1);
 	if (st->handshake_ns) {
 		__u32 mode = hist_mode;
+		struct hist_set *set = (mode & HIST_MODE_HANDSHAKE) ? hist_set_of(&st->key) : NULL;
 
-		if (mode & HIST_MODE_HANDSHAKE)
-			hist_add(&st->key, HIST_HANDSHAKE, st->handshake_ns);
-		if (!(mode & HIST_MODE_HANDSHAKE) || (mode & HIST_MODE_AUDIT))
+		if (set)
+			hist_add(set, HIST_HANDSHAKE, st->handshake_ns);
+		if (!set || (mode & HIST_MODE_AUDIT))
 			submit(st, FLOW_EVENT_HANDSHAKE, 0, st->established_ns, st->handshake_ns);
 	} else if (st->key.role == FLOW_ROLE_SERVER && !(st->flags & SF_UNSEEN))
 		stat_inc(STAT_SYN_WAIT_MISSED);
@@ -1196,15 +1208,19 @@ __noinline __u32 final_close_reason(int err, __u32 flags)
 static __always_inline void finalize_close(struct sock_state *st, struct flow_counters **cp)
 {
 	__u8 reason = final_close_reason(st->err, st->flags);
+	struct hist_set *set;
+	__u32 mode;
 
 	st->flags |= SF_FINAL;
 	COUNT_INTO(cp, &st->key, closes[reason & 7], 1);
-	if (hist_mode & HIST_MODE_CLOSE) {
-		if (!(st->flags & SF_UNSEEN))
-			hist_add(&st->key, HIST_DURATION, st->closed_ns - st->established_ns);
+	mode = hist_mode;
+	/* a connection found established late keeps its record (its RTT's exemplar) */
+	set = (mode & HIST_MODE_CLOSE) && !(st->flags & SF_UNSEEN) ? hist_set_of(&st->key) : NULL;
+	if (set) {
+		hist_add(set, HIST_DURATION, st->closed_ns - st->established_ns);
 		if (st->srtt_us)
-			hist_add(&st->key, HIST_RTT, st->srtt_us);
-		if (!(hist_mode & HIST_MODE_AUDIT))
+			hist_add(set, HIST_RTT, st->srtt_us);
+		if (!(mode & HIST_MODE_AUDIT))
 			return;
 	}
 	/* a connection found established late: its RTT, but no duration */

@@ -209,7 +209,8 @@ enum probe_stat {
 	STAT_CLOSE_UNSEEN = 10,		/* an established connection whose close no program saw,
 					 * found when its socket's address was reused for a new
 					 * socket: counted closed, reason _OTHER */
-	STAT_HISTS_FOLDED = 11,	/* a histogram value went to the overflow key: hists map full */
+	STAT_HISTS_FOLDED = 11,	/* a handshake or a close whose histogram values went to the
+				 * overflow key: hists map full */
 	STAT_MAX = 12,
 };
 

@@ -102,6 +102,9 @@ class HistogramRecorder:
         # can_add_buckets()'s answer for the reader storages it was worked out for
         self._buckets_for: Any = None
         self._buckets_ok = False
+        # record() runs on the reader thread, add_buckets() on collecting threads: one at a time
+        # (fork: the pipeline holds both out of the recorder while a fork happens, see quiesce)
+        self._lock = threading.Lock()
         self._fast = False
         self._consumer: Any = None
         self._is_enabled: Callable[[], bool] = lambda: False
@@ -158,6 +161,10 @@ class HistogramRecorder:
         path is on, no point of it could get an exemplar without a span (the SDK's trace-based
         or always-off filter), and every reader's aggregation of it is explicit buckets with
         :attr:`bounds` (or a View that drops it)."""
+        with self._lock:
+            return self._can_add_buckets()
+
+    def _can_add_buckets(self) -> bool:
         self._rebind()
         if not (self.bounds and self._fast and self._spanless_unsampled and _self_check()):
             return False
@@ -176,19 +183,26 @@ class HistogramRecorder:
         return self._buckets_ok
 
     def add_buckets(self, attributes: Dict[str, Any], counts: Sequence[int], total: float,
-                    low: float, high: float) -> bool:
+                    low: Optional[float], high: Optional[float]) -> bool:
         """Add ``sum(counts)`` points at once: ``counts[i]`` in bucket i of :attr:`bounds`, their
         sum ``total``, smallest ``low``, largest ``high``; each reader's aggregation ends as if
-        each point had been recorded. False (nothing added): :meth:`can_add_buckets` is not
-        true (any more), or the SDK would clean the attributes into something else."""
-        return self.can_add_buckets() and self._add(attributes, counts, total, low, high)
+        each point had been recorded. ``low``/``high`` None (unknown): an aggregation's own
+        extremes stand, and one that has none takes the edges of the outermost buckets counted.
+        False (nothing added): :meth:`can_add_buckets` is not true (any more), or the SDK would
+        clean the attributes into something else."""
+        with self._lock:
+            return self._can_add_buckets() and self._add(attributes, counts, total, low, high)
 
-    def _add(self, attributes: Dict[str, Any], counts: Sequence[int], total: float, low: float,
-             high: float) -> bool:
+    def _add(self, attributes: Dict[str, Any], counts: Sequence[int], total: float, low: Optional[float],
+             high: Optional[float]) -> bool:
         try:  # nothing reaches an aggregation in here
             matches = self._prepare(attributes)
             if matches is None or len(counts) != len(self.bounds) + 1:
                 return False
+            for match, _key, _attrs in matches:  # a reader added since can_add_buckets() said yes
+                if not _takes_buckets(match._aggregation, self.bounds):
+                    self._buckets_for, self._buckets_ok = None, False
+                    return False
             if not self._is_enabled():
                 return True  # a disabled meter takes no points
         except Exception:
@@ -205,6 +219,10 @@ class HistogramRecorder:
         return True
 
     def record(self, value: float, attributes: Dict[str, Any], context: Optional[Context] = None) -> None:
+        with self._lock:  # the reader's points and a collection's bucket counts share the caches
+            self._record_point(value, attributes, context)
+
+    def _record_point(self, value: float, attributes: Dict[str, Any], context: Optional[Context]) -> None:
         self._rebind()
         if self._fast and (_checked if _checked is not None else _self_check()):
             try:
@@ -313,7 +331,8 @@ def _takes_buckets(aggregation: Any, bounds: Tuple[float, ...]) -> bool:
     )
 
 
-def _add_buckets(aggregation: Any, counts: Sequence[int], total: float, low: float, high: float) -> None:
+def _add_buckets(aggregation: Any, counts: Sequence[int], total: float, low: Optional[float],
+                 high: Optional[float]) -> None:
     """What ``aggregate()`` of each of the points would leave (SDK 1.45's explicit buckets),
     without exemplars (only ever asked where none would be taken)."""
     _explicit, drop = _explicit_and_drop()
@@ -323,13 +342,31 @@ def _add_buckets(aggregation: Any, counts: Sequence[int], total: float, low: flo
         if aggregation._value is None:
             aggregation._value = aggregation._get_empty_bucket_counts()
         aggregation._sum += total
-        if aggregation._record_min_max:
+        if aggregation._record_min_max and any(counts):
+            if low is None or high is None:
+                edge_low, edge_high = _edges(aggregation._boundaries, counts)
+                low = edge_low if low is None else low
+                high = edge_high if high is None else high
+                # unknown extremes: the aggregation's own stand where it has them
+                if math.isfinite(aggregation._min):
+                    low = aggregation._min
+                if math.isfinite(aggregation._max):
+                    high = aggregation._max
             aggregation._min = min(aggregation._min, low)
             aggregation._max = max(aggregation._max, high)
         value = aggregation._value
         for i, count in enumerate(counts):
             if count:
                 value[i] += count
+
+
+def _edges(bounds: Sequence[float], counts: Sequence[int]) -> Tuple[float, float]:
+    """The outermost edges of the buckets counted: the best known extremes of their values
+    (the last bucket, above every bound, has no upper edge: its lower one)."""
+    used = [i for i, c in enumerate(counts) if c]
+    low = float(bounds[used[0] - 1]) if used[0] else 0.0
+    high = float(bounds[min(used[-1], len(bounds) - 1)])
+    return low, high
 
 
 def _spanless_unsampled(exemplar_filter: Any) -> bool:

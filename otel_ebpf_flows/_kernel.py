@@ -114,6 +114,10 @@ _FLOW_COUNTERS_SIZE = ctypes.sizeof(_records.CFlowCounters)
 _HIST_VALUE_SIZE = ctypes.sizeof(_records.CHistValue)
 _HIST_SET_SIZE = ctypes.sizeof(_records.CHistSet)
 _U32_MASK = (1 << 32) - 1
+# what read_histograms() remembers of one histogram of a hists entry: (raw bytes, bucket counts, sum)
+_HistSeen = Tuple[bytes, Tuple[int, ...], int]
+# the hists map: as many peers as flows, up to this many (a peer's entry is ~550 bytes)
+MAX_HIST_PEERS = 16384
 _U64_MASK = (1 << 64) - 1
 _U64_KEY = struct.Struct("=Q")
 _U32_KEY = struct.Struct("=I")
@@ -353,7 +357,7 @@ class KernelSource:
         self._hist_bounds: Dict[int, Tuple[float, ...]] = {}
         self._kernel_bounds = (_records.CHistBounds * _records.HIST_MAX)()
         self._hist_gen = 0
-        self._hists_seen: Dict[bytes, Tuple[Tuple[int, ...], int]] = {}
+        self._hists_seen: Dict[bytes, _HistSeen] = {}
 
     # -- Source ----------------------------------------------------------------
 
@@ -507,8 +511,10 @@ class KernelSource:
         map instead of handing them over (see :meth:`read_histograms`); returns the bits now on.
 
         ``bounds``: each histogram's bucket bounds in seconds (the SDK aggregation's); a
-        histogram without them stays with records. Handshake records stay records while span
-        enrichment is on: their points carry the span's exemplar.
+        histogram without them stays with records. Bounds are written at the first call that
+        asks for their histogram, and its bit goes on at a later call (ask again). Handshake
+        records stay records while span enrichment is on: their points carry the span's
+        exemplar. ``HIST_MODE_AUDIT``: records as well (reconciliation).
         """
         obj = self._require()
         needs = {_records.HIST_MODE_HANDSHAKE: (_records.HIST_HANDSHAKE,),
@@ -531,8 +537,11 @@ class KernelSource:
                         for i, u in enumerate(_records.kernel_bounds(wanted, _records.HIST_SCALE[hist])):
                             kernel.bound[i] = u
                         obj.write_live_global(HIST_SECTION, "hist_bounds", bytes(self._kernel_bounds))
-                        self._hist_bounds[hist] = known = wanted
-                    if known != wanted:  # the kernel's buckets are those of its first use
+                        self._hist_bounds[hist] = wanted
+                        # the mode only in a later call: nothing orders the two stores for a
+                        # program on another CPU (on x86 they are seen in order; elsewhere not)
+                        mode &= ~bit
+                    elif known != wanted:  # the kernel's buckets are those of its first use
                         mode &= ~bit
             if mode != self._hist_mode:
                 obj.write_live_global(HIST_SECTION, "hist_mode", _U32_KEY.pack(mode))
@@ -540,14 +549,15 @@ class KernelSource:
         return mode
 
     def read_histograms(self) -> List[_records.HistDelta]:
-        """What each kernel-aggregated histogram gained since the last call (bucket counts, sum,
-        and the smallest and largest value since then), in seconds; entries that gained nothing
-        are left out.
+        """What each kernel-aggregated histogram gained since the last call: bucket counts, sum,
+        and the smallest and largest value since then (None where unknown), in seconds; entries
+        that gained nothing are left out.
 
-        The extremes are kept per generation: this moves the kernel to the next one, then
-        reads the last. A value written in the microseconds between the two has its count
-        here and its extremes in the next generation, which is read too (an extreme may
-        then show in two consecutive reads; never in none).
+        Counts and sums are exact: a read that catches a value half written (its count, not yet
+        its sum) has the rest in the next read. The extremes are kept per generation: this
+        moves the kernel to the next one, then reads the last and the new one; a value whose
+        extremes the read misses (written between the read's copy of its count and of its
+        extremes, or by a program that read the generation before the switch) has None here.
         """
         obj = self._require()
         out: List[_records.HistDelta] = []
@@ -566,51 +576,49 @@ class KernelSource:
                     for hist in range(_records.HIST_MAX):
                         at = i * ss + hist * vs
                         name = kb + bytes((hist,))
-                        delta = self._hist_delta(kb, hist, values[at : at + vs], seen.get(name), tags)
+                        vb = values[at : at + vs]
+                        last = seen.get(name)
+                        if last is not None and last[0] == vb:
+                            continue  # unchanged: nothing to unpack
+                        delta = self._hist_delta(kb, hist, vb, last, tags)
                         if delta is None:
                             continue
-                        fields, record = delta
-                        seen[name] = fields
+                        state, record = delta
+                        seen[name] = state
                         if record is not None:
                             out.append(record)
         return out
 
-    def _hist_delta(self, kb: bytes, hist: int, vb: bytes, last: Optional[Tuple[Tuple[int, ...], int]],
-                    tags: Tuple[int, int]) -> Optional[Tuple[Tuple[Tuple[int, ...], int],
-                                                             Optional[_records.HistDelta]]]:
-        """One histogram of a hists entry against its last read: ((bucket counts, sum), its
+    def _hist_delta(self, kb: bytes, hist: int, vb: bytes, last: Optional[_HistSeen],
+                    tags: Tuple[int, int]) -> Optional[Tuple[_HistSeen, Optional[_records.HistDelta]]]:
+        """One histogram of a hists entry against its last read: (what to remember of it, its
         delta or None); None for an entry that cannot be decoded."""
         fields = _records.HIST_VALUE.unpack(vb)
         total, ext, buckets = fields[0], fields[1:7], fields[7:]
-        if last is not None and last[0] == buckets:
-            return (buckets, total), None
-        if last is None and not any(buckets):
-            return (buckets, total), None  # a histogram of the peer not used yet
+        state = (vb, buckets, total)
+        if last is None and not any(buckets) and not total:
+            return state, None  # a histogram of the peer not used yet, or a reserved overflow key
+        before, before_total = (last[1], last[2]) if last is not None else ((0,) * len(buckets), 0)
+        counts = [(b - a) & _U32_MASK for a, b in zip(before, buckets)]
+        grown = (total - before_total) & _U64_MASK
+        if not any(counts) and not grown:
+            return state, None
         try:
             key = _records.decode_key_bytes(kb)
             scale = _records.HIST_SCALE[hist]
-            bounds = self._hist_bounds[hist]
+            n = len(self._hist_bounds[hist]) + 1
         except (_records.RecordError, KeyError) as exc:
             self._malformed(_records.RecordError(f"histogram entry: {exc!r}"))
             return None
-        before, before_total = last if last is not None else ((0,) * len(buckets), 0)
-        counts = [(b - a) & _U32_MASK for a, b in zip(before, buckets)]
-        n = len(bounds) + 1
-        if not any(counts):  # a reserved overflow key, as inserted
-            return (buckets, total), None
         if any(counts[n:]):
             self._malformed(_records.RecordError(f"histogram {hist}: a count past its {n} buckets"))
-            return (buckets, total), None
-        extremes = [(lo, hi) for gen, lo, hi in (ext[0:3], ext[3:6]) if gen in tags]
-        if extremes:
-            lo, hi = min(e[0] for e in extremes), max(e[1] for e in extremes)
-            low, high = lo / scale, hi / scale
-        else:  # written under a generation already gone: the buckets' edges
-            nonzero = [i for i, c in enumerate(counts[:n]) if c]
-            low = bounds[nonzero[0] - 1] if nonzero[0] else 0.0
-            high = bounds[nonzero[-1]] if nonzero[-1] < len(bounds) else bounds[-1]
-        return (buckets, total), (hist, key, tuple(counts[:n]), ((total - before_total) & _U64_MASK) / scale,
-                                  low, high)
+            return state, None
+        low: Optional[float] = None
+        high: Optional[float] = None
+        extremes = [(lo, hi) for tag, lo, hi in (ext[0:3], ext[3:6]) if tag in tags]
+        if extremes and any(counts):
+            low, high = min(e[0] for e in extremes) / scale, max(e[1] for e in extremes) / scale
+        return state, (hist, key, tuple(counts[:n]), grown / scale, low, high)
 
     def drain_conn_events(self) -> None:
         """Deliver every pending span-enrichment record (any thread; never blocks on I/O)."""
@@ -765,8 +773,8 @@ class KernelSource:
         )
         obj.map("socks").set_max_entries(cfg.max_connections)
         obj.map("flows").set_max_entries(cfg.max_flows + 2)  # + the two overflow keys
-        # a peer's three histograms, as many peers as flows (+ the two overflow keys)
-        obj.map("hists").set_max_entries(cfg.max_flows + 2)
+        # a peer's three histograms, as many peers as flows up to MAX_HIST_PEERS (+ the overflow keys)
+        obj.map("hists").set_max_entries(min(cfg.max_flows, MAX_HIST_PEERS) + 2)
         obj.map("events").set_max_entries(cfg.ring_buffer_bytes)
         obj.map("conn_events").set_max_entries(cfg.ring_buffer_bytes if self._span_mode else 4096)
         if not self._span_mode:

@@ -387,8 +387,8 @@ MetricRecord = Tuple[str, FlowKey, int, float, Optional[float], int]
 HIST_SCALE = {HIST_HANDSHAKE: 1e9, HIST_DURATION: 1e9, HIST_RTT: 1e6}
 
 #: What one histogram of the hists map gained since the last read: (hist, key, bucket
-#: counts, sum, min, max), the values in seconds.
-HistDelta = Tuple[int, FlowKey, Tuple[int, ...], float, float, float]
+#: counts, sum, min, max), the values in seconds; min and max None where unknown.
+HistDelta = Tuple[int, FlowKey, Tuple[int, ...], float, Optional[float], Optional[float]]
 
 
 def kernel_bounds(bounds: Sequence[float], scale: float) -> List[int]:

@@ -365,13 +365,19 @@ class Instruments:
         for hist, key, counts, total, low, high in deltas:
             recorder, metric = self._kernel_hists[hist]
             attributes = aggregator.series(metric, key)
-            if not recorder.add_buckets(attributes, counts, total, low, high):
-                self._approximate(recorder, attributes, counts, total, low, high)
+            try:
+                if recorder.add_buckets(attributes, counts, total, low, high):
+                    continue
+            except Exception:  # from an aggregation: the counts may have reached some readers
+                _log.warning("otel-ebpf-flows: %s: adding the kernel's bucket counts failed; recording "
+                             "them as points", metric, exc_info=True)
+            self._approximate(recorder, attributes, counts, low, high)
 
     def _approximate(self, recorder: HistogramRecorder, attributes: Dict[str, Any], counts: Sequence[int],
-                     total: float, low: float, high: float) -> None:
+                     low: Optional[float], high: Optional[float]) -> None:
         """Bucket counts a reader can no longer take as such (one was added with other buckets
-        since the kernel took them on): a point per count, inside its bucket."""
+        since the kernel took them on): a point per count, in the middle of what is known of
+        its bucket (the kernel switches to records at the reader's next sample)."""
         if not self._approximated:
             self._approximated = True
             _log.warning("otel-ebpf-flows: %s: a metric reader's aggregation changed; points the kernel "
@@ -381,8 +387,14 @@ class Instruments:
         for i, count in enumerate(counts):
             if not count:
                 continue
-            lower = max(low, bounds[i - 1]) if i else low
-            upper = min(high, bounds[i]) if i < len(bounds) else high
+            lower = bounds[i - 1] if i else 0.0
+            upper = bounds[i] if i < len(bounds) else bounds[-1]
+            if low is not None:
+                lower = max(lower, low)
+                upper = max(upper, low)
+            if high is not None:
+                upper = min(upper, high) if i < len(bounds) else high
+                lower = min(lower, high)
             for _ in range(count):
                 recorder.record((lower + upper) / 2, attributes)
 
@@ -556,6 +568,8 @@ class Pipeline:
         # histograms the source aggregates itself (see _kernel_histograms): asked for so far
         self._hist_source = source if isinstance(source, AggregatesHistograms) and self._reads_now else None
         self._hist_mode: Optional[int] = None
+        self._hist_failed = False
+        self._hist_lock = threading.Lock()  # the reader's and collections' questions, one at a time
         self._stopped = False
         self._quiesced = False
 
@@ -638,8 +652,6 @@ class Pipeline:
             number = self._sample_started
         if self._reads_now:
             self.source.scan()  # type: ignore[attr-defined]
-            if threading.current_thread() is self._thread:  # not in instrument(): the check takes ms
-                self._kernel_histograms()
             self._read_now()
         else:
             snapshot = self.source.sample()
@@ -651,8 +663,13 @@ class Pipeline:
             self._sampled.notify_all()
 
     def _run(self) -> None:
-        with self._work:
-            self._kernel_histograms()
+        try:
+            with self._work:
+                if not self._kernel_histograms():  # bounds written first, the mode once they are seen
+                    self._stop.wait(0.01)
+                    self._kernel_histograms()
+        except Exception:
+            _log.debug("the kernel's histograms are left to the next sample", exc_info=True)
         while not self._stop.is_set():
             try:
                 # Sleep with no lock held; records are never woken for (the kernel
@@ -677,22 +694,27 @@ class Pipeline:
                     _log.warning("reading kernel TCP data failed; retrying", exc_info=True)
                 self._stop.wait(min(5.0, self._poll_interval * 2 ** min(self._errors, 6)))
 
-    def _kernel_histograms(self) -> None:
-        """Let the source aggregate the histograms every reader can take as bucket counts
-        (asked again every sample: a proxy meter's instruments become real later)."""
+    def _kernel_histograms(self) -> bool:
+        """Let the source aggregate the histograms every reader can take as bucket counts, or
+        stop it where one no longer can (asked at every sample and collection: a proxy meter's
+        instruments become real later, a reader may be added). True: as asked (False: the
+        source held some back for now, see KernelSource.aggregate_histograms)."""
         source = self._hist_source
-        if source is None:
-            return
-        mode = self._instruments.kernel_histograms()
-        if mode != self._hist_mode:
+        if source is None or self._hist_failed:
+            return True
+        with self._hist_lock:
+            mode = self._instruments.kernel_histograms()
+            if mode == self._hist_mode:
+                return True
             try:
-                source.aggregate_histograms(mode, self._instruments.kernel_bounds)
+                on = source.aggregate_histograms(mode, self._instruments.kernel_bounds)
             except Exception:  # records, as before; what the kernel aggregated so far is still read
                 _log.warning("otel-ebpf-flows: the kernel cannot aggregate histograms here; every point "
                              "is handed over as a record", exc_info=True)
-                self._hist_mode = mode  # not asked again
-                return
-            self._hist_mode = mode
+                self._hist_failed = True
+                return True
+            self._hist_mode = mode if on == mode else None  # held back: asked again next time
+            return on == mode
 
     def _read_now(self) -> None:
         """The source's counters now into the aggregator (a :class:`ReadsNow` source), and the
@@ -702,6 +724,8 @@ class Pipeline:
                 return
             self.aggregator.update(self.source.read())  # type: ignore[attr-defined]
             if self._hist_source is not None:
+                if self._thread is not None:  # not within instrument(): the first answer takes ms
+                    self._kernel_histograms()
                 self._instruments.add_histograms(self.aggregator, self._hist_source.read_histograms())
 
     def observations(self, metric: str, first: bool = False) -> List[Tuple[int, Dict[str, Any]]]:

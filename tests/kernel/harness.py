@@ -97,6 +97,12 @@ class Telemetry:
         self.instrumentor.instrument(meter_provider=self.provider, **config)
         if self.instrumentor.pipeline is None:
             raise RuntimeError("instrument() did not start: see the warning above")
+        # the reader decides which histograms the kernel aggregates just after start: traffic
+        # from here on meets the same mode throughout
+        pipeline = self.instrumentor.pipeline
+        deadline = time.monotonic() + 10
+        while pipeline._hist_source is not None and pipeline._hist_mode is None and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def points(self, refresh: bool = True) -> List[Dict[str, Any]]:
         # A sample taken now, after the scenario's traffic settled: a collection reads the

@@ -1530,8 +1530,9 @@ def kernel_histograms() -> Dict[str, Any]:
     source = KernelSource()
     source.on_metric = records.append
     source.start(lambda event: None)
-    mode = source.aggregate_histograms(
-        _records.HIST_MODE_HANDSHAKE | _records.HIST_MODE_CLOSE | _records.HIST_MODE_AUDIT, bounds)
+    asked = _records.HIST_MODE_HANDSHAKE | _records.HIST_MODE_CLOSE | _records.HIST_MODE_AUDIT
+    first = source.aggregate_histograms(asked, bounds)  # writes the bounds; the mode at the next call
+    mode = source.aggregate_histograms(asked, bounds)
     srv = _listener(5598, backlog=256)
 
     def serve() -> None:
@@ -1567,12 +1568,17 @@ def kernel_histograms() -> Dict[str, Any]:
 
     names = {_records.HIST_HANDSHAKE: "handshake", _records.HIST_DURATION: "duration", _records.HIST_RTT: "rtt"}
     kernel: Dict[str, Any] = {}
+    unknown = 0  # reads that caught a value's count but not its extremes (a race, see read_histograms)
     for hist, key, counts, total, low, high in reads:
         k = f"{names[hist]}:{key.role.value}:{key.port}"
-        have = kernel.setdefault(k, {"counts": [0] * len(counts), "sum": 0.0, "min": low, "max": high})
+        have = kernel.setdefault(k, {"counts": [0] * len(counts), "sum": 0.0, "min": None, "max": None})
         have["counts"] = [a + b for a, b in zip(have["counts"], counts)]
         have["sum"] += total
-        have["min"], have["max"] = min(have["min"], low), max(have["max"], high)
+        if low is None or high is None:
+            unknown += any(counts)
+            continue
+        have["min"] = low if have["min"] is None else min(have["min"], low)
+        have["max"] = high if have["max"] is None else max(have["max"], high)
     user: Dict[str, Any] = {}
 
     def add(name: str, hist: int, key: Any, value: float) -> None:
@@ -1589,7 +1595,8 @@ def kernel_histograms() -> Dict[str, Any]:
             add("duration", _records.HIST_DURATION, key, duration_s)
         if kind in ("close", "rtt") and srtt_s is not None:
             add("rtt", _records.HIST_RTT, key, srtt_s)
-    return {"mode": mode, "kernel": kernel, "user": user, "reads": len(reads), "lost": lost,
+    return {"first": first, "mode": mode, "unknown_extremes": unknown, "kernel": kernel, "user": user,
+            "reads": len(reads), "lost": lost,
             "mib": mib_delta(before, mib())}
 
 

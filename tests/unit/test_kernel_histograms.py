@@ -13,6 +13,8 @@ import bisect
 import logging
 import math
 import random
+import threading
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
@@ -122,7 +124,7 @@ def test_an_entry_is_read_as_what_it_gained_since_the_last_read() -> None:
 def test_bucket_counts_that_wrapped_at_2_to_the_32_count_what_they_gained() -> None:
     source, kb = source_with_bounds(), raw_key()
     hist = _records.HIST_RTT
-    last = ((0xFFFFFFFF,) + (0,) * (_records.HIST_BUCKETS - 1), 2 ** 64 - 10)
+    last = (b"", (0xFFFFFFFF,) + (0,) * (_records.HIST_BUCKETS - 1), 2 ** 64 - 10)
     now = raw_value(15, [(7, 40, 90), (0, 0, 0)], {0: 2})
     _fields, delta = source._hist_delta(kb, hist, now, last, (7, 8))
     assert delta == (hist, KEY, (3, 0), 25 / 1e6, 40 / 1e6, 90 / 1e6)
@@ -135,9 +137,10 @@ def test_values_written_after_the_switch_of_generation_still_bring_their_extreme
     value = raw_value(3_000_000, [(0, 0, 0), (6, 3_000_000, 3_000_000)], {1: 1})
     _fields, delta = source._hist_delta(kb, hist, value, None, (5, 6))
     assert delta is not None and delta[4:] == (0.003, 0.003)
-    # extremes under no generation this read knows: the bucket's edges, never nothing
+    # extremes under no generation this read knows: unknown (never invented here; see
+    # test_unknown_extremes_leave_an_aggregations_own_or_take_the_buckets_edges)
     _fields, delta = source._hist_delta(kb, hist, value, None, (9, 10))
-    assert delta is not None and delta[4:] == (0.001, 0.01)
+    assert delta is not None and delta[2:] == ((0, 1, 0), 0.003, None, None)
 
 
 def test_an_entry_that_cannot_be_a_histogram_is_counted_as_malformed(caplog: pytest.LogCaptureFixture) -> None:
@@ -340,4 +343,156 @@ def test_the_instruments_name_each_kernel_histograms_buckets() -> None:
     assert kernel_bounds_of(inst) == {_records.HIST_HANDSHAKE: HANDSHAKE_BUCKETS,
                                       _records.HIST_DURATION: DURATION_BUCKETS, _records.HIST_RTT: RTT_BUCKETS}
     assert all(len(b) <= _records.HIST_BOUNDS_MAX for b in kernel_bounds_of(inst).values() if b)
+    provider.shutdown()
+
+
+def test_a_half_written_value_has_its_sum_in_the_next_read_and_no_invented_extremes() -> None:
+    source, kb = source_with_bounds(), raw_key()
+    hist = _records.HIST_DURATION
+    # read 1 copies the entry between the value's count and its sum and extremes
+    torn = raw_value(0, [(0, 0, 0), (0, 0, 0)], {2: 1})
+    state, delta = source._hist_delta(kb, hist, torn, None, (1, 2))
+    assert delta == (hist, KEY, (0, 0, 1), 0.0, None, None)
+    # read 2: the rest of it
+    whole = raw_value(20_000_000, [(1, 20_000_000, 20_000_000), (0, 0, 0)], {2: 1})
+    _state, delta = source._hist_delta(kb, hist, whole, state, (2, 3))
+    assert delta == (hist, KEY, (0, 0, 0), 0.02, None, None)
+
+
+@pytest.mark.parametrize("counts, known, expected", [
+    ((0, 1, 0), None, (0.001, 0.01)),  # an aggregation with no extremes: the bucket's edges
+    ((1, 0, 0), None, (0.0, 0.001)),
+    ((0, 0, 1), None, (0.01, 0.01)),  # above every bound: no upper edge, its lower one
+    ((0, 1, 0), (0.002, 0.003), (0.002, 0.003)),  # an aggregation's own extremes stand
+])
+def test_unknown_extremes_leave_an_aggregations_own_or_take_the_buckets_edges(
+        counts: Tuple[int, ...], known: Optional[Tuple[float, float]], expected: Tuple[float, float]) -> None:
+    bounds = [0.001, 0.01]
+    provider, (reader,) = provider_for({})
+    histogram = provider.get_meter("m").create_histogram("h", unit="s", explicit_bucket_boundaries_advisory=bounds)
+    recorder = HistogramRecorder(histogram, bounds)
+    attrs = dict(SETS[0])
+    if known is not None:
+        for value in known:
+            histogram.record(value, attrs, context=NO_SPAN)
+    assert recorder.add_buckets(attrs, list(counts), 0.005, None, None)
+    (point,) = reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+    assert (point.min, point.max) == expected
+    provider.shutdown()
+
+
+# -- the pipeline: asking the source, reading it at collections and at stop ------------------------
+
+
+class HistSource:
+    """A source that aggregates histograms itself (as KernelSource): ``pending`` is what its next
+    read_histograms() returns; ``asked`` every mode asked for."""
+
+    def __init__(self, fail: bool = False) -> None:
+        from otel_ebpf_flows._source import ProbeStats, Snapshot
+
+        self.snapshot = Snapshot(counters={}, probes=ProbeStats())
+        self.pending: List[_records.HistDelta] = []
+        self.asked: List[int] = []
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def start(self, on_event: Any) -> None:
+        pass
+
+    def poll(self, timeout_s: float) -> None:
+        time.sleep(timeout_s)
+
+    def scan(self) -> None:
+        pass
+
+    def read(self) -> Any:
+        return self.snapshot
+
+    def sample(self) -> Any:
+        return self.snapshot
+
+    def close(self) -> None:
+        pass
+
+    def aggregate_histograms(self, mode: int, bounds: Any) -> int:
+        if self.fail:
+            raise OSError("no mmap here")
+        assert dict(bounds) == {_records.HIST_HANDSHAKE: HANDSHAKE_BUCKETS,
+                                _records.HIST_DURATION: DURATION_BUCKETS, _records.HIST_RTT: RTT_BUCKETS}
+        self.asked.append(mode)
+        return mode
+
+    def read_histograms(self) -> List[_records.HistDelta]:
+        with self.lock:
+            out, self.pending = self.pending, []
+        return out
+
+
+def duration_delta(bucket: int, n: int, value: float) -> _records.HistDelta:
+    counts = tuple(n if i == bucket else 0 for i in range(len(DURATION_BUCKETS) + 1))
+    return (_records.HIST_DURATION, KEY, counts, n * value, value, value)
+
+
+def until(cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_the_pipeline_turns_the_kernels_histograms_on_and_adds_them_at_each_collection_and_at_stop() -> None:
+    from opentelemetry.sdk.metrics import Histogram as SdkHistogram
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+
+    from otel_ebpf_flows._telemetry import Pipeline
+
+    cumulative = InMemoryMetricReader()
+    delta = InMemoryMetricReader(preferred_temporality={SdkHistogram: AggregationTemporality.DELTA})
+    provider = MeterProvider(metric_readers=[cumulative, delta], shutdown_on_exit=False)
+    source = HistSource()
+    pipeline: Optional[Pipeline] = None
+    inst = Instruments(provider.get_meter("otel_ebpf_flows"), lambda: pipeline)
+    pipeline = Pipeline(source, inst, max_peers=200, poll_interval=0.01, sample_interval=60.0)
+    pipeline.start()
+    try:
+        until(lambda: source.asked)  # by the reader thread, not within start()
+        assert source.asked == [_records.HIST_MODE_HANDSHAKE | _records.HIST_MODE_CLOSE]
+        with source.lock:
+            source.pending = [duration_delta(1, 2, 0.003)]
+        first = (histogram_points(cumulative)["ebpf_flows.tcp.connection.duration"],
+                 histogram_points(delta)["ebpf_flows.tcp.connection.duration"])
+        assert [p.count for p in first] == [2, 2]
+        with source.lock:
+            source.pending = [duration_delta(3, 1, 0.02)]
+        c = histogram_points(cumulative)["ebpf_flows.tcp.connection.duration"]
+        assert (c.count, c.min, c.max) == (3, 0.003, 0.02)
+        d = histogram_points(delta)["ebpf_flows.tcp.connection.duration"]  # this interval only
+        assert (d.count, d.min, d.max) == (1, 0.02, 0.02)
+        with source.lock:
+            source.pending = [duration_delta(0, 4, 0.0005)]
+    finally:
+        pipeline.stop()  # reads what the kernel gathered since the last collection
+    c = histogram_points(cumulative)["ebpf_flows.tcp.connection.duration"]
+    assert (c.count, c.min) == (7, 0.0005)
+    assert source.asked == [_records.HIST_MODE_HANDSHAKE | _records.HIST_MODE_CLOSE]  # asked once
+    provider.shutdown()
+
+
+def test_a_source_that_cannot_aggregate_leaves_every_point_a_record(caplog: pytest.LogCaptureFixture) -> None:
+    from otel_ebpf_flows._telemetry import Pipeline
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()], shutdown_on_exit=False)
+    source = HistSource(fail=True)
+    inst = Instruments(provider.get_meter("otel_ebpf_flows"), lambda: None)
+    pipeline = Pipeline(source, inst, max_peers=200, poll_interval=0.01, sample_interval=0.05)
+    with caplog.at_level(logging.WARNING):
+        pipeline.start()
+        try:
+            until(lambda: "cannot aggregate histograms" in caplog.text)
+            time.sleep(0.2)  # several samples: asked once, warned once
+            assert pipeline._thread is not None and pipeline._thread.is_alive()
+        finally:
+            pipeline.stop()
+    assert caplog.text.count("cannot aggregate histograms") == 1
     provider.shutdown()
