@@ -649,8 +649,7 @@ static __noinline void hist_add(struct hist_set *set, __u32 hist, __u64 value)
 	struct hist_extremes *ext;
 	struct hist_bounds *b;
 	struct hist_value *v;
-	__u32 i, n;
-	__u64 tag;
+	__u64 i, k, tag;
 
 	/* constant offsets: the verifier loses a bound on the argument */
 	if (hist == HIST_HANDSHAKE) {
@@ -663,11 +662,13 @@ static __noinline void hist_add(struct hist_set *set, __u32 hist, __u64 value)
 		v = &set->hist[HIST_RTT];
 		b = &hist_bounds[HIST_RTT];
 	}
-	n = b->n;
-	for (i = 0; i < HIST_BOUNDS_MAX; i++) {
-		if (i >= n || value <= b->bound[i])
-			break;
-	}
+	/* The bucket: how many bounds lie below the value (the SDK's bisect_left). Without a
+	 * branch (bounds and values are below 2^63, unused bounds 2^63 - 1): nothing for the
+	 * verifier to explore at each of the programs that inline a caller. */
+	i = 0;
+#pragma clang loop unroll(disable)
+	for (k = 0; k < HIST_BOUNDS_MAX; k++)
+		i += (b->bound[k] - value) >> 63;
 	__sync_fetch_and_add(&v->sum, value);
 	__sync_fetch_and_add(&v->buckets[i & (HIST_BUCKETS - 1)], 1);
 	tag = (__u64)hist_gen + 1;	/* never the 0 of a new entry */

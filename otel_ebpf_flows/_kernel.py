@@ -534,8 +534,9 @@ class KernelSource:
                     if known is None:  # written once, before any program uses them
                         kernel = self._kernel_bounds[hist]
                         kernel.n = len(wanted)
-                        for i, u in enumerate(_records.kernel_bounds(wanted, _records.HIST_SCALE[hist])):
-                            kernel.bound[i] = u
+                        converted = _records.kernel_bounds(wanted, _records.HIST_SCALE[hist])
+                        for i in range(_records.HIST_BOUNDS_MAX):  # unused: above every value
+                            kernel.bound[i] = converted[i] if i < len(converted) else _records.HIST_NO_BOUND
                         obj.write_live_global(HIST_SECTION, "hist_bounds", bytes(self._kernel_bounds))
                         self._hist_bounds[hist] = wanted
                         # the mode only in a later call: nothing orders the two stores for a

@@ -70,6 +70,7 @@ HIST_MODE_CLOSE = 1 << 1
 HIST_MODE_AUDIT = 1 << 2  # the records as well (reconciliation)
 HIST_BOUNDS_MAX = 31
 HIST_BUCKETS = HIST_BOUNDS_MAX + 1
+HIST_NO_BOUND = (1 << 63) - 1  # an unused bound: the kernel counts the bounds below a value
 
 # enum hook_id: hooks with a nested copy, in _kernel.HOOKS order
 HOOK_SET_STATE = 0
@@ -400,7 +401,7 @@ def kernel_bounds(bounds: Sequence[float], scale: float) -> List[int]:
     """
     out = []
     for b in bounds:
-        if not 0 <= b < 2 ** 63 / scale:
+        if not 0 <= b < HIST_NO_BOUND / scale:
             raise ValueError(f"histogram bound {b!r} cannot be a kernel bound")
         u = int(b * scale)
         while u / scale > b:
