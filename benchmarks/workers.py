@@ -346,7 +346,12 @@ def cmd_inproc(args: argparse.Namespace) -> None:
         provider.force_flush()
         lost_before = dict(exporter.events_lost)
         before = prog_stats(ids) if ids else {}
+        task = f"/proc/self/task/{reader_thread().native_id}/stat" if args.instrument else None
+        r0, p0 = (cpu_ticks(task), cpu_ticks("/proc/self/stat")) if task else (0, 0)
         result = drive(mode, server.port, args.duration)
+        if task:  # the reader thread's share of the process's CPU time in the measured run
+            r1, p1 = cpu_ticks(task), cpu_ticks("/proc/self/stat")
+            result["reader_cpu_share"] = round((r1 - r0) / max(1, p1 - p0), 3)
         if ids:
             result["bpf"] = stats_delta(before, prog_stats(ids))
         provider.force_flush()
