@@ -26,6 +26,7 @@ from tests.kernel.conftest import ROOT
 
 RETRANSMITS = "ebpf_flows.tcp.retransmits"
 ATTEMPTS = "ebpf_flows.tcp.connection.attempts"
+HANDSHAKE = "ebpf_flows.tcp.handshake.duration"
 IO = "ebpf_flows.tcp.io"
 
 
@@ -62,6 +63,9 @@ def check_service(r: Dict[str, Any], who: str) -> None:
     kernel_retrans = sum(i["total_retrans"] for i in infos)
     assert total(points, RETRANSMITS) == kernel_retrans, (svc, points, r["agent_log"][-2000:])
     assert total(points, ATTEMPTS, ebpf_flows__tcp__role="client", error__type=None) == n
+    # a handshake point per completed attempt (the agent's kernel aggregates the histograms)
+    assert sum(p["count"] or 0 for p in points if p["name"] == HANDSHAKE
+               and p["attrs"].get("ebpf_flows.tcp.role") == "client") == n, (svc, points)
     refused = r[who]["refused"]
     assert refused == (3 if who == "b" else 0)
     assert total(points, ATTEMPTS, error__type="refused") == refused
