@@ -570,6 +570,7 @@ class KernelSource:
             obj.write_live_global(HIST_SECTION, "hist_gen", _U32_KEY.pack(self._hist_gen))
             tags = (gen + 1, gen + 2)  # the kernel tags a generation g with g + 1
             seen = self._hists_seen
+            read: Dict[bytes, _HistSeen] = {}  # taken into `seen` once every entry is read
             ks, ss, vs = _records.KEY_SIZE, _HIST_SET_SIZE, _HIST_VALUE_SIZE
             for keys, values in obj.map("hists", hold_gil=True).batches(_records.CFlowKey, _records.CHistSet):
                 for i in range(len(keys) // ks):
@@ -585,9 +586,10 @@ class KernelSource:
                         if delta is None:
                             continue
                         state, record = delta
-                        seen[name] = state
+                        read[name] = state
                         if record is not None:
                             out.append(record)
+            seen.update(read)  # a read that failed half-way leaves every delta to the next one
         return out
 
     def _hist_delta(self, kb: bytes, hist: int, vb: bytes, last: Optional[_HistSeen],

@@ -569,6 +569,7 @@ class Pipeline:
         self._hist_source = source if isinstance(source, AggregatesHistograms) and self._reads_now else None
         self._hist_mode: Optional[int] = None
         self._hist_failed = False
+        self._hist_errors = 0
         self._hist_lock = threading.Lock()  # the reader's and collections' questions, one at a time
         self._stopped = False
         self._quiesced = False
@@ -724,9 +725,15 @@ class Pipeline:
                 return
             self.aggregator.update(self.source.read())  # type: ignore[attr-defined]
             if self._hist_source is not None:
-                if self._thread is not None:  # not within instrument(): the first answer takes ms
-                    self._kernel_histograms()
-                self._instruments.add_histograms(self.aggregator, self._hist_source.read_histograms())
+                try:  # the counters above are this collection's whatever happens here
+                    if self._thread is not None:  # not within instrument(): the first answer takes ms
+                        self._kernel_histograms()
+                    self._instruments.add_histograms(self.aggregator, self._hist_source.read_histograms())
+                except Exception:
+                    self._hist_errors += 1
+                    if self._hist_errors == 1:
+                        _log.warning("otel-ebpf-flows: reading the kernel's histograms failed; retrying at "
+                                     "the next collection", exc_info=True)
 
     def observations(self, metric: str, first: bool = False) -> List[Tuple[int, Dict[str, Any]]]:
         """Rows of ``metric`` from the view pinned for the current collection.

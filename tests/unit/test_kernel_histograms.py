@@ -496,3 +496,55 @@ def test_a_source_that_cannot_aggregate_leaves_every_point_a_record(caplog: pyte
             pipeline.stop()
     assert caplog.text.count("cannot aggregate histograms") == 1
     provider.shutdown()
+
+
+class FakeHistsObject:
+    """A loaded object whose hists map holds ``entries`` (raw key, raw hist_set); ``fail_after``
+    entries into a read, the read fails (once)."""
+
+    def __init__(self, entries: List[Tuple[bytes, bytes]], fail_after: Optional[int] = None) -> None:
+        self.entries = entries
+        self.fail_after = fail_after
+        self.gens: List[int] = []
+
+    def write_live_global(self, section: str, name: str, value: bytes) -> None:
+        assert (section, name) == (_kernel.HIST_SECTION, "hist_gen")
+        self.gens.append(int.from_bytes(value, "little"))
+
+    def map(self, name: str, hold_gil: bool = False) -> Any:
+        assert name == "hists"
+        return self
+
+    def batches(self, key_type: Any, value_type: Any) -> Any:
+        for n, (key, value) in enumerate(self.entries):
+            if self.fail_after is not None and n == self.fail_after:
+                self.fail_after = None
+                from otel_ebpf_flows.exceptions import BpfError
+
+                raise BpfError("batch lookup failed", 5)
+            yield key, value
+
+
+def hist_set(duration: bytes) -> bytes:
+    empty = raw_value(0, [(0, 0, 0), (0, 0, 0)], {})
+    return empty + duration + empty  # [handshake, duration, rtt]
+
+
+def test_a_read_that_fails_half_way_leaves_every_delta_to_the_next_one() -> None:
+    from otel_ebpf_flows.exceptions import BpfError
+
+    source = source_with_bounds()
+    source._hist_mode = _records.HIST_MODE_CLOSE
+    other = bytearray(raw_key())
+    other[15] = 2  # 192.0.2.2
+    first = hist_set(raw_value(2_000_000, [(1, 2_000_000, 2_000_000), (0, 0, 0)], {1: 1}))
+    second = hist_set(raw_value(20_000_000, [(1, 20_000_000, 20_000_000), (0, 0, 0)], {2: 1}))
+    obj = FakeHistsObject([(raw_key(), first), (bytes(other), second)], fail_after=1)
+    source._obj = obj  # type: ignore[assignment]
+    with pytest.raises(BpfError):
+        source.read_histograms()
+    deltas = source.read_histograms()
+    assert sorted((d[1].address, d[2], d[3]) for d in deltas) == [("192.0.2.1", (0, 1, 0), 0.002),
+                                                                  ("192.0.2.2", (0, 0, 1), 0.02)]
+    assert source.read_histograms() == []  # and once only
+    assert obj.gens == [1, 2, 3]
