@@ -620,7 +620,7 @@ static const struct flow_key hist_overflow[4] = {
  * of the map in a program this one interrupted): the caller hands the value
  * over as a record instead, so nothing is lost or misattributed.
  */
-static __noinline struct hist_set *hist_set_of(const struct flow_key *fk)
+static __always_inline struct hist_set *hist_set_of(const struct flow_key *fk)
 {
 	struct hist_set *set = bpf_map_lookup_elem(&hists, fk);
 	long err;
@@ -641,10 +641,9 @@ static __noinline struct hist_set *hist_set_of(const struct flow_key *fk)
  * record. Counts and sum are atomic adds (the nested copy of a program may
  * interrupt it on the same CPU; another CPU may add to the same peer); the
  * extremes are plain compare-and-store, so two new extremes of one peer within
- * the same few nanoseconds can keep the less extreme one. Not inlined, and
- * nothing on its stack: the set_state handlers are near the verifier's limit.
+ * the same few nanoseconds can keep the less extreme one. Inlined in hist_put().
  */
-static __noinline void hist_add(struct hist_set *set, __u32 hist, __u64 value)
+static __always_inline void hist_add(struct hist_set *set, __u32 hist, __u64 value)
 {
 	struct hist_extremes *ext;
 	struct hist_bounds *b;
@@ -683,6 +682,47 @@ static __noinline void hist_add(struct hist_set *set, __u32 hist, __u64 value)
 		ext->min = value;
 	if (value > ext->max)
 		ext->max = value;
+}
+
+/*
+ * A handshake's (which: HIST_MODE_HANDSHAKE; a: its ns) or a close's (HIST_MODE_CLOSE; a:
+ * the duration in ns, b: the RTT in us or 0) histogram values into the peer's entry. A
+ * global function taking the key as numbers: verified once per program, not again at
+ * each place that inlines one of its callers (that made the load ~15 ms longer). 1: not
+ * aggregated (no entry to be had): the caller hands the values over as a record.
+ */
+__noinline int hist_put(__u64 addr_lo, __u64 addr_hi, __u64 meta, __u64 a, __u64 b)
+{
+	struct hist_set *set;
+	struct flow_key k;
+
+	__builtin_memcpy(&k.addr[0], &addr_lo, 8);
+	__builtin_memcpy(&k.addr[8], &addr_hi, 8);
+	k.port = meta;
+	k.family = meta >> 16;
+	k.role = meta >> 24;
+	set = hist_set_of(&k);
+	if (!set)
+		return 1;
+	if ((meta >> 32) == HIST_MODE_HANDSHAKE) {
+		hist_add(set, HIST_HANDSHAKE, a);
+		return 0;
+	}
+	hist_add(set, HIST_DURATION, a);
+	if (b)
+		hist_add(set, HIST_RTT, b);
+	return 0;
+}
+
+/* hist_put() for a tracked socket's key: 0 when aggregated. */
+static __always_inline int hist_put_of(const struct sock_state *st, __u32 which, __u64 a, __u64 b)
+{
+	__u64 lo, hi;
+
+	__builtin_memcpy(&lo, &st->key.addr[0], 8);
+	__builtin_memcpy(&hi, &st->key.addr[8], 8);
+	return hist_put(lo, hi, st->key.port | (__u64)st->key.family << 16 | (__u64)st->key.role << 24 |
+			(__u64)which << 32, a, b);
 }
 
 /* A span-enrichment record: read when a span ends and on every poll, never
@@ -864,11 +904,10 @@ static __always_inline void count_established(struct sock_state *st, struct flow
 		COUNT_INTO(cp, &st->key, wscale_disabled, 1);
 	if (st->handshake_ns) {
 		__u32 mode = hist_mode;
-		struct hist_set *set = (mode & HIST_MODE_HANDSHAKE) ? hist_set_of(&st->key) : NULL;
+		bool record = !(mode & HIST_MODE_HANDSHAKE) ||
+			      hist_put_of(st, HIST_MODE_HANDSHAKE, st->handshake_ns, 0);
 
-		if (set)
-			hist_add(set, HIST_HANDSHAKE, st->handshake_ns);
-		if (!set || (mode & HIST_MODE_AUDIT))
+		if (record || (mode & HIST_MODE_AUDIT))
 			submit(st, FLOW_EVENT_HANDSHAKE, 0, st->established_ns, st->handshake_ns);
 	} else if (st->key.role == FLOW_ROLE_SERVER && !(st->flags & SF_UNSEEN))
 		stat_inc(STAT_SYN_WAIT_MISSED);
@@ -1209,21 +1248,16 @@ __noinline __u32 final_close_reason(int err, __u32 flags)
 static __always_inline void finalize_close(struct sock_state *st, struct flow_counters **cp)
 {
 	__u8 reason = final_close_reason(st->err, st->flags);
-	struct hist_set *set;
 	__u32 mode;
 
 	st->flags |= SF_FINAL;
 	COUNT_INTO(cp, &st->key, closes[reason & 7], 1);
 	mode = hist_mode;
 	/* a connection found established late keeps its record (its RTT's exemplar) */
-	set = (mode & HIST_MODE_CLOSE) && !(st->flags & SF_UNSEEN) ? hist_set_of(&st->key) : NULL;
-	if (set) {
-		hist_add(set, HIST_DURATION, st->closed_ns - st->established_ns);
-		if (st->srtt_us)
-			hist_add(set, HIST_RTT, st->srtt_us);
-		if (!(mode & HIST_MODE_AUDIT))
-			return;
-	}
+	if ((mode & HIST_MODE_CLOSE) && !(st->flags & SF_UNSEEN) &&
+	    !hist_put_of(st, HIST_MODE_CLOSE, st->closed_ns - st->established_ns, st->srtt_us) &&
+	    !(mode & HIST_MODE_AUDIT))
+		return;
 	/* a connection found established late: its RTT, but no duration */
 	submit(st, (st->flags & SF_UNSEEN) ? FLOW_EVENT_RTT : FLOW_EVENT_CLOSE, reason, st->closed_ns,
 	       st->closed_ns - st->established_ns);
@@ -1363,7 +1397,10 @@ static __always_inline bool on_our_listen_port(int direct, const struct sock *sk
  *
  * closed_unseen_at(): CLOSE of an established socket we do not track: one
  * accepted on our listener whose handshake no program saw, unless it predates
- * the probes. Not in claim mode: whose it is, only a claim says.
+ * the probes. Not in claim mode: whose it is, only a claim says. Returns 1 if it
+ * took the socket on: the caller then closes it with on_close_at() (called from
+ * here, the two frames would stack up past the verifier's 512 bytes with
+ * anything more below on_close_at()).
  */
 #define CLOSE_AT(suffix, mode)                                                          \
 __noinline int on_close_at##suffix(__u64 skp, int oldstate, __u32 slot)                 \
@@ -1376,7 +1413,7 @@ __noinline int on_close_at##suffix(__u64 skp, int oldstate, __u32 slot)         
 	return on_close(mode, slot, SOCK_VIEW(mode, skp), st, &c, oldstate);            \
 }                                                                                       \
                                                                                         \
-__noinline int closed_unseen_at##suffix(__u64 skp, int oldstate, __u32 slot)            \
+__noinline int closed_unseen_at##suffix(__u64 skp, __u32 slot)                          \
 {                                                                                       \
 	const struct sock *sk = SOCK_VIEW(mode, skp);                                   \
 	struct listener_key lk = {};                                                    \
@@ -1393,9 +1430,7 @@ __noinline int closed_unseen_at##suffix(__u64 skp, int oldstate, __u32 slot)    
 	    preexisting_sock(mode, sk))                                                 \
 		return 0;                                                               \
 	peer_key(mode, &key, &sk->__sk_common, FLOW_ROLE_SERVER, lk.port);              \
-	if (track_in(mode, slot, sk, &key, 0, bpf_ktime_get_ns()))                      \
-		on_close_at##suffix(skp, oldstate, slot);                               \
-	return 0;                                                                       \
+	return track_in(mode, slot, sk, &key, 0, bpf_ktime_get_ns()) != NULL;           \
 }
 CLOSE_AT(, READ_PROBE)
 CLOSE_AT(_cast, READ_CAST)
@@ -1527,9 +1562,10 @@ static __always_inline int handle_set_state(int direct, const struct sock *sk, i
 
 				bpf_map_update_elem(&evicted, &skp, &id, BPF_ANY);
 			}
-		} else if (on_our_listen_port(direct, sk)) {
-			/* the cheap test inline: every established socket's CLOSE on the host comes here */
-			CALL_AT(direct, closed_unseen_at, opaque(skp), oldstate, filter_slot(direct, sk));
+		} else if (on_our_listen_port(direct, sk) &&
+			   /* the cheap test inline: every established socket's CLOSE on the host comes here */
+			   CALL_AT(direct, closed_unseen_at, opaque(skp), filter_slot(direct, sk))) {
+			CALL_AT(direct, on_close_at, opaque(skp), oldstate, filter_slot(direct, sk));
 		}
 		return 0;
 	}
