@@ -161,11 +161,9 @@ enum hist_id {
 #define HIST_BUCKETS (HIST_BOUNDS_MAX + 1)
 
 /* hist_bounds[hist] (global): bucket i holds values <= bound[i] (and above bound[i - 1]);
- * the last, bucket n, the values above bound[n - 1], as the SDK's buckets do. Every bound
- * is below 2^63; those past the n used are 2^63 - 1 (no value lies above them). */
+ * the last of the n + 1 buckets, the values above bound[n - 1], as the SDK's buckets do.
+ * Every bound is below 2^63; those past the n used are 2^63 - 1 (no value lies above them). */
 struct hist_bounds {
-	__u32 n;
-	__u32 __pad0;
 	__u64 bound[HIST_BOUNDS_MAX];
 };
 

@@ -533,7 +533,6 @@ class KernelSource:
                     known = self._hist_bounds.get(hist)
                     if known is None:  # written once, before any program uses them
                         kernel = self._kernel_bounds[hist]
-                        kernel.n = len(wanted)
                         converted = _records.kernel_bounds(wanted, _records.HIST_SCALE[hist])
                         for i in range(_records.HIST_BOUNDS_MAX):  # unused: above every value
                             kernel.bound[i] = converted[i] if i < len(converted) else _records.HIST_NO_BOUND

@@ -559,11 +559,19 @@ class BpfObject:
         self._links: List[Link] = []
         self._rings: List[RingBuffer] = []
         self._live: Dict[str, mmap.mmap] = {}  # writable data sections mapped shared (write_live_global)
+        self._layouts: Dict[str, Dict[str, Tuple[int, int]]] = {}  # see _section_vars
         self.path = path
 
     # -- before load --------------------------------------------------------------
 
     def _section_vars(self, section: str) -> Dict[str, Tuple[int, int]]:
+        """Each global of ``section``: (offset, size), from the BTF (read once per section)."""
+        layout = self._layouts.get(section)
+        if layout is None:
+            layout = self._layouts[section] = self._read_section_vars(section)
+        return layout
+
+    def _read_section_vars(self, section: str) -> Dict[str, Tuple[int, int]]:
         lib = self._lib
         btf = lib.bpf_object__btf(self._ptr)
         if not btf:

@@ -200,11 +200,7 @@ class CSockState(ctypes.Structure):
 
 
 class CHistBounds(ctypes.Structure):
-    _fields_ = [
-        ("n", ctypes.c_uint32),
-        ("__pad0", ctypes.c_uint32),
-        ("bound", _U64 * HIST_BOUNDS_MAX),
-    ]
+    _fields_ = [("bound", _U64 * HIST_BOUNDS_MAX)]
 
 
 class CHistExtremes(ctypes.Structure):

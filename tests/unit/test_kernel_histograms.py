@@ -39,6 +39,7 @@ from otel_ebpf_flows._telemetry import (
     Aggregator,
     Instruments,
 )
+from tests.unit.fakes import wait_until
 from tests.unit.test_histogram import CASES, SETS, points, provider_for
 
 BOUNDS = [0.0001, 0.001, 0.01, 0.1, 1.0]
@@ -434,13 +435,6 @@ def duration_delta(bucket: int, n: int, value: float) -> _records.HistDelta:
     return (_records.HIST_DURATION, KEY, counts, n * value, value, value)
 
 
-def until(cond: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
 def test_the_pipeline_turns_the_kernels_histograms_on_and_adds_them_at_each_collection_and_at_stop() -> None:
     from opentelemetry.sdk.metrics import Histogram as SdkHistogram
     from opentelemetry.sdk.metrics.export import AggregationTemporality
@@ -456,7 +450,7 @@ def test_the_pipeline_turns_the_kernels_histograms_on_and_adds_them_at_each_coll
     pipeline = Pipeline(source, inst, max_peers=200, poll_interval=0.01, sample_interval=60.0)
     pipeline.start()
     try:
-        until(lambda: source.asked)  # by the reader thread, not within start()
+        wait_until(lambda: source.asked)  # by the reader thread, not within start()
         assert source.asked == [_records.HIST_MODE_HANDSHAKE | _records.HIST_MODE_CLOSE]
         with source.lock:
             source.pending = [duration_delta(1, 2, 0.003)]
@@ -489,7 +483,7 @@ def test_a_source_that_cannot_aggregate_leaves_every_point_a_record(caplog: pyte
     with caplog.at_level(logging.WARNING):
         pipeline.start()
         try:
-            until(lambda: "cannot aggregate histograms" in caplog.text)
+            wait_until(lambda: "cannot aggregate histograms" in caplog.text)
             time.sleep(0.2)  # several samples: asked once, warned once
             assert pipeline._thread is not None and pipeline._thread.is_alive()
         finally:
