@@ -83,13 +83,26 @@ class Telemetry:
 
     def __init__(self, records: bool = False, **config: Any) -> None:
         """``records=True``: histogram points as ring-buffer records, not aggregated in the kernel
-        (the always-on exemplar filter, under which a point with no span gets an exemplar too)."""
-        from opentelemetry.sdk.metrics import AlwaysOnExemplarFilter
+        (Views whose buckets are the library's plus a bound at 0: not the kernel's buckets; each
+        point costs the reader what it did before the kernel aggregated them)."""
+        from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
         from otel_ebpf_flows import EbpfFlowsInstrumentor
+        from otel_ebpf_flows._telemetry import (
+            DURATION,
+            DURATION_BUCKETS,
+            HANDSHAKE,
+            HANDSHAKE_BUCKETS,
+            RTT,
+            RTT_BUCKETS,
+        )
 
         self.reader = InMemoryMetricReader()
-        extra: Dict[str, Any] = {"exemplar_filter": AlwaysOnExemplarFilter()} if records else {}
+        extra: Dict[str, Any] = {}
+        if records:
+            extra["views"] = [View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation((0.0, *b)))
+                              for name, b in ((HANDSHAKE, HANDSHAKE_BUCKETS), (DURATION, DURATION_BUCKETS),
+                                              (RTT, RTT_BUCKETS))]
         self.provider = MeterProvider(
             metric_readers=[self.reader], resource=Resource.create({"service.name": "kernel-test"}), **extra
         )
