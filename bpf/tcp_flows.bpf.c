@@ -1082,6 +1082,15 @@ __noinline __u64 queued_synack_us_loop(__u64 lsk, __u64 sk)
 	return queued_synack(lsk, sk, true);
 }
 
+/* A server socket's first smoothed RTT (tcp_sock.srtt_us, us << 3) as the SYN wait it
+ * measured, in ns: 0 (none) stays 0; a wait under 1 us counts as 1 ns, not as none. */
+static __always_inline __u64 synack_rtt_ns(__u32 srtt)
+{
+	__u64 ns = (__u64)(srtt >> 3) * 1000;
+
+	return srtt && !ns ? 1 : ns;
+}
+
 static __always_inline void on_established(int direct, const struct sock *sk,
 					   const struct tcp_sock *tp, struct sock_state *st, __u64 now)
 {
@@ -1124,6 +1133,13 @@ static __always_inline void on_established(int direct, const struct sock *sk,
 							      queued_synack_us(*lsk, opaque((__u64)sk));
 		if (snt_synack_us && now / 1000 >= snt_synack_us)
 			handshake_ns = now - snt_synack_us * 1000;
+		else if (!RD(direct, tp, total_retrans))
+			/* Not on the queue: an accept() on another CPU took it in the moment
+			 * between the kernel queueing it and this state change (a server
+			 * accepting in a loop). The same interval, in us, is the kernel's
+			 * first RTT sample of the socket, taken from that request when its
+			 * SYN-ACK was not retransmitted (tcp_synack_rtt_meas); 0 if none. */
+			handshake_ns = synack_rtt_ns(RD(direct, tp, srtt_us));
 	}
 	st->handshake_ns = handshake_ns;
 	/* an accepted socket: the SYN-ACK retransmits its request left in

@@ -177,6 +177,24 @@ def test_server_handshakes_and_listen_overflows(run_scenario):
     assert 0 < handshakes[0]["max"] < 0.5
 
 
+def test_a_server_accepting_in_a_busy_loop_times_every_syn_wait(run_scenario):
+    """accept() on another CPU can take a request off the accept queue before its child's
+    ESTABLISHED (about 1 in 60 here): the SYN wait then comes from the child's first RTT sample,
+    which the kernel took from that request. Every one of the 1,500 is timed, and each point is
+    at least its socket's TCP_INFO RTT (the same interval, in whole us, taken a little earlier)."""
+    r = run_scenario("accept_race")
+    rows, rtts, n = r["points"], r["rtts_us"], r["n"]
+    assert r["mib"]["Tcp.PassiveOpens"] == len(rtts) == n and r["retransmitted"] == [], r["mib"]
+    syn_wait = total(rows, "ebpf_flows.probe.events.lost", ebpf_flows__probe__name="tcp_flows.syn_wait")
+    handshakes = points(rows, HANDSHAKE, ebpf_flows__tcp__role="server", network__local__port=5571)
+    assert len(handshakes) == 1 and handshakes[0]["count"] == n and syn_wait == 0, (handshakes, syn_wait)
+    point = handshakes[0]
+    # each point >= its RTT (us, truncated) and at most a few us more: the tracepoint runs
+    # after the kernel's sample, in the same softirq
+    assert sum(rtts) / 1e6 <= point["sum"] <= (sum(rtts) + 10 * n) / 1e6, (point, sum(rtts))
+    assert point["min"] >= min(rtts) / 1e6 and point["max"] >= max(rtts) / 1e6, (point, min(rtts), max(rtts))
+
+
 def test_listen_overflows_are_the_kernels_overflows_whatever_else_the_listener_drops(run_scenario):
     """Per listener, exactly ListenOverflows: a SYN to a full accept queue, a request's final ACK to
     a full queue (the kernel charges the listener's drop count twice), a SYN-cookie ACK to a full

@@ -462,6 +462,44 @@ def server_attempts() -> Dict[str, Any]:
 
 
 @scenario
+def accept_race() -> Dict[str, Any]:
+    """A server accepting in a busy non-blocking loop: accept() on one CPU can take a request
+    off the accept queue between the kernel queueing it and the child's ESTABLISHED on the
+    other. Each accepted socket's TCP_INFO RTT, read before any data: the SYN-ACK's RTT sample
+    (the SYN wait), what each server handshake point must match."""
+    setup_netns()
+    n = 1500
+    tel = Telemetry()
+    srv = _listener(5571, backlog=128)
+    srv.setblocking(False)
+    rtts: List[int] = []
+    retransmitted = []
+
+    def accept_busily() -> None:
+        while len(rtts) < n:
+            try:
+                conn, _ = srv.accept()
+            except BlockingIOError:
+                continue
+            info = tcp_info(conn)
+            rtts.append(info["rtt_us"])
+            if info["total_retrans"]:
+                retransmitted.append(info["total_retrans"])
+            conn.close()
+
+    before = mib()
+    acceptor = threading.Thread(target=accept_busily)
+    acceptor.start()
+    for _ in range(n):
+        socket.create_connection(("127.0.0.1", 5571), timeout=30).close()
+    acceptor.join(60)
+    srv.close()
+    settle()
+    return {"points": tel.points(), "mib": mib_delta(before, mib()), "n": n, "rtts_us": rtts,
+            "retransmitted": retransmitted}
+
+
+@scenario
 def resets() -> Dict[str, Any]:
     """RST received on connect, RST sent (SO_LINGER 0), RST received on an established connection."""
     setup_netns()
