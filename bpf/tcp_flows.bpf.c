@@ -47,7 +47,8 @@
  *              counts); hist_gen: the generation of their extremes (see
  *              hist_value); hist_bounds: their bucket bounds in kernel units
  *   conn_events  ring buffer of per-connection records for span enrichment
- *              (connection, retransmit, reset, zero window, gone); never wakes
+ *              (connection, retransmit, reset, zero window, gone); read when a
+ *              span ends and at each poll, woken only past wakeup_bytes
  *   threads    tid -> the connections the thread used lately (span enrichment)
  *   owned_filter (.bss) counting filter over socks' keys: a slot counts the
  *              tracked sockets whose pointer hashes to it, so most other
@@ -587,23 +588,27 @@ static __always_inline void fill_event(struct flow_event *e, const struct sock_s
 	e->conn_id = st->conn_id;
 }
 
+/* Never wake user space per record: it polls, and is woken once when a burst
+ * fills `ring` past wakeup_bytes (not again for every record above it). */
+static __always_inline __u64 wakeup_flag(void *ring)
+{
+	__u64 pending = bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA);
+
+	return pending >= wakeup_bytes && pending < wakeup_bytes + sizeof(struct flow_event) ?
+		       BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline void submit(const struct sock_state *st, __u8 kind, __u8 reason,
 				   __u64 now, __u64 duration_ns)
 {
 	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	__u64 flags, pending;
 
 	if (!e) {
 		stat_inc(STAT_EVENTS_LOST);
 		return;
 	}
 	fill_event(e, st, kind, reason, now, duration_ns);
-	/* Never wake user space per record: it polls, and is woken once when a
-	 * burst crosses wakeup_bytes (not again for every record above it). */
-	pending = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	flags = pending >= wakeup_bytes && pending < wakeup_bytes + sizeof(*e) ?
-			BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-	bpf_ringbuf_submit(e, flags);
+	bpf_ringbuf_submit(e, wakeup_flag(&events));
 }
 
 static const struct hist_set zero_hists;
@@ -725,8 +730,9 @@ static __always_inline int hist_put_of(const struct sock_state *st, __u32 which,
 			(__u64)which << 32, a, b);
 }
 
-/* A span-enrichment record: read when a span ends and on every poll, never
- * woken for; none until user space has spans to enrich (CONTROL_SPANS). */
+/* A span-enrichment record: read when a span ends and on every poll, woken for
+ * only past wakeup_bytes (churn with no span ending would fill the ring between
+ * polls); none until user space has spans to enrich (CONTROL_SPANS). */
 static __always_inline void conn_event(const struct sock_state *st, __u8 kind, __u8 reason,
 				       __u64 now, __u64 value)
 {
@@ -742,7 +748,7 @@ static __always_inline void conn_event(const struct sock_state *st, __u8 kind, _
 		return;
 	}
 	fill_event(e, st, kind, reason, now, value);
-	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	bpf_ringbuf_submit(e, wakeup_flag(&conn_events));
 }
 
 static __always_inline __u32 read_srtt_us(int direct, const struct tcp_sock *tp)
@@ -896,8 +902,11 @@ static __always_inline void account_bytes(int direct, struct sock_state *st, con
 	}
 }
 
-/* What ESTABLISHED counts; deferred to the claim for a pending socket. */
-static __always_inline void count_established(struct sock_state *st, struct flow_counters **cp)
+/* What ESTABLISHED counts; deferred to the claim for a pending socket. Returns the
+ * reason of the socket's CONN span record: CONN_HIST_IN_KERNEL when its handshake
+ * point went into the hists map (user space takes the point's exemplar from that
+ * record: no handshake record), else CONN_ESTABLISHED. */
+static __always_inline __u8 count_established(struct sock_state *st, struct flow_counters **cp)
 {
 	COUNT_INTO(cp, &st->key, attempts_ok, 1);
 	if (st->flags & SF_NO_WSCALE)
@@ -909,8 +918,11 @@ static __always_inline void count_established(struct sock_state *st, struct flow
 
 		if (record || (mode & HIST_MODE_AUDIT))
 			submit(st, FLOW_EVENT_HANDSHAKE, 0, st->established_ns, st->handshake_ns);
-	} else if (st->key.role == FLOW_ROLE_SERVER && !(st->flags & SF_UNSEEN))
+		return record ? CONN_ESTABLISHED : CONN_HIST_IN_KERNEL;
+	}
+	if (st->key.role == FLOW_ROLE_SERVER && !(st->flags & SF_UNSEEN))
 		stat_inc(STAT_SYN_WAIT_MISSED);
+	return CONN_ESTABLISHED;
 }
 
 /* A state a connection reaches only once established (TIME_WAIT sockets are
@@ -1155,9 +1167,10 @@ static __always_inline void on_established(int direct, const struct sock *sk,
 	}
 	if (!(st->flags & SF_PENDING)) {
 		struct flow_counters *c = NULL;
+		__u8 reason;
 
-		count_established(st, &c);
-		conn_event(st, FLOW_EVENT_CONN, 0, now, handshake_ns);
+		reason = count_established(st, &c);
+		conn_event(st, FLOW_EVENT_CONN, reason, now, handshake_ns);
 		if (st->key.role == FLOW_ROLE_SERVER)
 			sync_retrans(RD(direct, tp, total_retrans), st, 0, &c);
 	}
@@ -1193,7 +1206,7 @@ static __always_inline void late_established(int direct, const struct tcp_sock *
 	if (st->key.role == FLOW_ROLE_SERVER)
 		st->retrans_segs += synacks_counted(RD(direct, tp, total_retrans), st, now);
 	count_established(st, &c);
-	conn_event(st, FLOW_EVENT_CONN, 0, now, 0);
+	conn_event(st, FLOW_EVENT_CONN, CONN_ESTABLISHED, now, 0);
 }
 
 /*
@@ -1788,6 +1801,7 @@ static __always_inline void claim(int direct, struct sock_state *st, const struc
 {
 	struct flow_counters *c = NULL;
 	__u32 retrans;
+	__u8 reason;
 
 	st->flags &= ~SF_PENDING;
 	st->tid = tid;
@@ -1795,8 +1809,8 @@ static __always_inline void claim(int direct, struct sock_state *st, const struc
 		return;
 	if (st->flags & SF_UNSEEN)
 		stat_inc(STAT_HANDSHAKE_UNSEEN);
-	count_established(st, &c);
-	conn_event(st, FLOW_EVENT_CONN, 0, st->established_ns, st->handshake_ns);
+	reason = count_established(st, &c);
+	conn_event(st, FLOW_EVENT_CONN, reason, st->established_ns, st->handshake_ns);
 	/* SYN-ACK retransmits of its request included, as the kernel counts them */
 	retrans = RD(direct, tp, total_retrans);
 	if (retrans) {
@@ -2190,7 +2204,7 @@ int sample_sockets(struct bpf_iter__tcp *ctx)
 		st->retrans_segs = tp->total_retrans;
 		st->srtt_us = tp->srtt_us >> 3;
 		COUNT(&key, adopted, 1);
-		conn_event(st, FLOW_EVENT_CONN, 1, now, 0);
+		conn_event(st, FLOW_EVENT_CONN, CONN_ADOPTED, now, 0);
 		return 0;
 	}
 

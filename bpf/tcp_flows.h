@@ -111,12 +111,19 @@ enum flow_event_kind {
 	FLOW_EVENT_CLOSE = 2,		/* duration_ns: ESTABLISHED -> CLOSE; reason: enum close_reason */
 	FLOW_EVENT_RTT = 3,		/* a smoothed-RTT sample of a live connection */
 	/* Span enrichment (the conn_events ring; only when span_mode is set): */
-	FLOW_EVENT_CONN = 4,		/* established (reason 0) or adopted (reason 1); duration_ns:
-					 * the handshake, 0 when unknown */
+	FLOW_EVENT_CONN = 4,		/* reason: enum conn_reason; duration_ns: the handshake,
+					 * 0 when unknown */
 	FLOW_EVENT_RETRANSMIT = 5,	/* duration_ns: the number of segments */
 	FLOW_EVENT_RESET = 6,		/* reason: enum flow_direction */
 	FLOW_EVENT_ZERO_WINDOW = 7,	/* reason: enum flow_direction (receive: the peer's window) */
 	FLOW_EVENT_GONE = 8,		/* the socket is gone; its conn_id is never seen again */
+};
+
+/* A CONN span record's reason. */
+enum conn_reason {
+	CONN_ESTABLISHED = 0,		/* its handshake point, if any, is a HANDSHAKE record */
+	CONN_ADOPTED = 1,		/* established before span enrichment began */
+	CONN_HIST_IN_KERNEL = 2,	/* established; its handshake point is in the hists map */
 };
 
 enum flow_direction {

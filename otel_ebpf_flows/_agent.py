@@ -76,7 +76,7 @@ from ._config import DEFAULT_AGENT_SOCKET, Config, load_config
 from ._kernel import KernelSource, check_environment, own_socket_inodes
 from ._records import HistDelta
 from ._source import CONN_EVENT_KINDS, FlowEvent, ProbeStats, Snapshot, Source
-from ._telemetry import AggregatesHistograms, Instruments, Pipeline, ReadsNow, wake_fd_of
+from ._telemetry import AggregatesHistograms, Instruments, Pipeline, ReadsNow, wake_fds_of
 from .exceptions import ConfigurationError, EbpfFlowsError
 from .version import __version__
 
@@ -284,8 +284,8 @@ class ObservedSource:
     def poll(self, timeout_s: float) -> None:
         self.kernel.poll(timeout_s)
 
-    def wake_fd(self) -> Optional[int]:
-        return wake_fd_of(self.kernel)
+    def wake_fds(self) -> List[int]:
+        return wake_fds_of(self.kernel)
 
     def sample(self) -> Snapshot:
         return self._with_span_lost(self.kernel.sample())

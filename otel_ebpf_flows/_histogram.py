@@ -218,6 +218,36 @@ class HistogramRecorder:
             _add_buckets(aggregation, counts, total, low, high)
         return True
 
+    def offer_exemplar(self, value: float, attributes: Dict[str, Any], context: Context) -> None:
+        """What ``aggregate()`` does with a point's exemplar, without counting the point: for a
+        point :meth:`add_buckets` counts (or has counted), whose value and span are known from
+        elsewhere. The exemplar filter is asked as for a recorded point; each reader's
+        aggregation's reservoir is offered it. Nothing happens where :meth:`can_add_buckets`
+        is not true (the point is then a record, which takes its own exemplar)."""
+        with self._lock:
+            if self._can_add_buckets():
+                self._offer(value, attributes, context)
+
+    def _offer(self, value: float, attributes: Dict[str, Any], context: Context) -> None:
+        try:  # nothing reaches an aggregation in here
+            matches = self._prepare(attributes)
+            if matches is None or not 0 <= value < math.inf or not self._is_enabled():
+                return
+            now = time_ns()
+            if not self._should_sample(value, now, attributes, context):
+                return
+            measurement = self._measurement(value, now, self.instrument, context, None)
+            object.__setattr__(measurement, "attributes", attributes)
+            _explicit, drop = _explicit_and_drop()
+        except Exception:
+            _log.debug("histogram exemplar unavailable", exc_info=True)
+            return
+        for match, key, attrs in matches:
+            with match._lock:  # a delta collection swaps the aggregations out under it
+                aggregation = match._get_or_create_aggregation(key, attrs)
+                if type(aggregation) is not drop:
+                    aggregation._sample_exemplar(measurement, True)
+
     def record(self, value: float, attributes: Dict[str, Any], context: Optional[Context] = None) -> None:
         with self._lock:  # the reader's points and a collection's bucket counts share the caches
             self._record_point(value, attributes, context)
@@ -328,13 +358,14 @@ def _takes_buckets(aggregation: Any, bounds: Tuple[float, ...]) -> bool:
         and all(hasattr(aggregation, name) for name in ("_value", "_sum", "_min", "_max", "_record_min_max"))
         and hasattr(getattr(aggregation, "_lock", None), "__enter__")
         and callable(getattr(aggregation, "_get_empty_bucket_counts", None))
+        and callable(getattr(aggregation, "_sample_exemplar", None))
     )
 
 
 def _add_buckets(aggregation: Any, counts: Sequence[int], total: float, low: Optional[float],
                  high: Optional[float]) -> None:
     """What ``aggregate()`` of each of the points would leave (SDK 1.45's explicit buckets),
-    without exemplars (only ever asked where none would be taken)."""
+    without exemplars (a point that may have one gets it from HistogramRecorder.offer_exemplar)."""
     _explicit, drop = _explicit_and_drop()
     if type(aggregation) is drop:
         return
@@ -401,13 +432,15 @@ def _compare(pause: Callable[[], None] = lambda: None) -> bool:
     """The self-check; ``pause()`` between its steps (the reader: let the application have the GIL,
     so the check, ~3 ms in all, never holds it for more than one step)."""
     from opentelemetry.sdk.metrics import Histogram as SdkHistogram
-    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics import MeterProvider, TraceBasedExemplarFilter
     from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
 
     bounds = [0.001, 0.01, 0.1]
     cumulative = InMemoryMetricReader()
     delta = InMemoryMetricReader(preferred_temporality={SdkHistogram: AggregationTemporality.DELTA})
-    provider = MeterProvider(metric_readers=[cumulative, delta], shutdown_on_exit=False)
+    # the filter the library's own use needs (the environment's may differ): exemplars compared too
+    provider = MeterProvider(metric_readers=[cumulative, delta], shutdown_on_exit=False,
+                             exemplar_filter=TraceBasedExemplarFilter())
     pause()
     try:
         histogram = provider.get_meter("otel_ebpf_flows.self_check").create_histogram(
@@ -424,27 +457,42 @@ def _compare(pause: Callable[[], None] = lambda: None) -> bool:
             {"network.peer.address": "192.0.2.1", "network.peer.port": 80, "ebpf_flows.tcp.role": "client"},
             {"network.peer.address": "192.0.2.2", "network.local.port": 8080, "ebpf_flows.tcp.role": "server"}]
         # (attribute set, values, how): the fast path, Histogram.record(), or bucket counts
-        # (several values at once), all into the same aggregations, over two collections
-        rounds = [[(0, [0.0005], "fast"), (0, [0.02], "sdk"), (1, [0.2], "fast"), (1, [0.001, 0.03], "buckets")],
-                  [(0, [0.005], "sdk"), (1, [0.0001], "fast"), (0, [0.1, 0.0002, 0.25], "buckets"),
-                   (1, [0.05], "sdk"), (1, [0.3], "fast")]]
+        # (several values at once), all into the same aggregations, over two collections; a
+        # value with a span (its index in `spans`) has an exemplar: the SDK's own, or offered
+        # (offer_exemplar) for the last of bucket counts
+        rounds = [[(0, [0.0005], "fast", None), (0, [0.02], "sdk", 0), (1, [0.2], "fast", None),
+                   (1, [0.001, 0.03], "buckets", 1)],
+                  [(0, [0.005], "sdk", None), (1, [0.0001], "fast", 2), (0, [0.1, 0.0002, 0.25], "buckets", 3),
+                   (1, [0.05], "sdk", None), (1, [0.3], "fast", None)]]
+        spans = [trace.set_span_in_context(trace.NonRecordingSpan(trace.SpanContext(
+            0x5E1F, 0xC4EC0 + i, is_remote=False, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))))
+            for i in range(4)]
         everything: List[List[float]] = [[], []]
+        taken: Dict[Tuple[Tuple[str, Any], ...], List[Tuple[float, int]]] = {}  # this round's
         for points in rounds:
             now: List[List[float]] = [[], []]
-            for index, values, how in points:
+            taken = {}
+            for index, values, how, span in points:
+                context = spans[span] if span is not None else None
                 if how == "fast":
-                    recorder._record(values[0], sets[index], None)
+                    recorder._record(values[0], sets[index], context)
                 elif how == "sdk":
-                    histogram.record(values[0], sets[index], context=NO_SPAN)
+                    histogram.record(values[0], sets[index], context=context or NO_SPAN)
                 else:
                     counts = _summary(values, bounds)[4]
                     if not recorder._add(sets[index], counts, sum(values), min(values), max(values)):
                         return False
+                    if context is not None:
+                        recorder._offer(values[-1], sets[index], context)
+                if span is not None:
+                    taken.setdefault(tuple(sorted(sets[index].items())), []).append((values[-1], 0xC4EC0 + span))
                 now[index].extend(values)
                 everything[index].extend(values)
+            # exemplars are those offered since the last collection, with either temporality
             for reader, by_set in ((cumulative, everything), (delta, now)):
                 pause()
-                expected = {tuple(sorted(s.items())): _summary(v, bounds) for s, v in zip(sets, by_set) if v}
+                expected = {tuple(sorted(s.items())): _summary(v, bounds) + (sorted(taken.get(
+                    tuple(sorted(s.items())), [])),) for s, v in zip(sets, by_set) if v}
                 if not _same(_points(reader), expected):
                     return False
         return True
@@ -464,7 +512,8 @@ def _points(reader: Any) -> Dict[Tuple[Tuple[str, Any], ...], Tuple[Any, ...]]:
                     if key in points:  # two points for one attribute set: the keys differ
                         return {}
                     points[key] = (point.count, point.sum, point.min, point.max,
-                                   tuple(point.bucket_counts))
+                                   tuple(point.bucket_counts),
+                                   sorted((e.value, e.span_id) for e in point.exemplars or ()))
     return points
 
 

@@ -332,6 +332,10 @@ class KernelSource:
         #: Where span records go without becoming a FlowEvent (span enrichment's
         #: table; set before start). None: they go to on_event like the rest.
         self.on_conn: Optional[Callable[[_records.ConnRecord], None]] = None
+        #: set by a reader whose ``on_conn`` takes the exemplar of a handshake point the kernel
+        #: aggregated from its CONN record (hist_in_kernel): the kernel then aggregates
+        #: handshake points with span enrichment on too; otherwise they stay records (exemplars)
+        self.conn_exemplars = False
         self._decode_errors = 0
         # RTT samples of the last iterator pass not yet handed on (see poll)
         self._sampled = b""
@@ -401,10 +405,12 @@ class KernelSource:
             self.close()
             raise
 
-    def wake_fd(self) -> Optional[int]:
-        """A file descriptor that turns readable when the kernel wants the events ring read
-        before the next poll (it is a quarter full), for the reader to sleep on."""
-        return self._ring.epoll_fd if self._ring is not None else None
+    def wake_fds(self) -> List[int]:
+        """File descriptors that turn readable when the kernel wants a ring read before the
+        next poll (the events ring, or the span records', is a quarter full), for the reader
+        to sleep on; none once closed."""
+        rings = (self._ring, self._conn_ring)
+        return [fd for fd in (r.epoll_fd for r in rings if r is not None) if fd is not None]
 
     def poll(self, timeout_s: float) -> None:
         # Records are submitted without a wakeup (only a filling buffer wakes
@@ -461,8 +467,8 @@ class KernelSource:
         self._spans_wanted = True
         if self._obj is None:
             return  # start() turns it on
-        if self._hist_mode & _records.HIST_MODE_HANDSHAKE:  # handshake points carry exemplars now
-            self.aggregate_histograms(self._hist_mode, self._hist_bounds)
+        if self._hist_mode & _records.HIST_MODE_HANDSHAKE and not self.conn_exemplars:
+            self.aggregate_histograms(self._hist_mode, self._hist_bounds)  # handshake points carry exemplars now
         try:
             self._spans_on()
         except BpfError as exc:
@@ -512,14 +518,16 @@ class KernelSource:
 
         ``bounds``: each histogram's bucket bounds in seconds (the SDK aggregation's); a
         histogram without them stays with records. Bounds are written at the first call that
-        asks for their histogram, and its bit goes on at a later call (ask again). Handshake
-        records stay records while span enrichment is on: their points carry the span's
-        exemplar. ``HIST_MODE_AUDIT``: records as well (reconciliation).
+        asks for their histogram, and its bit goes on at a later call (ask again). While span
+        enrichment is on, a handshake point's exemplar names the span that connected: the
+        kernel aggregates handshakes then only if :attr:`conn_exemplars` (the reader takes
+        the exemplar from the CONN span record), else they stay records.
+        ``HIST_MODE_AUDIT``: records as well (reconciliation).
         """
         obj = self._require()
         needs = {_records.HIST_MODE_HANDSHAKE: (_records.HIST_HANDSHAKE,),
                  _records.HIST_MODE_CLOSE: (_records.HIST_DURATION, _records.HIST_RTT)}
-        if self._spans_wanted:
+        if self._spans_wanted and not self.conn_exemplars:
             mode &= ~_records.HIST_MODE_HANDSHAKE
         with self._read_lock:
             for bit, hists in needs.items():

@@ -353,8 +353,8 @@ def decode_event(data: bytes) -> FlowEvent:
     if kind is None:
         raise RecordError(f"flow event of unknown kind {raw_kind}")
     if kind in CONN_EVENT_KINDS:
-        _, conn_id, key, peer_port, ts_ns, duration_s, srtt_s, direction, count, adopted = _conn_record(
-            kind, raw_key, raw_reason, peer_port, srtt_us, ts_ns, duration_ns, conn_id)
+        _, conn_id, key, peer_port, ts_ns, duration_s, srtt_s, direction, count, adopted, _, _ = _conn_record(
+            kind, raw_key, raw_reason, peer_port, srtt_us, tid, ts_ns, duration_ns, conn_id)
         return FlowEvent(kind=kind, key=key, ts_ns=ts_ns, duration_s=duration_s, srtt_s=srtt_s,
                          close_reason=None, tid=tid, conn_id=conn_id, peer_port=peer_port,
                          direction=direction, count=count, adopted=adopted)
@@ -426,9 +426,14 @@ def decode_metric(data: bytes) -> Optional[MetricRecord]:
 
 
 _CONN_KINDS = {k: v for k, v in _EVENT_KINDS.items() if v in CONN_EVENT_KINDS}
+#: A CONN span record's reason (enum conn_reason): established, its handshake point (if any)
+#: a HANDSHAKE record; established before span enrichment began; established, its handshake
+#: point aggregated in the kernel's hists map (its exemplar is taken from this record).
+CONN_ESTABLISHED, CONN_ADOPTED, CONN_HIST_IN_KERNEL = 0, 1, 2
 #: A span-enrichment record as the span side takes it: (kind, conn_id, key, peer_port,
-#: ts_ns, duration_s, srtt_s, direction, count, adopted) -- FlowEvent's fields, no FlowEvent.
-ConnRecord = Tuple[str, int, FlowKey, int, int, float, Optional[float], Optional[str], int, bool]
+#: ts_ns, duration_s, srtt_s, direction, count, adopted, tid, hist_in_kernel) -- FlowEvent's
+#: fields, no FlowEvent; the last: a CONN record whose handshake point is in the hists map.
+ConnRecord = Tuple[str, int, FlowKey, int, int, float, Optional[float], Optional[str], int, bool, int, bool]
 
 
 def decode_conn(data: bytes) -> Optional[ConnRecord]:
@@ -439,20 +444,23 @@ def decode_conn(data: bytes) -> Optional[ConnRecord]:
     """
     if len(data) != EVENT_SIZE:
         raise RecordError(f"flow event of {len(data)} bytes, expected {EVENT_SIZE}")
-    raw_key, raw_kind, raw_reason, peer_port, srtt_us, _, ts_ns, duration_ns, conn_id = EVENT.unpack(data)
+    raw_key, raw_kind, raw_reason, peer_port, srtt_us, tid, ts_ns, duration_ns, conn_id = EVENT.unpack(data)
     kind = _CONN_KINDS.get(raw_kind)
     if kind is None:
         return None
-    return _conn_record(kind, raw_key, raw_reason, peer_port, srtt_us, ts_ns, duration_ns, conn_id)
+    return _conn_record(kind, raw_key, raw_reason, peer_port, srtt_us, tid, ts_ns, duration_ns, conn_id)
 
 
-def _conn_record(kind: str, raw_key: bytes, raw_reason: int, peer_port: int, srtt_us: int, ts_ns: int,
-                 duration_ns: int, conn_id: int) -> ConnRecord:
+def _conn_record(kind: str, raw_key: bytes, raw_reason: int, peer_port: int, srtt_us: int, tid: int,
+                 ts_ns: int, duration_ns: int, conn_id: int) -> ConnRecord:
     """A span record's fields, checked (decode_conn and decode_event both come here)."""
     direction = None
     count = 0
     duration_s = duration_ns / 1e9
-    if kind == "reset" or kind == "zero_window":
+    if kind == "conn":
+        if raw_reason > CONN_HIST_IN_KERNEL:
+            raise RecordError(f"conn event with unknown reason {raw_reason}")
+    elif kind == "reset" or kind == "zero_window":
         direction = _DIRECTIONS.get(raw_reason)
         if direction is None:
             raise RecordError(f"{kind} event with unknown direction {raw_reason}")
@@ -467,7 +475,8 @@ def _conn_record(kind: str, raw_key: bytes, raw_reason: int, peer_port: int, srt
     if not key.family:
         raise RecordError(f"{kind} event without a peer")
     return (kind, conn_id, key, peer_port, ts_ns, duration_s, srtt_us / 1e6 if srtt_us else None,
-            direction, count, kind == "conn" and raw_reason == 1)
+            direction, count, kind == "conn" and raw_reason == CONN_ADOPTED, tid,
+            kind == "conn" and raw_reason == CONN_HIST_IN_KERNEL)
 
 
 def decode_events(data: bytes) -> List[FlowEvent]:

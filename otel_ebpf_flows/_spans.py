@@ -193,11 +193,11 @@ class ConnTable:
         if event.conn_id == 0 or event.kind not in CONN_EVENT_KINDS:
             return
         self.add_record((event.kind, event.conn_id, event.key, event.peer_port, event.ts_ns, event.duration_s,
-                         event.srtt_s, event.direction, event.count, event.adopted))
+                         event.srtt_s, event.direction, event.count, event.adopted, event.tid, False))
 
     def add_record(self, record: ConnRecord) -> None:
         """:meth:`add` for a span record decoded as a tuple (the conn_events ring's hot path)."""
-        kind, conn_id, key, peer_port, ts_ns, duration_s, srtt_s, direction, count, adopted = record
+        kind, conn_id, key, peer_port, ts_ns, duration_s, srtt_s, direction, count, adopted, _, _ = record
         with self._lock:
             conn = self._conns.get(conn_id)
             if conn is None:

@@ -398,6 +398,18 @@ class Instruments:
             for _ in range(count):
                 recorder.record((lower + upper) / 2, attributes)
 
+    def handshake_exemplar(self, aggregator: Aggregator, record: ConnRecord,
+                           exemplar: Callable[[int, int, FlowKey], Optional[Context]]) -> None:
+        """The exemplar of a handshake point the kernel aggregated, from its CONN span record
+        (the same key, thread, handshake and time the handshake record would have had): the
+        span current on the connecting thread at SYN time, if it is sampled."""
+        _, _, key, _, ts_ns, duration_s, _, _, _, _, tid, _ = record
+        if duration_s <= 0:
+            return
+        ctx = exemplar(tid, ts_ns - int(duration_s * 1e9), key)
+        if ctx is not None:
+            self.handshake.offer_exemplar(duration_s, aggregator.series(HANDSHAKE, key), ctx)
+
     def record(self, aggregator: Aggregator, event: FlowEvent,
                exemplar: Callable[[int, int, FlowKey], Optional[Context]] = lambda tid, ts, key: None) -> None:
         """Record a record's histogram points; ``exemplar(tid, ts, key)`` names the span current then."""
@@ -434,6 +446,7 @@ class TakesConnRecords(Protocol):
     """A source that can hand span records on as tuples (see KernelSource.on_conn)."""
 
     on_conn: Optional[Callable[[ConnRecord], None]]
+    conn_exemplars: bool
 
 
 @runtime_checkable
@@ -459,11 +472,11 @@ class AggregatesHistograms(Protocol):
     def read_histograms(self) -> List[HistDelta]: ...
 
 
-def wake_fd_of(source: Any) -> Optional[int]:
-    """The fd a source turns readable when it wants reading before the next poll
-    (``wake_fd()``: KernelSource's events ring), or None."""
-    wake_fd: Callable[[], Optional[int]] = getattr(source, "wake_fd", lambda: None)
-    return wake_fd()
+def wake_fds_of(source: Any) -> List[int]:
+    """The fds a source turns readable when it wants reading before the next poll
+    (``wake_fds()``: KernelSource's rings); none for a source without."""
+    wake_fds: Callable[[], List[int]] = getattr(source, "wake_fds", list)
+    return list(wake_fds())
 
 
 class _Waker:
@@ -537,7 +550,7 @@ class Pipeline:
         self._sample_interval = sample_interval
         self._stop = threading.Event()
         self._wanted = threading.Event()
-        # A source with a wake_fd (KernelSource: its events ring, readable when a burst
+        # A source with wake_fds (KernelSource: its rings, each readable when a burst
         # fills a quarter of it) is slept on with a fd that want() makes readable, so
         # neither a filling ring nor a collection waits out the poll interval.
         self._waker: Optional[_Waker] = None
@@ -578,14 +591,16 @@ class Pipeline:
         if isinstance(self.source, TakesMetricRecords):  # KernelSource: histogram records skip the FlowEvent
             self.source.on_metric = self._on_metric
             if self.spans is not None and isinstance(self.source, TakesConnRecords):  # span records too
-                self.source.on_conn = self.spans.table.add_record
+                self.source.on_conn = self._on_conn
+                # a handshake point the kernel aggregated: its exemplar from the CONN record
+                self.source.conn_exemplars = True
         self.source.start(self._on_event)
         try:
             self._sample()
         except BaseException:  # never leave probes attached that nothing will read or close
             self.source.close()
             raise
-        if self._ring_fd() is not None:
+        if self._ring_fds():
             try:
                 self._waker = _Waker()
             except OSError:  # out of fds: sleep the poll interval out, as a source without a ring
@@ -593,8 +608,8 @@ class Pipeline:
         self._thread = threading.Thread(target=self._run, name="otel-ebpf-flows-reader", daemon=True)
         self._thread.start()
 
-    def _ring_fd(self) -> Optional[int]:
-        return wake_fd_of(self.source)
+    def _ring_fds(self) -> List[int]:
+        return wake_fds_of(self.source)
 
     def _want(self) -> None:
         """Wake the reader now (a collection wants a sample; stop)."""
@@ -604,23 +619,23 @@ class Pipeline:
             waker.wake()
 
     def _sleep(self) -> None:
-        """Until the poll interval passes, want() is called, or the kernel wants its ring read."""
+        """Until the poll interval passes, want() is called, or the kernel wants a ring read."""
         waker = self._waker
-        ring_fd = self._ring_fd() if waker is not None else None  # None once the source is closed
-        if waker is None or ring_fd is None:
+        ring_fds = self._ring_fds() if waker is not None else []  # none once the source is closed
+        if waker is None or not ring_fds:
             self._wanted.wait(self._poll_interval)
             return
         if self._wanted.is_set():
             return
         timeout = self._poll_interval
-        if self._ring_woke:  # it may still be readable: a short wait without it first
+        if self._ring_woke:  # it may still be readable: a short wait without the rings first
             self._ring_woke = False
             if _libbpf.wait_readable([waker.fd], RING_REWAIT_S):
                 waker.clear()
                 return
             timeout -= RING_REWAIT_S
-        ready = _libbpf.wait_readable([ring_fd, waker.fd], timeout)
-        self._ring_woke = ring_fd in ready
+        ready = _libbpf.wait_readable([*ring_fds, waker.fd], timeout)
+        self._ring_woke = any(fd in ready for fd in ring_fds)
         if waker.fd in ready:
             waker.clear()
 
@@ -640,6 +655,16 @@ class Pipeline:
             self._instruments.record(self.aggregator, event)
         else:
             self._instruments.record(self.aggregator, event, spans.registry.exemplar_context)
+
+    def _on_conn(self, record: ConnRecord) -> None:
+        """A span record (any thread that drains the ring): into the span table; a CONN record
+        whose handshake point the kernel aggregated gives that point's exemplar."""
+        spans = self.spans
+        if spans is None:
+            return
+        spans.table.add_record(record)
+        if record[11]:
+            self._instruments.handshake_exemplar(self.aggregator, record, spans.registry.exemplar_context)
 
     def _on_metric(self, record: MetricRecord) -> None:
         spans = self.spans
@@ -728,6 +753,10 @@ class Pipeline:
                 try:  # the counters above are this collection's whatever happens here
                     if self._thread is not None:  # not within instrument(): the first answer takes ms
                         self._kernel_histograms()
+                    if self.spans is not None:  # handshake exemplars first, then their points' counts
+                        drain = getattr(self._hist_source, "drain_conn_events", None)
+                        if drain is not None:
+                            drain()
                     self._instruments.add_histograms(self.aggregator, self._hist_source.read_histograms())
                 except Exception:
                     self._hist_errors += 1

@@ -138,7 +138,8 @@ def keepalive_loss() -> Dict[str, Any]:
     requests = [r for rs in in_threads(one, n) for r in rs]
     finish(echo)
     tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
-    return {"requests": requests, "spans": spans.finished(), "metrics": metric_points(tel)}
+    return {"requests": requests, "spans": spans.finished(), "metrics": metric_points(tel),
+            "hist_mode": tel.instrumentor.pipeline._hist_mode}
 
 
 @scenario
@@ -232,7 +233,8 @@ def requests_session() -> Dict[str, Any]:
     session.close()
     server.kill()
     tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
-    return {"requests": out, "spans": spans.finished(), "metrics": metric_points(tel)}
+    return {"requests": out, "spans": spans.finished(), "metrics": metric_points(tel),
+            "hist_mode": tel.instrumentor.pipeline._hist_mode}
 
 
 @scenario
@@ -280,7 +282,8 @@ def httpx_async() -> Dict[str, Any]:
     for server in servers:
         server.kill()
     tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
-    return {"requests": out, "spans": spans.finished(), "metrics": metric_points(tel)}
+    return {"requests": out, "spans": spans.finished(), "metrics": metric_points(tel),
+            "hist_mode": tel.instrumentor.pipeline._hist_mode}
 
 
 @scenario
@@ -330,7 +333,8 @@ def wsgi_server() -> Dict[str, Any]:
         finish(c, timeout=120)
     httpd.shutdown()
     tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
-    return {"requests": measured, "spans": spans.finished(), "metrics": metric_points(tel)}
+    return {"requests": measured, "spans": spans.finished(), "metrics": metric_points(tel),
+            "hist_mode": tel.instrumentor.pipeline._hist_mode}
 
 
 if __name__ == "__main__":

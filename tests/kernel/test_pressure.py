@@ -117,3 +117,21 @@ def test_a_burst_bigger_than_the_ring_is_read_before_the_poll_interval_ends(kern
     assert probe(rows, "ebpf_flows.probe.events.lost", "tcp_flows.syn_wait") == 0
     assert counts(rows, "ebpf_flows.tcp.handshake.duration") == 2 * n
     assert counts(rows, "ebpf_flows.tcp.connection.duration") == 2 * n
+
+
+def test_a_burst_of_span_records_bigger_than_their_ring_is_read_before_the_poll_interval_ends(
+        kernel_ok: None) -> None:
+    """The span records' ring wakes the reader too (no span ending drains it): with span
+    enrichment on and the handshake points counted in the kernel (no record in the events ring
+    to wake anyone), a burst of span records over twice the ring's size loses none."""
+    proc = subprocess.run(["unshare", "--net", sys.executable, "-m", "tests.kernel.workload", "span_ring_wakeup"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows, mib, n = r["points"], r["mib"], r["connections"]
+    assert r["burst_s"] < r["poll_interval"] / 2, "the burst took too long to prove anything"
+    assert r["hist_mode"] & 1, r["hist_mode"]  # HIST_MODE_HANDSHAKE: handshakes are no records
+    assert mib["Tcp.ActiveOpens"] == mib["Tcp.PassiveOpens"] == n
+    assert probe(rows, "ebpf_flows.probe.events.lost", "tcp_flows.conn_events") == 0
+    assert r["kinds"] == {"conn": 2 * n, "gone": 2 * n}, r["kinds"]
+    assert counts(rows, "ebpf_flows.tcp.handshake.duration") == 2 * n

@@ -97,6 +97,9 @@ def exemplars(r: Dict[str, Any], metric: str) -> List[Dict[str, Any]]:
 
 
 def exemplars_point_at_spans(r: Dict[str, Any], spans: Dict[str, Dict[str, Any]]) -> None:
+    """Each handshake exemplar names the span that connected: the handshake points were counted
+    in the kernel, each exemplar taken from the connection's CONN span record."""
+    assert r["hist_mode"] & 1, r["hist_mode"]  # HIST_MODE_HANDSHAKE: no handshake records
     opened = {q["span_id"] for q in r["requests"] if q.get("opened")}
     hs = exemplars(r, "ebpf_flows.tcp.handshake.duration")
     assert hs, "no handshake.duration exemplar"

@@ -1499,6 +1499,41 @@ def ring_wakeup() -> Dict[str, Any]:
 
 
 @scenario
+def span_ring_wakeup() -> Dict[str, Any]:
+    """Span enrichment on, no span ending: a burst of span records (CONN and GONE per socket)
+    over twice the ring's size, well within one (long) poll interval."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    setup_netns()
+    poll_interval = 5.0
+    tel = Telemetry(poll_interval=poll_interval, ring_buffer_bytes=65536, tracer_provider=TracerProvider())
+    pipeline = tel.instrumentor.pipeline
+    source = pipeline.source
+    kinds: Dict[str, int] = {}
+    handled = source.on_conn
+
+    def counted(record: Any) -> None:
+        kinds[record[0]] = kinds.get(record[0], 0) + 1
+        handled(record)
+
+    source.on_conn = counted
+    srv = _listener(5598, 1024)
+    before = mib()
+    started = time.monotonic()
+    n = 600  # 2,400 span records of 64 bytes: 150 KiB into a 64 KiB ring, woken at 16 KiB
+    for _ in range(n):
+        c = socket.create_connection(("127.0.0.1", 5598))
+        a, _ = srv.accept()
+        c.close()
+        a.close()
+    burst_s = time.monotonic() - started
+    srv.close()
+    settle(0.5)
+    return {"points": tel.points(), "mib": mib_delta(before, mib()), "connections": n, "burst_s": burst_s,
+            "poll_interval": poll_interval, "kinds": kinds, "hist_mode": pipeline._hist_mode}
+
+
+@scenario
 def flows_overflow() -> Dict[str, Any]:
     """More peers than the kernel's flows map holds: nothing is lost, the overflow is counted."""
     setup_netns()

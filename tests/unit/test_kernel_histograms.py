@@ -319,6 +319,67 @@ def test_the_kernels_deltas_reach_each_histogram_with_the_contracts_attributes()
     provider.shutdown()
 
 
+def sampled(span_id: int) -> Any:
+    from opentelemetry import trace
+
+    return trace.set_span_in_context(trace.NonRecordingSpan(trace.SpanContext(
+        0xAB, span_id, is_remote=False, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))))
+
+
+def handshake_export(inst: Instruments, reader: InMemoryMetricReader, kernel: bool,
+                     spans: Dict[Tuple[int, int], Any]) -> List[Tuple[int, Any, Any, List[Any]]]:
+    """Three handshakes of KEY (thread 7 connected at 1.000 s and 3.000 s inside spans, thread 8
+    at 2.000 s outside any), as records with exemplars, or counted by the kernel with each
+    exemplar from its CONN record; each collection's (count, sum, buckets, exemplars)."""
+    aggregator = Aggregator(200)
+    exemplar = lambda tid, ts, key: spans.get((tid, ts))  # noqa: E731
+    out = []
+    for rounds in ([(7, 1_000_000_000, 0.0007), (8, 2_000_000_000, 0.02)], [(7, 3_000_000_000, 0.3)]):
+        for tid, start, value in rounds:
+            ts = start + int(value * 1e9)
+            if kernel:
+                counts = tuple(1 if i == bisect.bisect_left(HANDSHAKE_BUCKETS, value) else 0
+                               for i in range(len(HANDSHAKE_BUCKETS) + 1))
+                inst.add_histograms(aggregator, [(_records.HIST_HANDSHAKE, KEY, counts, value, value, value)])
+                inst.handshake_exemplar(aggregator, ("conn", 1, KEY, 443, ts, value, None, None, 0, False, tid, True),
+                                        exemplar)
+            else:
+                inst.record_metric(aggregator, ("handshake", KEY, ts, value, None, tid), exemplar)
+        p = histogram_points(reader)["ebpf_flows.tcp.handshake.duration"]
+        out.append((p.count, p.sum, tuple(p.bucket_counts),
+                    sorted((e.value, e.span_id, e.trace_id) for e in p.exemplars)))
+    return out
+
+
+def test_a_handshake_the_kernel_counted_has_the_exemplar_its_record_would_have_had() -> None:
+    """With span enrichment on, handshake points are counted in the kernel and each exemplar is
+    offered from the CONN span record: the same export as the points recorded with exemplars."""
+    spans = {(7, 1_000_000_000): sampled(0x11), (7, 3_000_000_000): sampled(0x22)}
+    exported = []
+    for kernel in (False, True):
+        inst, reader, provider = instruments()
+        assert inst.kernel_histograms() & _records.HIST_MODE_HANDSHAKE
+        exported.append(handshake_export(inst, reader, kernel, spans))
+        provider.shutdown()
+    assert exported[0] == exported[1]
+    assert [e[3] for e in exported[1]] == [[(0.0007, 0x11, 0xAB)], [(0.3, 0x22, 0xAB)]]
+
+
+def test_no_exemplar_is_offered_where_the_filter_or_the_reader_refuses_it() -> None:
+    spans = {(7, 1_000_000_000): sampled(0x11), (7, 3_000_000_000): sampled(0x22)}
+    inst, reader, provider = instruments(exemplar_filter=AlwaysOffExemplarFilter())
+    assert [e[3] for e in handshake_export(inst, reader, True, spans)] == [[], []]
+    provider.shutdown()
+    # a reader whose View wants other buckets takes records (their own exemplars): none offered
+    inst, reader, provider = instruments((View(instrument_name="ebpf_flows.tcp.handshake.duration",
+                                               aggregation=ExplicitBucketHistogramAggregation([0.1, 1.0])),))
+    assert not inst.handshake.can_add_buckets()
+    inst.handshake_exemplar(Aggregator(200), ("conn", 1, KEY, 443, 1_000_700_000, 0.0007, None, None, 0, False, 7,
+                                              True), lambda tid, ts, key: spans.get((tid, ts)))
+    assert "ebpf_flows.tcp.handshake.duration" not in histogram_points(reader)
+    provider.shutdown()
+
+
 def test_counts_a_reader_can_no_longer_take_become_points_inside_their_buckets(
         caplog: pytest.LogCaptureFixture) -> None:
     views = (View(instrument_name="ebpf_flows.tcp.connection.duration",

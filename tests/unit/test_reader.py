@@ -69,8 +69,10 @@ def test_decode_conn_agrees_with_decode_event(data):
     if event.kind not in CONN_EVENT_KINDS:
         assert record is None
         return
+    raw_reason = _records.EVENT.unpack(data)[2]
     assert record == (event.kind, event.conn_id, event.key, event.peer_port, event.ts_ns, event.duration_s,
-                      event.srtt_s, event.direction, event.count, event.adopted)
+                      event.srtt_s, event.direction, event.count, event.adopted, event.tid,
+                      event.kind == "conn" and raw_reason == _records.CONN_HIST_IN_KERNEL)
 
 
 def test_the_span_table_holds_the_same_from_records_and_from_events():

@@ -541,6 +541,21 @@ def test_a_conn_record_says_whether_it_was_adopted():
     assert adopted.adopted is True
 
 
+def test_a_conn_record_says_whether_its_handshake_point_is_in_the_kernel():
+    """reason 2: established, the handshake point aggregated in the hists map (its exemplar is
+    taken from this record); the record's tid is the connecting thread's."""
+    raw = raw_event(kind=_records.FLOW_EVENT_CONN, reason=_records.CONN_HIST_IN_KERNEL, conn_id=4,
+                    duration_ns=2_000_000, tid=4321)
+    record = _records.decode_conn(raw)
+    assert record is not None and record[9:] == (False, 4321, True) and record[5] == 0.002
+    assert decode_event(raw).adopted is False
+    for reason in (_records.CONN_ESTABLISHED, _records.CONN_ADOPTED):
+        record = _records.decode_conn(raw_event(kind=_records.FLOW_EVENT_CONN, reason=reason, conn_id=4))
+        assert record is not None and record[11] is False
+    with pytest.raises(RecordError, match="unknown reason 3"):
+        _records.decode_conn(raw_event(kind=_records.FLOW_EVENT_CONN, reason=3, conn_id=4))
+
+
 @pytest.mark.parametrize("kind", [4, 5, 6, 7, 8])
 def test_span_records_without_a_connection_or_a_peer_are_rejected(kind):
     with pytest.raises(RecordError, match="connection id"):

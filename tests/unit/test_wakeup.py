@@ -1,9 +1,9 @@
-"""The reader sleeps on its source's wake fd (the kernel's ring), on collections and on stop().
+"""The reader sleeps on its source's wake fds (the kernel's rings), on collections and on stop().
 
-A source with a ``wake_fd()`` (KernelSource: the events ring's epoll fd, readable once a burst
-fills a quarter of the ring) must be read at once when it turns readable, not at the end of the
-poll interval; a collection that wants a sample and ``stop()`` must not wait the interval out
-either. Here the "ring" is a pipe the test writes to.
+A source with ``wake_fds()`` (KernelSource: the events ring's and the span records' ring's epoll
+fds, each readable once a burst fills a quarter of its ring) must be read at once when one turns
+readable, not at the end of the poll interval; a collection that wants a sample and ``stop()``
+must not wait the interval out either. Here each "ring" is a pipe the test writes to.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -25,26 +25,34 @@ POLL_INTERVAL = 5.0  # far longer than any wait below
 
 
 class RingSource(FakeSource):
-    """A FakeSource whose wake fd is a pipe; a poll drains it, as consume() drains the ring."""
+    """A FakeSource whose wake fds are pipes (the events ring, the span records' ring); a poll
+    drains them, as consume() drains the rings."""
 
     def __init__(self, drain: bool = True) -> None:
         super().__init__()
         self.drain = drain
         self.ring_r, self.ring_w = os.pipe()
-        os.set_blocking(self.ring_r, False)
+        self.span_r, self.span_w = os.pipe()
+        for fd in (self.ring_r, self.span_r):
+            os.set_blocking(fd, False)
         self.polls: List[float] = []
 
-    def wake_fd(self) -> Optional[int]:
-        return self.ring_r
+    def wake_fds(self) -> List[int]:
+        return [self.ring_r, self.span_r]
 
     def poll(self, timeout_s: float) -> None:
         self.polls.append(time.monotonic())
-        try:
-            while self.drain and os.read(self.ring_r, 4096):
+        for fd in (self.ring_r, self.span_r):
+            try:
+                while self.drain and os.read(fd, 4096):
+                    pass
+            except BlockingIOError:
                 pass
-        except BlockingIOError:
-            pass
         super().poll(timeout_s)
+
+    def close_fds(self) -> None:
+        for fd in (self.ring_r, self.ring_w, self.span_r, self.span_w):
+            os.close(fd)
 
 
 def started(source: FakeSource) -> Tuple[_telemetry.Pipeline, MeterProvider]:
@@ -79,17 +87,17 @@ def running(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     finally:
         pipeline.stop()
         provider.shutdown()
-        os.close(source.ring_r)
-        os.close(source.ring_w)
+        source.close_fds()
 
 
-def test_the_ring_turning_readable_wakes_the_reader_at_once(running) -> None:
+@pytest.mark.parametrize("ring", ["events", "span records"])
+def test_the_ring_turning_readable_wakes_the_reader_at_once(running, ring: str) -> None:
     source, _ = running
     before = len(source.polls)
     time.sleep(0.2)
     assert len(source.polls) == before  # asleep: nothing to read
     woken = time.monotonic()
-    os.write(source.ring_w, b"x")  # the kernel's wakeup
+    os.write(source.ring_w if ring == "events" else source.span_w, b"x")  # the kernel's wakeup
     wait_until(lambda: len(source.polls) > before, timeout=1.0)
     assert source.polls[before] - woken < 1.0
     # drained: it sleeps again rather than spinning
@@ -150,8 +158,7 @@ def test_a_ring_that_stays_readable_is_read_in_batches_not_in_a_spin() -> None:
     finally:
         pipeline.stop()
         provider.shutdown()
-        os.close(source.ring_r)
-        os.close(source.ring_w)
+        source.close_fds()
 
 
 def test_a_closed_waker_writes_nothing_into_the_fd_number_it_had() -> None:
