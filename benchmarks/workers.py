@@ -533,7 +533,25 @@ def cmd_micro(args: argparse.Namespace) -> None:
         assert record is not None
         instruments.record_metric(aggregator, record)
 
-    emit({"decode_event_us": per_call_us(lambda: _records.decode_event(data), args.n),
+    from otel_ebpf_flows import _spans  # private: the span table the span records go to
+
+    def span_raw(kind: int, conn_id: int) -> bytes:
+        e = _records.CFlowEvent.from_buffer_copy(data)
+        e.kind, e.reason, e.conn_id, e.ts_ns, e.tid = kind, 0, conn_id, 10 ** 9, 7
+        return bytes(e)
+
+    span_records = [span_raw(kind, 1 + i // 2) for i, kind in
+                    enumerate([_records.FLOW_EVENT_CONN, _records.FLOW_EVENT_GONE] * args.n)]
+    table = _spans.ConnTable(4096)
+    feed = iter(span_records)
+
+    def span_record() -> None:  # a connection's CONN, then its GONE, each into the span table
+        record = _records.decode_conn(next(feed))
+        assert record is not None
+        table.add_record(record)
+
+    emit({"span_record_us": per_call_us(span_record, 2 * args.n),
+          "decode_event_us": per_call_us(lambda: _records.decode_event(data), args.n),
           "decode_metric_us": per_call_us(lambda: _records.decode_metric(data), args.n),
           "histogram_record_us": per_call_us(lambda: hist.record(0.001, attrs), args.n),
           "fast_record_us": per_call_us(lambda: recorder.record(0.001, attrs), args.n),

@@ -11,6 +11,7 @@ watch``) and adopts the sockets every process holds.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import logging
 import os
@@ -79,6 +80,11 @@ HIST_SECTION = ".data.hists"  # hist_mode, hist_gen, hist_bounds: written while 
 MAX_SEEDS = 4096  # the seeds map's size in tcp_flows.bpf.c
 TCP_LISTEN_HEX = "0A"
 MAX_HOST_SEEDS = 1 << 20  # host-wide: the seeds map is resized to fit every socket, up to this
+#: Loads retried when the verifier gave up on a pending signal (EAGAIN: the process was being
+#: stopped, by a ptrace-based profiler or debugger; libbpf already retries each program a few
+#: times), and the pause before each.
+LOAD_RETRIES = 2
+LOAD_RETRY_PAUSE_S = 0.05
 # Reading side: how held-back RTT samples are handed on (see KernelSource.poll).
 MIN_SAMPLES_PER_POLL = 256
 # struct thread_conns (every slot) as one layout
@@ -374,7 +380,9 @@ class KernelSource:
             self._max_seeds = max(MAX_SEEDS, min(MAX_HOST_SEEDS, 2 * len(all_socket_inodes())))
         err: Optional[BpfError] = None
         attempts = [(v, cast) for v in self._variants for cast in ((True, False) if v == "tp_btf" else (False,))]
-        for variant, cast in attempts:
+        interrupted = 0
+        while attempts:
+            variant, cast = attempts[0]
             try:
                 self._open(path, variant, cast)
                 break
@@ -382,6 +390,20 @@ class KernelSource:
                 _log.debug("loading the %s programs%s failed: %s", variant, "" if cast else " (no casts)", exc)
                 self.close()
                 err = exc
+            if err.errno == errno.EAGAIN:  # the verifier gave up on a pending signal: not the variant's fault
+                interrupted += 1
+                if interrupted > LOAD_RETRIES:
+                    stopped = BpfError(
+                        f"the kernel's verifier was interrupted {interrupted} times while loading "
+                        f"{os.path.basename(path)} (EAGAIN: a signal was pending each time): something "
+                        "keeps stopping this process, such as a profiler or debugger attached with ptrace "
+                        "(py-spy record without --nonblocking); start it after instrument(), or run py-spy "
+                        "with --nonblocking")
+                    stopped.errno = errno.EAGAIN
+                    raise stopped from None
+                time.sleep(LOAD_RETRY_PAUSE_S)
+                continue
+            attempts.pop(0)
         else:
             assert err is not None
             raise err

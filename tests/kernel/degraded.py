@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--simulate", choices=["tp_btf_refused", "rdonly_cast_missing", "not_linux", "none"])
+    p.add_argument("--simulate", choices=["tp_btf_refused", "rdonly_cast_missing", "not_linux", "none",
+                                          "verifier_interrupted_once", "verifier_interrupted"])
     args = p.parse_args()
     if args.simulate == "not_linux":
         sys.platform = "darwin"  # before the package is imported: what it sees on macOS
@@ -54,6 +55,20 @@ def main() -> None:
 
         _libbpf.BpfObject.load = load  # type: ignore[method-assign]
 
+    if args.simulate in ("verifier_interrupted_once", "verifier_interrupted"):
+        # the verifier giving up on a pending signal (EAGAIN), as under a ptrace-based profiler
+        # sampling fast (py-spy record --rate 250 or more): once, or at every load
+        real_load = _libbpf.BpfObject.load
+        loads = []
+
+        def interrupted(self: _libbpf.BpfObject) -> None:
+            loads.append(self.path)
+            if args.simulate == "verifier_interrupted" or len(loads) == 1:
+                raise BpfError("the kernel refused to load tcp_flows.bpf.o (simulated: a pending signal)", 11)
+            real_load(self)
+
+        _libbpf.BpfObject.load = interrupted  # type: ignore[method-assign]
+
     from tests.kernel.harness import Telemetry, mib, mib_delta, settle
 
     try:
@@ -61,6 +76,7 @@ def main() -> None:
     except RuntimeError:
         tel = None
     pipeline = EbpfFlowsInstrumentor().pipeline
+    loads_by_instrument = len(loads) if args.simulate in ("verifier_interrupted_once", "verifier_interrupted") else None
     before = mib()
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -108,6 +124,7 @@ def main() -> None:
         "doctor": {"will_work": _doctor.will_work(checks),
                    "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail, "fix": c.fix} for c in checks]},
         "uid": os.geteuid(),
+        "loads": loads_by_instrument,
     }))
     sys.stdout.flush()
     os._exit(0)

@@ -192,6 +192,26 @@ def test_each_build_times_every_server_handshake(kernel_ok):
     assert r["handshakes"] == {"client": 3, "server": 3} and r["syn_wait_lost"] == 0, r
 
 
+def test_a_load_the_verifier_gave_up_on_a_pending_signal_is_tried_again(kernel_ok):
+    """Simulated: the first load fails with EAGAIN (a ptrace-based profiler stopping the process):
+    the same programs (tp_btf with casts) are loaded again, not a lesser variant; no warning."""
+    r = run([sys.executable], args=["--simulate", "verifier_interrupted_once"])
+    assert r["on"] is True and r["variant"] == "tp_btf" and r["loads"] == 2, r
+    assert "tp_btf_set_state" in r["attached"], r["attached"]
+    assert warnings(r) == [], r["records"]
+    assert r["attempts"] == {"client": 3, "server": 3}, r
+
+
+def test_a_verifier_interrupted_at_every_load_names_the_profiler(kernel_ok):
+    """Simulated: every load fails with EAGAIN: three tries of the first variant (the others
+    would fail alike), then ONE warning that says what stops the process and how to avoid it."""
+    r = run([sys.executable], args=["--simulate", "verifier_interrupted"])
+    assert r["loads"] == 3, r
+    msg = assert_off_and_unharmed(r, "interrupted 3 times", "ptrace", "py-spy", "--nonblocking",
+                                  "after instrument()")
+    assert "Resource temporarily unavailable" not in msg, msg  # the message says what EAGAIN meant here
+
+
 def test_import_and_instrument_on_a_non_linux_platform(kernel_ok):
     """Simulated: sys.platform says darwin before the package is imported."""
     r = run([sys.executable], args=["--simulate", "not_linux"])
