@@ -1,6 +1,6 @@
 """Soak: an instrumented process under mixed lossy traffic for a long time; memory flat, totals exact.
 
-    unshare --net .venv/bin/python benchmarks/soak.py [--duration 600] [--loss 2] [--no-instrument]
+    unshare --net .venv/bin/python benchmarks/soak.py [--duration 600] [--loss 2] [--no-instrument] [--spans]
 
 As root, in a private network namespace (the command above). The process is both
 client and server (so every connection in the namespace is its own, both ends),
@@ -22,12 +22,16 @@ RSS is reported next to it but is not the criterion: it also holds the free spac
 malloc keeps in its per-thread arenas (this soak makes a thread per connection) and
 tracemalloc's own tables; ``rss_after_trim_kb`` is RSS after ``malloc_trim(0)`` gave
 that free space back. ``--no-instrument``: the same traffic without the library, the
-baseline for those figures.
+baseline for those figures. ``--spans``: a tracer provider, and a CLIENT span around each
+connection (span enrichment on, the span table and the handshake exemplars soaked too): every
+span must carry its handshake (``spans.with_handshake`` = ``spans.spans``, less unseen
+handshakes) and none say reused.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -44,6 +48,8 @@ from typing import Any, Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from opentelemetry.trace import SpanKind, use_span  # noqa: E402
 
 from tests.kernel.harness import (  # noqa: E402
     Telemetry,
@@ -112,17 +118,48 @@ def child_sockets_discarded(tel: Telemetry) -> int:
     return value.value
 
 
+class SpanCount:
+    """A tracer provider whose finished spans are counted, not kept: how many, how many carry a
+    handshake, how many say their connection was reused."""
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+        counts = {"spans": 0, "with_handshake": 0, "reused": 0}
+        self.counts = counts
+        lock = threading.Lock()
+
+        class Counting(SpanExporter):  # type: ignore[misc]
+            def export(self, finished: Any) -> SpanExportResult:
+                with lock:
+                    for span in finished:
+                        attrs = span.attributes or {}
+                        counts["spans"] += 1
+                        counts["with_handshake"] += "ebpf_flows.tcp.handshake.duration" in attrs
+                        counts["reused"] += attrs.get("ebpf_flows.tcp.connection.reused") is True
+                return SpanExportResult.SUCCESS
+
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(Counting()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--duration", type=float, default=600)
     p.add_argument("--loss", type=int, default=2)
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--no-instrument", action="store_true", help="the same traffic without the library (baseline)")
+    p.add_argument("--spans", action="store_true",
+                   help="a tracer provider and a CLIENT span around each connection (span enrichment on)")
     args = p.parse_args()
 
     setup_netns()
     tracemalloc.start()
-    tel = None if args.no_instrument else Telemetry()
+    spans = SpanCount() if args.spans else None
+    tel = None if args.no_instrument else Telemetry(
+        **({"tracer_provider": spans.provider} if spans is not None else {}))
+    tracer = spans.provider.get_tracer("soak") if spans is not None else None
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.1", PORT))
@@ -169,17 +206,24 @@ def main() -> None:
                         with lock:
                             done["refused"] += 1
                     continue
-                s = socket.create_connection(("127.0.0.1", PORT), timeout=60)
-                for _ in range(rnd.randint(1, 4)):
-                    size = rnd.choice((100, 1000, 20_000, 200_000))
-                    s.sendall(struct.pack("!I", size) + b"s" * size)
-                    recv_exactly(s, size)
-                if i % 10 == 0:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    key = "rst"
-                else:
-                    key = "ok"
-                s.close()
+                span = None if tracer is None else tracer.start_span(
+                    "connection", kind=SpanKind.CLIENT, attributes={"server.address": "127.0.0.1", "server.port": PORT})
+                try:
+                    with use_span(span, end_on_exit=False) if span is not None else contextlib.nullcontext():
+                        s = socket.create_connection(("127.0.0.1", PORT), timeout=60)
+                        for _ in range(rnd.randint(1, 4)):
+                            size = rnd.choice((100, 1000, 20_000, 200_000))
+                            s.sendall(struct.pack("!I", size) + b"s" * size)
+                            recv_exactly(s, size)
+                        if i % 10 == 0:
+                            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                            key = "rst"
+                        else:
+                            key = "ok"
+                        s.close()
+                finally:
+                    if span is not None:
+                        span.end()
                 with lock:
                     done[key] += 1
             except OSError:
@@ -263,6 +307,11 @@ def main() -> None:
         + lost_by_probe.get("tcp_flows.unseen_handshake", 0) == completed if tel is not None else None,
         "memory": memory, "samples": samples,
     }
+    if spans is not None:
+        # every span made a connection: each carries its handshake (unless its handshake went
+        # unseen), none says reused; handshake exemplars name spans
+        result["spans"] = {**spans.counts, "handshake_exemplars": sum(
+            p.get("exemplars", 0) for p in points if p["name"] == "ebpf_flows.tcp.handshake.duration")}
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     os._exit(0)

@@ -625,7 +625,7 @@ static const struct flow_key hist_overflow[4] = {
  * of the map in a program this one interrupted): the caller hands the value
  * over as a record instead, so nothing is lost or misattributed.
  */
-static __always_inline struct hist_set *hist_set_of(const struct flow_key *fk)
+static __always_inline struct hist_set *hist_set_of(const struct flow_key *fk, bool *folded)
 {
 	struct hist_set *set = bpf_map_lookup_elem(&hists, fk);
 	long err;
@@ -637,6 +637,7 @@ static __always_inline struct hist_set *hist_set_of(const struct flow_key *fk)
 	if (set || (err != -E2BIG && err != -ENOMEM))
 		return set;
 	stat_inc(STAT_HISTS_FOLDED);
+	*folded = true;
 	return bpf_map_lookup_elem(&hists, &hist_overflow[fk->role & 3]);
 }
 
@@ -693,33 +694,36 @@ static __always_inline void hist_add(struct hist_set *set, __u32 hist, __u64 val
  * A handshake's (which: HIST_MODE_HANDSHAKE; a: its ns) or a close's (HIST_MODE_CLOSE; a:
  * the duration in ns, b: the RTT in us or 0) histogram values into the peer's entry. A
  * global function taking the key as numbers: verified once per program, not again at
- * each place that inlines one of its callers (that made the load ~15 ms longer). 1: not
- * aggregated (no entry to be had): the caller hands the values over as a record.
+ * each place that inlines one of its callers (that made the load ~15 ms longer).
+ * HIST_PUT_NONE: not aggregated (no entry to be had): the caller hands the values over
+ * as a record; HIST_PUT_FOLDED: aggregated into the overflow key of the role (the map
+ * is full), not the peer's.
  */
 __noinline int hist_put(__u64 addr_lo, __u64 addr_hi, __u64 meta, __u64 a, __u64 b)
 {
 	struct hist_set *set;
 	struct flow_key k;
+	bool folded = false;
 
 	__builtin_memcpy(&k.addr[0], &addr_lo, 8);
 	__builtin_memcpy(&k.addr[8], &addr_hi, 8);
 	k.port = meta;
 	k.family = meta >> 16;
 	k.role = meta >> 24;
-	set = hist_set_of(&k);
+	set = hist_set_of(&k, &folded);
 	if (!set)
-		return 1;
+		return HIST_PUT_NONE;
 	if ((meta >> 32) == HIST_MODE_HANDSHAKE) {
 		hist_add(set, HIST_HANDSHAKE, a);
-		return 0;
+	} else {
+		hist_add(set, HIST_DURATION, a);
+		if (b)
+			hist_add(set, HIST_RTT, b);
 	}
-	hist_add(set, HIST_DURATION, a);
-	if (b)
-		hist_add(set, HIST_RTT, b);
-	return 0;
+	return folded ? HIST_PUT_FOLDED : HIST_PUT_PEER;
 }
 
-/* hist_put() for a tracked socket's key: 0 when aggregated. */
+/* hist_put() for a tracked socket's key. */
 static __always_inline int hist_put_of(const struct sock_state *st, __u32 which, __u64 a, __u64 b)
 {
 	__u64 lo, hi;
@@ -913,12 +917,13 @@ static __always_inline __u8 count_established(struct sock_state *st, struct flow
 		COUNT_INTO(cp, &st->key, wscale_disabled, 1);
 	if (st->handshake_ns) {
 		__u32 mode = hist_mode;
-		bool record = !(mode & HIST_MODE_HANDSHAKE) ||
-			      hist_put_of(st, HIST_MODE_HANDSHAKE, st->handshake_ns, 0);
+		int put = (mode & HIST_MODE_HANDSHAKE) ?
+			  hist_put_of(st, HIST_MODE_HANDSHAKE, st->handshake_ns, 0) : HIST_PUT_NONE;
 
-		if (record || (mode & HIST_MODE_AUDIT))
+		if (put == HIST_PUT_NONE || (mode & HIST_MODE_AUDIT))
 			submit(st, FLOW_EVENT_HANDSHAKE, 0, st->established_ns, st->handshake_ns);
-		return record ? CONN_ESTABLISHED : CONN_HIST_IN_KERNEL;
+		/* folded into the overflow key: an exemplar would name a series without the point */
+		return put == HIST_PUT_PEER ? CONN_HIST_IN_KERNEL : CONN_ESTABLISHED;
 	}
 	if (st->key.role == FLOW_ROLE_SERVER && !(st->flags & SF_UNSEEN))
 		stat_inc(STAT_SYN_WAIT_MISSED);
@@ -1025,6 +1030,9 @@ static __always_inline __u32 synacks_counted(__u32 total, const struct sock_stat
 }
 
 
+/* queued_synack_us*(): the request was on the queue (its snt_synack may be 0: a SYN cookie's) */
+#define SYNACK_FOUND (1ULL << 63)
+
 struct queue_walk {
 	__u64 req;	/* the request to look at next */
 	__u64 sk;
@@ -1081,7 +1089,7 @@ static __always_inline __u64 queued_synack(__u64 lsk, __u64 sk, bool use_bpf_loo
 	}
 	if (!req)
 		return 0;
-	return BPF_CORE_READ((struct tcp_request_sock *)req, snt_synack);
+	return BPF_CORE_READ((struct tcp_request_sock *)req, snt_synack) | SYNACK_FOUND;
 }
 
 __noinline __u64 queued_synack_us(__u64 lsk, __u64 sk)
@@ -1135,7 +1143,7 @@ static __always_inline void on_established(int direct, const struct sock *sk,
 			icsk = CAST(struct inet_connection_sock, (void *)*lsk);
 			req = icsk->icsk_accept_queue.rskq_accept_tail;
 			if (req && req->sk == sk) {
-				snt_synack_us = CAST(struct tcp_request_sock, req)->snt_synack;
+				snt_synack_us = CAST(struct tcp_request_sock, req)->snt_synack | SYNACK_FOUND;
 				walk = false;
 			}
 			req = NULL;
@@ -1143,15 +1151,20 @@ static __always_inline void on_established(int direct, const struct sock *sk,
 		if (walk && lsk)
 			snt_synack_us = direct == READ_CAST ? queued_synack_us_loop(*lsk, opaque((__u64)sk)) :
 							      queued_synack_us(*lsk, opaque((__u64)sk));
-		if (snt_synack_us && now / 1000 >= snt_synack_us)
-			handshake_ns = now - snt_synack_us * 1000;
-		else if (!RD(direct, tp, total_retrans))
+		if (snt_synack_us & SYNACK_FOUND) {
+			snt_synack_us &= ~SYNACK_FOUND;	/* 0: a SYN cookie's request, no time */
+			if (snt_synack_us && now / 1000 >= snt_synack_us)
+				handshake_ns = now - snt_synack_us * 1000;
+		} else if (lsk && !RD(direct, tp, total_retrans) && !RD(direct, tp, data_segs_out)) {
 			/* Not on the queue: an accept() on another CPU took it in the moment
 			 * between the kernel queueing it and this state change (a server
 			 * accepting in a loop). The same interval, in us, is the kernel's
 			 * first RTT sample of the socket, taken from that request when its
-			 * SYN-ACK was not retransmitted (tcp_synack_rtt_meas); 0 if none. */
+			 * SYN-ACK was not retransmitted (tcp_synack_rtt_meas); 0 if none.
+			 * Not if the socket sent data before (a Fast Open child): its
+			 * first sample may be that data's. */
 			handshake_ns = synack_rtt_ns(RD(direct, tp, srtt_us));
+		}
 	}
 	st->handshake_ns = handshake_ns;
 	/* an accepted socket: the SYN-ACK retransmits its request left in
@@ -1284,7 +1297,7 @@ static __always_inline void finalize_close(struct sock_state *st, struct flow_co
 	mode = hist_mode;
 	/* a connection found established late keeps its record (its RTT's exemplar) */
 	if ((mode & HIST_MODE_CLOSE) && !(st->flags & SF_UNSEEN) &&
-	    !hist_put_of(st, HIST_MODE_CLOSE, st->closed_ns - st->established_ns, st->srtt_us) &&
+	    hist_put_of(st, HIST_MODE_CLOSE, st->closed_ns - st->established_ns, st->srtt_us) != HIST_PUT_NONE &&
 	    !(mode & HIST_MODE_AUDIT))
 		return;
 	/* a connection found established late: its RTT, but no duration */

@@ -164,6 +164,11 @@ enum hist_id {
 #define HIST_MODE_AUDIT (1 << 2)	/* the records as well (reconciliation: the same
 					 * values both ways) */
 
+/* hist_put() results */
+#define HIST_PUT_PEER 0		/* into the peer's entry */
+#define HIST_PUT_NONE 1		/* no entry to be had: the caller hands a record over */
+#define HIST_PUT_FOLDED 2	/* into the role's overflow entry (the map is full) */
+
 #define HIST_BOUNDS_MAX 31
 #define HIST_BUCKETS (HIST_BOUNDS_MAX + 1)
 

@@ -102,7 +102,8 @@ class HistogramRecorder:
         # can_add_buckets()'s answer for the reader storages it was worked out for
         self._buckets_for: Any = None
         self._buckets_ok = False
-        # record() runs on the reader thread, add_buckets() on collecting threads: one at a time
+        # record() runs on the reader thread, add_buckets() and offer_exemplar() on collecting
+        # threads (never an application's: see Pipeline._on_conn): one at a time
         # (fork: the pipeline holds both out of the recorder while a fork happens, see quiesce)
         self._lock = threading.Lock()
         self._fast = False
@@ -218,34 +219,35 @@ class HistogramRecorder:
             _add_buckets(aggregation, counts, total, low, high)
         return True
 
-    def offer_exemplar(self, value: float, attributes: Dict[str, Any], context: Context) -> None:
+    def offer_exemplar(self, value: float, attributes: Dict[str, Any], context: Context, when: int) -> None:
         """What ``aggregate()`` does with a point's exemplar, without counting the point: for a
-        point :meth:`add_buckets` counts (or has counted), whose value and span are known from
-        elsewhere. The exemplar filter is asked as for a recorded point; each reader's
-        aggregation's reservoir is offered it. Nothing happens where :meth:`can_add_buckets`
-        is not true (the point is then a record, which takes its own exemplar)."""
+        point :meth:`add_buckets` has counted, whose value, time (``when``, ns since the epoch)
+        and span are known from elsewhere. The exemplar filter is asked as for a recorded
+        point; each reader's aggregation of ``attributes`` is offered it, where it has one (a
+        series the point's count never reached, a delta interval already collected, takes
+        none). Nothing happens where :meth:`can_add_buckets` is not true (the point is then
+        a record, which takes its own exemplar)."""
         with self._lock:
             if self._can_add_buckets():
-                self._offer(value, attributes, context)
+                self._offer(value, attributes, context, when)
 
-    def _offer(self, value: float, attributes: Dict[str, Any], context: Context) -> None:
+    def _offer(self, value: float, attributes: Dict[str, Any], context: Context, when: int) -> None:
         try:  # nothing reaches an aggregation in here
             matches = self._prepare(attributes)
             if matches is None or not 0 <= value < math.inf or not self._is_enabled():
                 return
-            now = time_ns()
-            if not self._should_sample(value, now, attributes, context):
+            if not self._should_sample(value, when, attributes, context):
                 return
-            measurement = self._measurement(value, now, self.instrument, context, None)
+            measurement = self._measurement(value, when, self.instrument, context, None)
             object.__setattr__(measurement, "attributes", attributes)
             _explicit, drop = _explicit_and_drop()
         except Exception:
             _log.debug("histogram exemplar unavailable", exc_info=True)
             return
-        for match, key, attrs in matches:
+        for match, key, _attrs in matches:
             with match._lock:  # a delta collection swaps the aggregations out under it
-                aggregation = match._get_or_create_aggregation(key, attrs)
-                if type(aggregation) is not drop:
+                aggregation = match._attributes_aggregation.get(key)
+                if aggregation is not None and type(aggregation) is not drop:
                     aggregation._sample_exemplar(measurement, True)
 
     def record(self, value: float, attributes: Dict[str, Any], context: Optional[Context] = None) -> None:
@@ -483,7 +485,7 @@ def _compare(pause: Callable[[], None] = lambda: None) -> bool:
                     if not recorder._add(sets[index], counts, sum(values), min(values), max(values)):
                         return False
                     if context is not None:
-                        recorder._offer(values[-1], sets[index], context)
+                        recorder._offer(values[-1], sets[index], context, time_ns())
                 if span is not None:
                     taken.setdefault(tuple(sorted(sets[index].items())), []).append((values[-1], 0xC4EC0 + span))
                 now[index].extend(values)

@@ -11,6 +11,7 @@ recorded by the one reader thread of :class:`Pipeline`.
 
 from __future__ import annotations
 
+import collections
 import logging
 import operator
 import os
@@ -20,6 +21,7 @@ import time
 from typing import (
     Any,
     Callable,
+    Deque,
     Dict,
     FrozenSet,
     Iterable,
@@ -398,17 +400,12 @@ class Instruments:
             for _ in range(count):
                 recorder.record((lower + upper) / 2, attributes)
 
-    def handshake_exemplar(self, aggregator: Aggregator, record: ConnRecord,
-                           exemplar: Callable[[int, int, FlowKey], Optional[Context]]) -> None:
-        """The exemplar of a handshake point the kernel aggregated, from its CONN span record
-        (the same key, thread, handshake and time the handshake record would have had): the
-        span current on the connecting thread at SYN time, if it is sampled."""
-        _, _, key, _, ts_ns, duration_s, _, _, _, _, tid, _ = record
-        if duration_s <= 0:
-            return
-        ctx = exemplar(tid, ts_ns - int(duration_s * 1e9), key)
-        if ctx is not None:
-            self.handshake.offer_exemplar(duration_s, aggregator.series(HANDSHAKE, key), ctx)
+    def handshake_exemplar(self, aggregator: Aggregator, value: float, key: FlowKey, context: Context,
+                           when: int) -> None:
+        """The exemplar of a handshake point the kernel aggregated (and the SDK has counted):
+        ``value`` of ``key``'s series, recorded at ``when`` (ns since the epoch) during the span
+        of ``context`` (the one that connected, found from the CONN span record)."""
+        self.handshake.offer_exemplar(value, aggregator.series(HANDSHAKE, key), context, when)
 
     def record(self, aggregator: Aggregator, event: FlowEvent,
                exemplar: Callable[[int, int, FlowKey], Optional[Context]] = lambda tid, ts, key: None) -> None:
@@ -526,6 +523,8 @@ class _Waker:
 #: spin on each record. Loss would need 3/4 of the ring filled in this time.
 RING_REWAIT_S = 0.005
 
+#: Handshake exemplars waiting for the next collection, at most.
+EXEMPLARS_PENDING = 1024
 _ONE = (1).to_bytes(8, sys.byteorder)  # an eventfd takes an 8-byte count
 
 
@@ -584,6 +583,10 @@ class Pipeline:
         self._hist_failed = False
         self._hist_errors = 0
         self._hist_lock = threading.Lock()  # the reader's and collections' questions, one at a time
+        # (value, key, context, time) of handshake points the kernel counted whose connecting span
+        # was sampled: added at the next collection (the newest EXEMPLARS_PENDING; a reservoir keeps
+        # one per bucket anyway)
+        self._exemplars: Deque[Tuple[float, FlowKey, Context, int]] = collections.deque(maxlen=EXEMPLARS_PENDING)
         self._stopped = False
         self._quiesced = False
 
@@ -657,14 +660,31 @@ class Pipeline:
             self._instruments.record(self.aggregator, event, spans.registry.exemplar_context)
 
     def _on_conn(self, record: ConnRecord) -> None:
-        """A span record (any thread that drains the ring): into the span table; a CONN record
-        whose handshake point the kernel aggregated gives that point's exemplar."""
+        """A span record (any thread that drains the ring, application threads at span end
+        too): into the span table; a CONN record whose handshake point the kernel aggregated
+        gives that point's exemplar, if a sampled span connected. The exemplar waits for the
+        next collection, which adds it once the point's count is in (the reader's and the
+        collections' work only: no application thread holds an SDK or recorder lock, so none
+        can be inherited held by a forked child)."""
         spans = self.spans
         if spans is None:
             return
         spans.table.add_record(record)
-        if record[11]:
-            self._instruments.handshake_exemplar(self.aggregator, record, spans.registry.exemplar_context)
+        if record[11] and record[5] > 0:
+            _, _, key, _, ts_ns, duration_s, _, _, _, _, tid, _ = record
+            ctx = spans.registry.exemplar_context(tid, ts_ns - int(duration_s * 1e9), key)
+            if ctx is not None:
+                self._exemplars.append((duration_s, key, ctx, time.time_ns()))
+
+    def _add_exemplars(self) -> None:
+        """The pending handshake exemplars into the SDK's aggregations (after their counts)."""
+        pending = self._exemplars
+        while pending:
+            try:
+                value, key, ctx, when = pending.popleft()
+            except IndexError:
+                return
+            self._instruments.handshake_exemplar(self.aggregator, value, key, ctx, when)
 
     def _on_metric(self, record: MetricRecord) -> None:
         spans = self.spans
@@ -753,11 +773,12 @@ class Pipeline:
                 try:  # the counters above are this collection's whatever happens here
                     if self._thread is not None:  # not within instrument(): the first answer takes ms
                         self._kernel_histograms()
-                    if self.spans is not None:  # handshake exemplars first, then their points' counts
+                    if self.spans is not None:  # the span records so far: exemplars of what is read next
                         drain = getattr(self._hist_source, "drain_conn_events", None)
                         if drain is not None:
                             drain()
                     self._instruments.add_histograms(self.aggregator, self._hist_source.read_histograms())
+                    self._add_exemplars()
                 except Exception:
                     self._hist_errors += 1
                     if self._hist_errors == 1:
@@ -835,7 +856,11 @@ class Pipeline:
         with self._update_lock:  # nor under a collection's read
             if self._hist_source is not None:  # what the kernel aggregated since, for the final export
                 try:
+                    drain = getattr(self._hist_source, "drain_conn_events", None)
+                    if self.spans is not None and drain is not None:  # exemplars of what is read next
+                        drain()
                     self._instruments.add_histograms(self.aggregator, self._hist_source.read_histograms())
+                    self._add_exemplars()
                 except Exception:
                     _log.debug("reading the kernel's histograms at stop failed", exc_info=True)
             self._stopped = True

@@ -136,7 +136,8 @@ class Telemetry:
                     for p in m.data.data_points:
                         row: Dict[str, Any] = {"name": m.name, "attrs": dict(p.attributes)}
                         if hasattr(p, "bucket_counts"):
-                            row.update(count=p.count, sum=p.sum, min=p.min, max=p.max)
+                            row.update(count=p.count, sum=p.sum, min=p.min, max=p.max,
+                                       exemplars=len(p.exemplars or ()))
                         else:
                             row["value"] = p.value
                         out.append(row)

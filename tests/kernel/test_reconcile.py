@@ -311,6 +311,10 @@ def test_peers_beyond_the_kernel_map_fold_without_loss(run_scenario):
     # for each of the 14 peers that did not fit: one fold at its handshake, one at its close
     # (duration and RTT together)
     assert hists and hists[0]["value"] == 2 * (r["peers"] - 16), "the histograms' overflow is not in self-telemetry"
+    # a handshake folded into the overflow series takes no exemplar of its peer's: its CONN span
+    # record says "not in the kernel" (the 16 the map held: "in the kernel")
+    assert len(r["in_kernel"]) == r["peers"], r["in_kernel"]
+    assert sorted(r["in_kernel"].values()) == [False] * (r["peers"] - 16) + [True] * 16, r["in_kernel"]
 
 
 def test_raw_tp_fallback_counts_the_same(run_scenario):

@@ -1536,10 +1536,23 @@ def span_ring_wakeup() -> Dict[str, Any]:
 @scenario
 def flows_overflow() -> Dict[str, Any]:
     """More peers than the kernel's flows map holds: nothing is lost, the overflow is counted."""
+    from opentelemetry.sdk.trace import TracerProvider
+
     setup_netns()
     peers = 30
     echo = peer("echo", "5573", "--count", str(peers), "--host", "0.0.0.0")
-    tel = Telemetry(max_flows=16)
+    # span enrichment on: each CONN span record says whether its handshake point is the peer's
+    tel = Telemetry(max_flows=16, tracer_provider=TracerProvider())
+    source = tel.instrumentor.pipeline.source
+    in_kernel: Dict[str, bool] = {}
+    handled = source.on_conn
+
+    def noted(record: Any) -> None:
+        if record[0] == "conn":
+            in_kernel[record[2].address] = record[11]
+        handled(record)
+
+    source.on_conn = noted
     before = mib()
     for i in range(peers):  # 127.0.0.1 .. 127.0.0.30: all loopback, 30 distinct peers
         s = socket.create_connection((f"127.0.0.{i + 1}", 5573))
@@ -1548,7 +1561,7 @@ def flows_overflow() -> Dict[str, Any]:
         s.close()
     finish(echo)
     settle()
-    return {"points": tel.points(), "mib": mib_delta(before, mib()), "peers": peers}
+    return {"points": tel.points(), "mib": mib_delta(before, mib()), "peers": peers, "in_kernel": in_kernel}
 
 
 @scenario

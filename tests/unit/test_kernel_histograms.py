@@ -337,12 +337,13 @@ def handshake_export(inst: Instruments, reader: InMemoryMetricReader, kernel: bo
     for rounds in ([(7, 1_000_000_000, 0.0007), (8, 2_000_000_000, 0.02)], [(7, 3_000_000_000, 0.3)]):
         for tid, start, value in rounds:
             ts = start + int(value * 1e9)
-            if kernel:
+            if kernel:  # as Pipeline._on_conn and _read_now do: the count, then the exemplar
                 counts = tuple(1 if i == bisect.bisect_left(HANDSHAKE_BUCKETS, value) else 0
                                for i in range(len(HANDSHAKE_BUCKETS) + 1))
                 inst.add_histograms(aggregator, [(_records.HIST_HANDSHAKE, KEY, counts, value, value, value)])
-                inst.handshake_exemplar(aggregator, ("conn", 1, KEY, 443, ts, value, None, None, 0, False, tid, True),
-                                        exemplar)
+                ctx = exemplar(tid, ts - int(value * 1e9), KEY)
+                if ctx is not None:
+                    inst.handshake_exemplar(aggregator, value, KEY, ctx, time.time_ns())
             else:
                 inst.record_metric(aggregator, ("handshake", KEY, ts, value, None, tid), exemplar)
         p = histogram_points(reader)["ebpf_flows.tcp.handshake.duration"]
@@ -374,9 +375,23 @@ def test_no_exemplar_is_offered_where_the_filter_or_the_reader_refuses_it() -> N
     inst, reader, provider = instruments((View(instrument_name="ebpf_flows.tcp.handshake.duration",
                                                aggregation=ExplicitBucketHistogramAggregation([0.1, 1.0])),))
     assert not inst.handshake.can_add_buckets()
-    inst.handshake_exemplar(Aggregator(200), ("conn", 1, KEY, 443, 1_000_700_000, 0.0007, None, None, 0, False, 7,
-                                              True), lambda tid, ts, key: spans.get((tid, ts)))
+    inst.handshake_exemplar(Aggregator(200), 0.0007, KEY, sampled(0x11), time.time_ns())
     assert "ebpf_flows.tcp.handshake.duration" not in histogram_points(reader)
+    provider.shutdown()
+
+
+def test_an_exemplar_makes_no_series_of_its_own() -> None:
+    """An exemplar whose count never reached the SDK (the kernel folded it into the overflow
+    series; a delta interval already collected) is dropped: no point with a count of 0."""
+    inst, reader, provider = instruments()
+    aggregator = Aggregator(200)
+    inst.handshake_exemplar(aggregator, 0.0007, KEY, sampled(0x11), time.time_ns())
+    assert "ebpf_flows.tcp.handshake.duration" not in histogram_points(reader)
+    counts = tuple(1 if i == 4 else 0 for i in range(len(HANDSHAKE_BUCKETS) + 1))
+    inst.add_histograms(aggregator, [(_records.HIST_HANDSHAKE, KEY, counts, 0.0007, 0.0007, 0.0007)])
+    inst.handshake_exemplar(aggregator, 0.0007, KEY, sampled(0x22), time.time_ns())
+    point = histogram_points(reader)["ebpf_flows.tcp.handshake.duration"]
+    assert point.count == 1 and [e.span_id for e in point.exemplars] == [0x22]
     provider.shutdown()
 
 
