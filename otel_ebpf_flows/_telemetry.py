@@ -676,6 +676,15 @@ class Pipeline:
             if ctx is not None:
                 self._exemplars.append((duration_s, key, ctx, time.time_ns()))
 
+    def _harvest_histograms(self, source: AggregatesHistograms) -> None:
+        """What the kernel's histograms gained into the SDK's aggregations, then the exemplars of
+        those points (the span records so far drained first: the records of what is read next)."""
+        drain = getattr(source, "drain_conn_events", None)
+        if self.spans is not None and drain is not None:
+            drain()
+        self._instruments.add_histograms(self.aggregator, source.read_histograms())
+        self._add_exemplars()
+
     def _add_exemplars(self) -> None:
         """The pending handshake exemplars into the SDK's aggregations (after their counts)."""
         pending = self._exemplars
@@ -773,12 +782,7 @@ class Pipeline:
                 try:  # the counters above are this collection's whatever happens here
                     if self._thread is not None:  # not within instrument(): the first answer takes ms
                         self._kernel_histograms()
-                    if self.spans is not None:  # the span records so far: exemplars of what is read next
-                        drain = getattr(self._hist_source, "drain_conn_events", None)
-                        if drain is not None:
-                            drain()
-                    self._instruments.add_histograms(self.aggregator, self._hist_source.read_histograms())
-                    self._add_exemplars()
+                    self._harvest_histograms(self._hist_source)
                 except Exception:
                     self._hist_errors += 1
                     if self._hist_errors == 1:
@@ -856,11 +860,7 @@ class Pipeline:
         with self._update_lock:  # nor under a collection's read
             if self._hist_source is not None:  # what the kernel aggregated since, for the final export
                 try:
-                    drain = getattr(self._hist_source, "drain_conn_events", None)
-                    if self.spans is not None and drain is not None:  # exemplars of what is read next
-                        drain()
-                    self._instruments.add_histograms(self.aggregator, self._hist_source.read_histograms())
-                    self._add_exemplars()
+                    self._harvest_histograms(self._hist_source)
                 except Exception:
                     _log.debug("reading the kernel's histograms at stop failed", exc_info=True)
             self._stopped = True

@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import threading
+from typing import List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -55,11 +56,11 @@ def main() -> None:
 
         _libbpf.BpfObject.load = load  # type: ignore[method-assign]
 
+    loads: List[str] = []  # the loads simulated as interrupted, and those after
     if args.simulate in ("verifier_interrupted_once", "verifier_interrupted"):
         # the verifier giving up on a pending signal (EAGAIN), as under a ptrace-based profiler
         # sampling fast (py-spy record --rate 250 or more): once, or at every load
         real_load = _libbpf.BpfObject.load
-        loads = []
 
         def interrupted(self: _libbpf.BpfObject) -> None:
             loads.append(self.path)
@@ -76,7 +77,7 @@ def main() -> None:
     except RuntimeError:
         tel = None
     pipeline = EbpfFlowsInstrumentor().pipeline
-    loads_by_instrument = len(loads) if args.simulate in ("verifier_interrupted_once", "verifier_interrupted") else None
+    loads_by_instrument = len(loads)  # not doctor's below
     before = mib()
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

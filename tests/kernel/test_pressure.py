@@ -103,13 +103,10 @@ def test_tight_maps_and_a_tiny_ring_buffer_count_what_they_drop(pressure):
     assert got + lost + syn_wait == 2 * tracked, (got, lost, syn_wait, tracked)
 
 
-def test_a_burst_bigger_than_the_ring_is_read_before_the_poll_interval_ends(kernel_ok: None) -> None:
+def test_a_burst_bigger_than_the_ring_is_read_before_the_poll_interval_ends(run_scenario) -> None:
     """The kernel wakes the reader once a quarter of the ring is full (not per record): a burst of
     four times the ring's size, made well within one poll interval, loses no record."""
-    proc = subprocess.run(["unshare", "--net", sys.executable, "-m", "tests.kernel.workload", "ring_wakeup"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_scenario("ring_wakeup")
     rows, mib, n = r["points"], r["mib"], r["connections"]
     assert r["burst_s"] < r["poll_interval"] / 2, "the burst took too long to prove anything"
     assert mib["Tcp.ActiveOpens"] == mib["Tcp.PassiveOpens"] == n
@@ -120,14 +117,11 @@ def test_a_burst_bigger_than_the_ring_is_read_before_the_poll_interval_ends(kern
 
 
 def test_a_burst_of_span_records_bigger_than_their_ring_is_read_before_the_poll_interval_ends(
-        kernel_ok: None) -> None:
+        run_scenario) -> None:
     """The span records' ring wakes the reader too (no span ending drains it): with span
     enrichment on and the handshake points counted in the kernel (no record in the events ring
     to wake anyone), a burst of span records over twice the ring's size loses none."""
-    proc = subprocess.run(["unshare", "--net", sys.executable, "-m", "tests.kernel.workload", "span_ring_wakeup"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_scenario("span_ring_wakeup")
     rows, mib, n = r["points"], r["mib"], r["connections"]
     assert r["burst_s"] < r["poll_interval"] / 2, "the burst took too long to prove anything"
     assert r["hist_mode"] & 1, r["hist_mode"]  # HIST_MODE_HANDSHAKE: handshakes are no records

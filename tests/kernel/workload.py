@@ -1475,6 +1475,32 @@ def pressure() -> Dict[str, Any]:
     return {"roomy": roomy, "tight": tight, "tight_config": tight_config}
 
 
+def _burst(port: int, n: int) -> float:
+    """``n`` connections to a listener of this process on ``port``, each accepted and both ends
+    closed at once; how long they took (s)."""
+    srv = _listener(port, 1024)
+    started = time.monotonic()
+    for _ in range(n):
+        c = socket.create_connection(("127.0.0.1", port))
+        a, _ = srv.accept()
+        c.close()
+        a.close()
+    burst_s = time.monotonic() - started
+    srv.close()
+    return burst_s
+
+
+def _tap_span_records(source: Any, see: Callable[[Any], None]) -> None:
+    """Let ``see`` look at each span record (a ConnRecord tuple) before the pipeline takes it."""
+    handled = source.on_conn
+
+    def tapped(record: Any) -> None:
+        see(record)
+        handled(record)
+
+    source.on_conn = tapped
+
+
 @scenario
 def ring_wakeup() -> Dict[str, Any]:
     """A burst of records four times the ring's size, well within one (long) poll interval."""
@@ -1482,17 +1508,9 @@ def ring_wakeup() -> Dict[str, Any]:
     poll_interval = 5.0
     # 1,024 records, woken at 256 (histogram records, not kernel buckets: the ring is what is tested)
     tel = Telemetry(records=True, poll_interval=poll_interval, ring_buffer_bytes=65536)
-    started = time.monotonic()
-    srv = _listener(5597, 1024)
     before = mib()
     n = 600  # 4 records each: two handshakes, two closes
-    for _ in range(n):
-        c = socket.create_connection(("127.0.0.1", 5597))
-        a, _ = srv.accept()
-        c.close()
-        a.close()
-    burst_s = time.monotonic() - started
-    srv.close()
+    burst_s = _burst(5597, n)
     settle(0.5)
     return {"points": tel.points(), "mib": mib_delta(before, mib()), "connections": n, "burst_s": burst_s,
             "poll_interval": poll_interval}
@@ -1508,26 +1526,11 @@ def span_ring_wakeup() -> Dict[str, Any]:
     poll_interval = 5.0
     tel = Telemetry(poll_interval=poll_interval, ring_buffer_bytes=65536, tracer_provider=TracerProvider())
     pipeline = tel.instrumentor.pipeline
-    source = pipeline.source
     kinds: Dict[str, int] = {}
-    handled = source.on_conn
-
-    def counted(record: Any) -> None:
-        kinds[record[0]] = kinds.get(record[0], 0) + 1
-        handled(record)
-
-    source.on_conn = counted
-    srv = _listener(5598, 1024)
+    _tap_span_records(pipeline.source, lambda record: kinds.__setitem__(record[0], kinds.get(record[0], 0) + 1))
     before = mib()
-    started = time.monotonic()
     n = 600  # 2,400 span records of 64 bytes: 150 KiB into a 64 KiB ring, woken at 16 KiB
-    for _ in range(n):
-        c = socket.create_connection(("127.0.0.1", 5598))
-        a, _ = srv.accept()
-        c.close()
-        a.close()
-    burst_s = time.monotonic() - started
-    srv.close()
+    burst_s = _burst(5598, n)
     settle(0.5)
     return {"points": tel.points(), "mib": mib_delta(before, mib()), "connections": n, "burst_s": burst_s,
             "poll_interval": poll_interval, "kinds": kinds, "hist_mode": pipeline._hist_mode}
@@ -1543,16 +1546,9 @@ def flows_overflow() -> Dict[str, Any]:
     echo = peer("echo", "5573", "--count", str(peers), "--host", "0.0.0.0")
     # span enrichment on: each CONN span record says whether its handshake point is the peer's
     tel = Telemetry(max_flows=16, tracer_provider=TracerProvider())
-    source = tel.instrumentor.pipeline.source
     in_kernel: Dict[str, bool] = {}
-    handled = source.on_conn
-
-    def noted(record: Any) -> None:
-        if record[0] == "conn":
-            in_kernel[record[2].address] = record[11]
-        handled(record)
-
-    source.on_conn = noted
+    _tap_span_records(tel.instrumentor.pipeline.source,
+                      lambda record: in_kernel.__setitem__(record[2].address, record[11]) if record[0] == "conn" else None)
     before = mib()
     for i in range(peers):  # 127.0.0.1 .. 127.0.0.30: all loopback, 30 distinct peers
         s = socket.create_connection((f"127.0.0.{i + 1}", 5573))
