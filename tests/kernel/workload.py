@@ -1644,7 +1644,7 @@ def kernel_histograms() -> Dict[str, Any]:
     settle()
     reads.extend(source.read_histograms())
     source.poll(0)
-    lost = source.read().probes.events_lost["tcp_flows.events"]
+    lost_by_probe = source.read().probes.events_lost
     source.close()
     srv.close()
 
@@ -1678,7 +1678,10 @@ def kernel_histograms() -> Dict[str, Any]:
         if kind in ("close", "rtt") and srtt_s is not None:
             add("rtt", _records.HIST_RTT, key, srtt_s)
     return {"first": first, "mode": mode, "unknown_extremes": unknown, "kernel": kernel, "user": user,
-            "reads": len(reads), "lost": lost,
+            "reads": len(reads), "lost": lost_by_probe["tcp_flows.events"],
+            # connections no probe saw close, or found established late: no duration point
+            "unseen": {name: lost_by_probe[name] for name in ("tcp_flows.unseen_close", "tcp_flows.unseen_handshake",
+                                                             "tcp_flows.skipped")},
             "mib": mib_delta(before, mib())}
 
 
