@@ -881,7 +881,10 @@ static __always_inline void note_use(bool loop, __u32 tid, struct sock_state *st
  * Count payload bytes since the last report. The kernel's bytes_acked and
  * bytes_received also count the SYN and FIN sequence numbers: the SYN is left
  * out by the baseline taken at ESTABLISHED, a FIN is taken off here once it
- * has been acknowledged (ours) or received (theirs: SOCK_DONE).
+ * has been acknowledged (ours: SF_FIN_SENT, set at FIN_WAIT1 or LAST_ACK, and
+ * also from the state the socket is in or closes from, so that a transition no
+ * program ran for does not count the FIN as a byte) or received (theirs:
+ * SOCK_DONE).
  */
 static __always_inline void account_bytes(int direct, struct sock_state *st, const struct tcp_sock *tp,
 					  struct flow_counters **cp)
@@ -936,6 +939,13 @@ static __always_inline bool established_state(int state)
 {
 	return state == TCP_ESTABLISHED || state == TCP_FIN_WAIT1 || state == TCP_FIN_WAIT2 ||
 	       state == TCP_CLOSE_WAIT || state == TCP_CLOSING || state == TCP_LAST_ACK;
+}
+
+/* A full socket in this state has queued its FIN (tcp_send_fin() follows the
+ * transition under the same socket lock, before anything else can see it). */
+static __always_inline bool fin_queued_state(int state)
+{
+	return state == TCP_FIN_WAIT1 || state == TCP_FIN_WAIT2 || state == TCP_CLOSING || state == TCP_LAST_ACK;
 }
 
 /* Which socket a pointer names: its peer port and address (an IPv6 one folded
@@ -1385,6 +1395,9 @@ static __always_inline bool on_close(int direct, __u32 slot, const struct sock *
 	if (!tp)
 		return false;
 	st->flags |= SF_CLOSED;
+	/* our FIN, even if no program ran for the transition that sent it */
+	if (oldstate >= 0 && fin_queued_state(oldstate))
+		st->flags |= SF_FIN_SENT;
 	st->closed_ns = bpf_ktime_get_ns();
 	st->srtt_us = read_srtt_us(direct, tp);
 	st->err = RD(direct, sk, sk_err);
@@ -2232,6 +2245,8 @@ sample:
 		late_established_at(opaque((__u64)sk), now, sk->__sk_common.skc_state);
 	if (!(st->flags & SF_ESTABLISHED) || (st->flags & (SF_CLOSED | SF_PENDING)))
 		return 0;
+	if (fin_queued_state(sk->__sk_common.skc_state))
+		st->flags |= SF_FIN_SENT;	/* see on_close() */
 	{
 		struct flow_counters *c = NULL;
 

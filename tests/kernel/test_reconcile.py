@@ -386,6 +386,25 @@ def test_a_socket_reusing_the_memory_of_one_whose_end_went_unseen_is_a_new_conne
     assert total(rows, RETRANS) == mib["Tcp.RetransSegs"] == 0
 
 
+def test_a_fin_sent_while_no_program_ran_is_no_byte(run_scenario):
+    # The kernel counts an acknowledged FIN in bytes_acked. The end that closes first sent
+    # its FIN (and saw it acknowledged) while no set_state program ran: its bytes are still
+    # the payload, the FIN told from the state the socket closes from, exactly TCP_INFO's.
+    r = run_scenario("unseen_fins")
+    rows, mib, n, size = r["points"], r["mib"], r["n"], r["size"]
+    assert len(r["detached"]) == 2, r["detached"]  # set_state, main and nested copy
+    assert mib["Tcp.ActiveOpens"] == mib["Tcp.PassiveOpens"] == 2 * n
+    payload = 2 * n * size
+    # TCP_INFO: the clients' SYNs (2n) and the first ends' FINs (2n) are in bytes_acked too
+    assert r["acked"] == r["received"] == 2 * payload + 4 * n
+    for role in ("client", "server"):
+        for direction in ("transmit", "receive"):
+            assert total(rows, IO, ebpf_flows__tcp__role=role, network__io__direction=direction) == payload, \
+                (role, direction)
+    assert total(rows, CLOSES, ebpf_flows__tcp__close__reason="normal") == total(rows, CLOSES) == 4 * n
+    assert total(rows, ACTIVE) == 0
+
+
 def test_a_socket_connected_again_after_a_disconnect_counts_both_connections(run_scenario):
     r = run_scenario("reconnect_after_disconnect")
     rows, mib = r["points"], r["mib"]

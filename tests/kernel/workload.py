@@ -36,6 +36,7 @@ from tests.kernel.harness import (
 )
 
 TCP_CLOSE = 7
+TCP_FIN_WAIT2 = 5
 SCENARIOS: Dict[str, Callable[[], Dict[str, Any]]] = {}
 
 
@@ -817,6 +818,51 @@ def unseen_ends_then_reused() -> Dict[str, Any]:
         time.sleep(pipeline.FRESH_S)  # type: ignore[union-attr]
     return {"points": tel.points(), "mib": mib_delta(before, mib()), "detached": names, "old": old,
             "new": new, "stale": len(stale), "reused": reused, "tracked_new": tracked_new}
+
+
+@scenario
+def unseen_fins() -> Dict[str, Any]:
+    """Connections whose first FIN went out while no set_state program ran; their close seen.
+
+    The kernel counts a FIN in ``bytes_acked`` once it is acknowledged. Here the end that
+    closes first (the client in half the connections, the server in the other half) shuts
+    down its writing and has its FIN acknowledged (FIN_WAIT1, then FIN_WAIT2) with the
+    set_state programs (main and nested copy) detached, as for a transition the kernel ran
+    none of our programs for; the other end closes once they are back, so each socket's
+    CLOSE is seen. TCP_INFO of both ends gives the payload acknowledged and received.
+    """
+    setup_netns()
+    port, n, size = 5599, 4, 3000
+    srv = _listener(port)
+    tel = Telemetry(sample_interval=10)
+    source = tel.instrumentor.pipeline.source  # type: ignore[union-attr]
+    before = mib()
+    pairs = []
+    for _ in range(2 * n):
+        c = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s, _ = srv.accept()
+        c.sendall(b"c" * size)
+        s.sendall(recv_exactly(s, size))
+        recv_exactly(c, size)
+        pairs.append((c, s))
+    order = [(c, s) for c, s in pairs[:n]] + [(s, c) for c, s in pairs[n:]]  # (first, second)
+    names = _detach(source, "set_state")
+    for first, _second in order:
+        first.shutdown(socket.SHUT_WR)
+    _until("every first FIN acknowledged", lambda: all(tcp_info(f)["state"] == TCP_FIN_WAIT2 for f, _ in order))
+    _reattach(source, names)
+    infos = []
+    for first, second in order:
+        drain_until_eof(second)
+        second_info = tcp_info(second)
+        second.close()
+        drain_until_eof(first)
+        infos += [wait_closed(first), second_info]
+        first.close()
+    srv.close()
+    settle()
+    return {"points": tel.points(), "mib": mib_delta(before, mib()), "detached": names, "n": n, "size": size,
+            "acked": sum(i["bytes_acked"] for i in infos), "received": sum(i["bytes_received"] for i in infos)}
 
 
 @scenario
