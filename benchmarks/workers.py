@@ -2,11 +2,12 @@
 
     workers.py idle [--calibrate OBJ]   instrument, print the program ids, sleep until stdin closes
     workers.py startup                  time instrument() and the RSS it adds, in a fresh process
-    workers.py inproc MODES [--instrument] [--bpf-stats] [--duration S] [--tracer-provider]
+    workers.py inproc MODES [--instrument] [--bpf-stats] [--duration S] [--tracer-provider] [--spans]
                                         a threaded Python service whose own client drives it
                                         (MODES: churn, rr, bulk, comma-separated); with
                                         --tracer-provider, instrumented with an SDK TracerProvider
-                                        (span enrichment's records on; the workload makes no spans)
+                                        (span enrichment on; the workload makes no spans); with
+                                        --spans, each op is a CLIENT span (with or without the library)
     workers.py reader --loadgen PATH [--rate R] [--duration S]
                                         reader-thread CPU while loadgen connects at R per second
     workers.py micro                    the reader thread's Python cost per ring-buffer record, in parts
@@ -43,6 +44,7 @@ from opentelemetry.sdk.metrics.export import (
     MetricExportResult,
     PeriodicExportingMetricReader,
 )
+from opentelemetry.trace import SpanKind
 
 READER_THREAD = "otel-ebpf-flows-reader"
 MSG = b"x" * 64
@@ -124,6 +126,21 @@ def events_lost(metrics_data: Any) -> Dict[str, int]:
 
 def lost_delta(before: Dict[str, int], after: Dict[str, int]) -> Dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+class DiscardSpans:
+    """A span exporter that drops what it gets (duck-typed: the SDK calls export and shutdown)."""
+
+    def export(self, spans: Any) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
 
 
 class DiscardExporter(MetricExporter):  # type: ignore[misc]
@@ -218,15 +235,20 @@ def dial(port: int) -> socket.socket:
     return s
 
 
-def drive(mode: str, port: int, duration: float) -> Dict[str, Any]:
-    """Run one client for ``duration`` s; ops/s and per-op latency percentiles."""
+def drive(mode: str, port: int, duration: float, tracer: Any = None) -> Dict[str, Any]:
+    """Run one client for ``duration`` s; ops/s and per-op latency percentiles. With ``tracer``,
+    each op is a CLIENT span (started before the op, ended after it, inside the timing)."""
     lat: List[int] = []
     clock = time.perf_counter_ns
     sock: Optional[socket.socket] = None if mode == "churn" else dial(port)
     end = time.monotonic() + duration
     start = clock()
+    span = None
+    attrs = {"server.address": "127.0.0.1", "server.port": port}
     while time.monotonic() < end:
         t0 = clock()
+        if tracer is not None:
+            span = tracer.start_span("op", kind=SpanKind.CLIENT, attributes=attrs)
         if mode == "churn":
             s = dial(port)
             s.sendall(MSG)
@@ -239,6 +261,8 @@ def drive(mode: str, port: int, duration: float) -> Dict[str, Any]:
         else:
             assert sock is not None
             sock.sendall(BULK_CHUNK)
+        if span is not None:
+            span.end()
         lat.append(clock() - t0)
     elapsed = (clock() - start) / 1e9
     if sock is not None:
@@ -334,21 +358,27 @@ def cmd_inproc(args: argparse.Namespace) -> None:
         PeriodicExportingMetricReader(exporter, export_interval_millis=args.export_interval_ms)
     ])
     kwargs: Dict[str, Any] = {}
-    if args.tracer_provider:
+    tracer = None
+    if args.tracer_provider or args.spans:
         from opentelemetry.sdk.trace import TracerProvider
 
-        kwargs["tracer_provider"] = TracerProvider()
+        kwargs["tracer_provider"] = tracer_provider = TracerProvider()
+        if args.spans:
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            tracer_provider.add_span_processor(BatchSpanProcessor(DiscardSpans()))
+            tracer = tracer_provider.get_tracer("bench")
     instrumentor = instrument(provider, **kwargs) if args.instrument else None
     ids = own_prog_ids() if args.bpf_stats else []
     for mode in args.modes.split(","):
         server = Server(threads=2, bulk=mode == "bulk")
-        drive(mode, server.port, args.warmup)
+        drive(mode, server.port, args.warmup, tracer)
         provider.force_flush()
         lost_before = dict(exporter.events_lost)
         before = prog_stats(ids) if ids else {}
         task = f"/proc/self/task/{reader_thread().native_id}/stat" if args.instrument else None
         r0, p0 = (cpu_ticks(task), cpu_ticks("/proc/self/stat")) if task else (0, 0)
-        result = drive(mode, server.port, args.duration)
+        result = drive(mode, server.port, args.duration, tracer)
         if task:  # the reader thread's share of the process's CPU time in the measured run
             r1, p1 = cpu_ticks(task), cpu_ticks("/proc/self/stat")
             result["reader_cpu_share"] = round((r1 - r0) / max(1, p1 - p0), 3)
@@ -562,7 +592,6 @@ def cmd_spans(args: argparse.Namespace) -> None:
     """How long span.end() takes with span enrichment on (a ring drain and a map lookup per span) and off."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-    from opentelemetry.trace import SpanKind
 
     class Discard(SpanExporter):  # type: ignore[misc]
         def export(self, spans: Any) -> SpanExportResult:
@@ -621,7 +650,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--export-interval-ms", type=int, default=1000)
     p.add_argument("--cpu", type=int, help="pin the process to this CPU")
     p.add_argument("--tracer-provider", action="store_true",
-                   help="instrument with an SDK TracerProvider (span enrichment's kernel records on)")
+                   help="instrument with an SDK TracerProvider (span enrichment on)")
+    p.add_argument("--spans", action="store_true",
+                   help="each op a CLIENT span of an SDK TracerProvider (exported in batches to a discarding "
+                        "exporter); with --instrument, span enrichment on")
     p = sub.add_parser("reader")
     p.add_argument("--loadgen", required=True)
     p.add_argument("--rate", type=float, default=1000)

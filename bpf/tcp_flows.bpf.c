@@ -101,6 +101,10 @@ const volatile __u32 span_mode = 0;	/* 1: feed conn_events and threads */
 /* Set by user space at run time (see .data.hists above). */
 __u32 hist_mode SEC(".data.hists") = 0;
 __u32 hist_gen SEC(".data.hists") = 0;
+/* 1 while no span is open in this process (user space writes it as the first
+ * span starts and the last one ends): span records and thread slots wait; a
+ * connection's CONN record is sent at its first use or event once one is. */
+__u32 spans_idle SEC(".data.hists") = 0;
 struct hist_bounds hist_bounds[HIST_MAX] SEC(".data.hists") = {};
 
 __u64 next_conn_id = 0;
@@ -737,22 +741,62 @@ static __always_inline int hist_put_of(const struct sock_state *st, __u32 which,
 /* A span-enrichment record: read when a span ends and on every poll, woken for
  * only past wakeup_bytes (churn with no span ending would fill the ring between
  * polls); none until user space has spans to enrich (CONTROL_SPANS). */
-static __always_inline void conn_event(const struct sock_state *st, __u8 kind, __u8 reason,
-				       __u64 now, __u64 value)
+static __always_inline void conn_record(const struct sock_state *st, __u8 kind, __u8 reason,
+					__u64 now, __u64 value)
 {
-	struct flow_event *e;
+	struct flow_event *e = bpf_ringbuf_reserve(&conn_events, sizeof(*e), 0);
 
-	if (!span_mode || (st->flags & SF_PENDING))	/* pending: maybe another process's */
-		return;
-	if (!control_on(CONTROL_SPANS))
-		return;
-	e = bpf_ringbuf_reserve(&conn_events, sizeof(*e), 0);
 	if (!e) {
 		stat_inc(STAT_CONN_EVENTS_LOST);
 		return;
 	}
 	fill_event(e, st, kind, reason, now, value);
 	bpf_ringbuf_submit(e, wakeup_flag(&conn_events));
+}
+
+static __always_inline bool spans_open(void)
+{
+	return !*(volatile __u32 *)&spans_idle;
+}
+
+/* The CONN record held back while no span was open, as it would have been sent
+ * (its reason, ESTABLISHED time and handshake), once: the send and receive
+ * programs run outside the socket lock, hence the compare-and-swap. */
+static __always_inline void conn_catch_up(struct sock_state *st)
+{
+	__u32 later = st->conn_later;
+
+	if (later && __sync_val_compare_and_swap(&st->conn_later, later, 0) == later)
+		conn_record(st, FLOW_EVENT_CONN, later - 1, st->established_ns, st->handshake_ns);
+}
+
+/* A span-enrichment record: read when a span ends and on every poll, woken for
+ * only past wakeup_bytes (churn with no span ending would fill the ring between
+ * polls); none until user space has spans to enrich (CONTROL_SPANS), and none
+ * while no span is open (spans_idle): a CONN record then waits for the
+ * connection's first use or event with a span open, the others are not made
+ * (no span can have been open for them), a GONE whose CONN was never sent
+ * neither. */
+static __always_inline void conn_event(struct sock_state *st, __u8 kind, __u8 reason,
+				       __u64 now, __u64 value)
+{
+	if (!span_mode || (st->flags & SF_PENDING))	/* pending: maybe another process's */
+		return;
+	if (!control_on(CONTROL_SPANS))
+		return;
+	if (kind == FLOW_EVENT_GONE) {
+		__u32 later = st->conn_later;
+
+		if (later && __sync_val_compare_and_swap(&st->conn_later, later, 0) == later)
+			return;	/* user space never heard of it */
+	} else if (!spans_open()) {
+		if (kind == FLOW_EVENT_CONN)
+			st->conn_later = reason + 1;
+		return;
+	} else if (kind != FLOW_EVENT_CONN) {
+		conn_catch_up(st);
+	}
+	conn_record(st, kind, reason, now, value);
 }
 
 static __always_inline __u32 read_srtt_us(int direct, const struct tcp_sock *tp)
@@ -869,8 +913,9 @@ static __always_inline void note_use(bool loop, __u32 tid, struct sock_state *st
 {
 	__u32 slot;
 
-	if (!span_mode)
+	if (!span_mode || !spans_open())
 		return;
+	conn_catch_up(st);
 	slot = loop ? note_use_slot_loop(tid, st->conn_id, st->srtt_us, st->slot, now) :
 		      note_use_slot(tid, st->conn_id, st->srtt_us, st->slot, now);
 	if (slot < THREAD_SLOTS)

@@ -104,6 +104,9 @@ struct sock_state {
 	__u8 __pad1;
 	__u32 netns;		/* network namespace inode */
 	__u64 seen_ns;		/* when the socket iterator last visited it */
+	__u32 conn_later;	/* span enrichment: its CONN record held back while no span
+				 * was open (the record's conn_reason + 1), 0 once sent */
+	__u32 __pad2;
 };
 
 enum flow_event_kind {

@@ -76,7 +76,8 @@ PROC_PID_INIT_INO = 0xEFFFFFFC
 CONTROL_SEEDING = 0
 CONTROL_CLAIM = 1
 CONTROL_SPANS = 2
-HIST_SECTION = ".data.hists"  # hist_mode, hist_gen, hist_bounds: written while the programs run
+HIST_SECTION = ".data.hists"  # hist_mode, hist_gen, hist_bounds, spans_idle: written while the programs run
+_IDLE, _BUSY = struct.pack("=I", 1), struct.pack("=I", 0)  # spans_idle's values
 MAX_SEEDS = 4096  # the seeds map's size in tcp_flows.bpf.c
 TCP_LISTEN_HEX = "0A"
 MAX_HOST_SEEDS = 1 << 20  # host-wide: the seeds map is resized to fit every socket, up to this
@@ -331,6 +332,12 @@ class KernelSource:
         self._thread_key = ctypes.c_uint32()
         self._thread_value = ctypes.create_string_buffer(ctypes.sizeof(_records.CThreadConns))
         self.tracks_threads = False
+        # Whether a span is open (spans_open()): the kernel's spans_idle, written by application
+        # threads as the first span starts and the last ends; the lock orders their writes with
+        # the one that sets the kernel side up.
+        self._gate_lock = threading.Lock()
+        self._gate: Optional[Tuple[Any, int]] = None  # (the mapped memory, the global's offset)
+        self._spans_idle = False
         self._on_event: Callable[[FlowEvent], None] = lambda e: None
         #: Where histogram records go without becoming a FlowEvent (the reader's
         #: hot path; set before start). None: they go to on_event like the rest.
@@ -476,6 +483,38 @@ class KernelSource:
         """Only the forking thread exists in the child: a lock another thread held stays held."""
         self._conn_lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._gate_lock = threading.Lock()
+
+    def spans_open(self, is_open: bool) -> None:
+        """Tell the kernel whether any span is open in this process (span enrichment's registry
+        calls this as the first span starts and the last one ends, on the application's thread).
+
+        While none is, the kernel makes no span records and keeps no thread slots (none could
+        be for a span); a connection established meanwhile has its record sent at its first use
+        or event once one is. One write to mapped memory, no system call; never raises.
+        """
+        idle = _IDLE if not is_open else _BUSY
+        with self._gate_lock:
+            self._spans_idle = not is_open
+            gate = self._gate
+            if gate is not None:
+                try:
+                    gate[0][gate[1]:gate[1] + 4] = idle
+                except (ValueError, OSError):  # unmapped by close() meanwhile
+                    self._gate = None
+
+    def _gate_on(self, obj: _libbpf.BpfObject) -> None:
+        """Map the kernel's spans_idle and write what the registry last said into it."""
+        try:
+            memory, offset, width = obj.live_global(HIST_SECTION, "spans_idle")
+        except BpfError as exc:  # an object or kernel without it: records whether or not a span is open
+            _log.debug("otel-ebpf-flows: span records are made with no span open (%s)", exc)
+            return
+        if width != 4:
+            return
+        with self._gate_lock:
+            self._gate = (memory, offset)
+            memory[offset:offset + 4] = _IDLE if self._spans_idle else _BUSY
 
     def enable_spans(self) -> None:
         """Turn span enrichment's kernel side on (a tracer provider is hooked). Idempotent.
@@ -502,6 +541,7 @@ class KernelSource:
 
     def _spans_on(self) -> None:
         obj = self._require()
+        self._gate_on(obj)
         obj.map("control").update(ctypes.c_uint32(CONTROL_SPANS), ctypes.c_uint32(1))
         if self._has_io:
             self._attach_io()
@@ -721,6 +761,8 @@ class KernelSource:
         with self._conn_lock:
             self._conn_ring = None
             self._threads = None
+        with self._gate_lock:
+            self._gate = None
         with self._read_lock:
             if self._obj is not None:
                 self._obj.close()

@@ -612,6 +612,15 @@ class BpfObject:
         """Write a global of a writable data section while the programs run: its bytes, whole,
         straight into the kernel map's memory (mapped shared once per section; libbpf's own
         copy of the section is only the initial value)."""
+        memory, offset, width = self.live_global(section, name)
+        if len(value) != width:
+            raise BpfError(f"global {name} is {width} bytes at {offset}, not {len(value)}", errno.EINVAL)
+        memory[offset:offset + width] = value
+
+    def live_global(self, section: str, name: str) -> Tuple[mmap.mmap, int, int]:
+        """Where a global of a writable data section lives while the programs run: the kernel
+        map's memory (mapped shared once per section, unmapped by :meth:`close`), the global's
+        offset in it and its width."""
         layout = self._section_vars(section)
         if name not in layout:
             raise BpfError(f"{self.path} has no global {name} in {section}", errno.ENOENT)
@@ -628,9 +637,9 @@ class BpfObject:
             except OSError as exc:  # a kernel without mmapable arrays (before 5.5)
                 raise BpfError(f"cannot map {section}: {exc}", exc.errno or errno.EINVAL) from exc
             self._live[section] = memory
-        if len(value) != width or offset + width > len(memory):
-            raise BpfError(f"global {name} is {width} bytes at {offset}, not {len(value)}", errno.EINVAL)
-        memory[offset:offset + width] = value
+        if offset + width > len(memory):
+            raise BpfError(f"global {name} lies outside {section}", errno.EINVAL)
+        return memory, offset, width
 
     def get_global(self, section: str, name: str) -> int:
         """An integer global's value now, read from the kernel's map of ``section`` (after load)."""

@@ -196,6 +196,8 @@ class CSockState(ctypes.Structure):
         ("__pad1", ctypes.c_uint8),
         ("netns", ctypes.c_uint32),
         ("seen_ns", _U64),
+        ("conn_later", ctypes.c_uint32),
+        ("__pad2", ctypes.c_uint32),
     ]
 
 

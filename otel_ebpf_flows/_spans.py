@@ -76,6 +76,9 @@ GONE_RETENTION_NS = 60 * 1_000_000_000
 EVENTS_PER_CONNECTION = 256
 #: Spans remembered per thread for exemplars.
 SPANS_PER_THREAD = 64
+#: Spans started and not ended that the registry keeps count of for the kernel (spans_idle); past
+#: this many (spans an application never ends), the kernel is told one is open, for good.
+LIVE_SPANS_MAX = 65536
 
 
 def _ip(text: Any) -> Optional[str]:
@@ -278,17 +281,34 @@ def _names_peer(spec: Optional[PeerSpec], key: FlowKey) -> bool:
 
 
 class SpanRegistry:
-    """Which span was current on which thread when (for exemplars and span threads)."""
+    """Which span was current on which thread when (for exemplars and span threads).
 
-    def __init__(self) -> None:
+    ``gate``, if given, is told whether any span is open: with True as the first one starts,
+    with False as the last one ends (under the registry's lock, so in that order).
+    """
+
+    def __init__(self, gate: Optional[Callable[[bool], None]] = None) -> None:
         self._lock = threading.Lock()
         self._by_thread: collections.OrderedDict[int, Deque[_Started]] = collections.OrderedDict()
         self._open: Dict[int, Tuple[int, _Started]] = {}  # span_id -> (tid, entry)
+        self._gate = gate
+        # every span started and not ended (_open forgets the oldest of a busy thread's)
+        self._live: Set[int] = set()
+        if gate is not None:
+            gate(False)
 
     def started(self, tid: int, span_id: int, trace_id: int, sampled: bool, start_ns: int,
                 peer: Optional[PeerSpec] = None) -> None:
         entry = _Started(span_id, trace_id, sampled, start_ns, peer)
         with self._lock:
+            gate = self._gate
+            if gate is not None:
+                if not self._live:
+                    gate(True)
+                self._live.add(span_id)
+                if len(self._live) > LIVE_SPANS_MAX:  # spans that never end: stop telling
+                    self._gate = None
+                    self._live.clear()
             spans = self._by_thread.get(tid)
             if spans is None:
                 spans = self._by_thread[tid] = collections.deque(maxlen=SPANS_PER_THREAD)
@@ -305,6 +325,10 @@ class SpanRegistry:
         """Mark a span ended; its (thread, start) if it was seen starting."""
         with self._lock:
             found = self._open.pop(span_id, None)
+            if self._gate is not None and span_id in self._live:
+                self._live.discard(span_id)
+                if not self._live:
+                    self._gate(False)
         if found is None:
             return None
         tid, entry = found
@@ -579,7 +603,8 @@ class SpanEnrichment:
                  handshake_threshold: float, rtt_threshold: float) -> None:
         self.pid = os.getpid()
         self.table = ConnTable(capacity)
-        self.registry = SpanRegistry()
+        # the kernel makes span records only while a span is open, if it can be told
+        self.registry = SpanRegistry(getattr(source, "spans_open", None))
         self.enricher = Enricher(source, self.table, self.registry, max_events,
                                  handshake_threshold, rtt_threshold)
         self.enabled = True

@@ -143,6 +143,53 @@ def keepalive_loss() -> Dict[str, Any]:
 
 
 @scenario
+def connections_before_any_span() -> Dict[str, Any]:
+    """Threads, each with a persistent connection opened and used over the lossy path while no
+    span is open anywhere in the process, then one CLIENT span per request on it."""
+    from tests.kernel.workload import _tap_span_records
+
+    port, n, rounds, size = 5575, 4, 30, 20000
+    lossy_path(port)
+    echo = peer("echo", str(port), "--count", str(n))
+    spans = Spans()
+    tel = Telemetry(sample_interval=0.5)
+    tracer = trace.get_tracer("kernel-test")
+    kinds: Dict[str, int] = {}
+    _tap_span_records(tel.instrumentor.pipeline.source,  # type: ignore[union-attr]
+                      lambda record: kinds.__setitem__(record[0], kinds.get(record[0], 0) + 1))
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(n)]
+    for s in socks:  # used before any span: retransmits the kernel counts, for no span
+        for _ in range(5):
+            s.sendall(b"x" * size)
+            recv_exactly(s, size)
+    idle_retransmits = sum(tcp_info(s)["total_retrans"] for s in socks)
+    tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
+    idle_kinds = dict(kinds)
+
+    def one(i: int) -> List[Dict[str, Any]]:
+        out = []
+        s = socks[i]
+        for _r in range(rounds):
+            attrs = {"server.address": "127.0.0.1", "server.port": port}
+            with tracer.start_as_current_span("request", kind=trace.SpanKind.CLIENT, attributes=attrs) as span:
+                before = tcp_info(s)["total_retrans"]
+                s.sendall(b"x" * size)
+                recv_exactly(s, size)
+                after = tcp_info(s)["total_retrans"]
+            out.append({"span_id": span_hex(span), "delta": after - before, "opened": False})
+        return out
+
+    requests = [r for rs in in_threads(one, n) for r in rs]
+    for s in socks:
+        s.close()
+    finish(echo)
+    tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
+    return {"requests": requests, "spans": spans.finished(), "metrics": metric_points(tel),
+            "idle_kinds": idle_kinds, "idle_retransmits": idle_retransmits, "kinds": kinds, "connections": n,
+            "probes": [p for p in tel.points() if p["name"] == "ebpf_flows.probe.events.lost"]}
+
+
+@scenario
 def late_tracer_provider() -> Dict[str, Any]:
     """instrument() before any tracer provider is set (the global one still a proxy): no span
     records and no send/receive programs until the provider appears; connections opened

@@ -144,6 +144,23 @@ def test_a_tracer_provider_set_after_instrument(span_scenario):
     assert lost["tcp_flows.conn_events"] == 0
 
 
+def test_connections_opened_while_no_span_is_open_enrich_the_spans_that_use_them(span_scenario):
+    """While no span is open in the process the kernel makes no span records (their cost is
+    only paid with spans to enrich); a connection opened then has its record sent at its first
+    use in a span, and spans on it reconcile with the kernel as on any other."""
+    r = span_scenario("connections_before_any_span")
+    assert r["idle_retransmits"] > 0, "no retransmit before the spans: no test of their records"
+    assert r["idle_kinds"] == {}, r["idle_kinds"]  # nothing, though the connections had retransmits
+    n = r["connections"]
+    assert r["kinds"]["conn"] == n and r["kinds"]["gone"] == n, r["kinds"]  # each once, no duplicate
+    spans = reconcile(r)
+    for q in r["requests"]:  # every connection predates every span
+        assert spans[q["span_id"]]["attrs"][REUSED] is True
+        assert HANDSHAKE not in spans[q["span_id"]]["attrs"]
+    lost = {p["attrs"]["ebpf_flows.probe.name"]: p["value"] for p in r["probes"]}
+    assert lost["tcp_flows.conn_events"] == 0
+
+
 def test_requests_keepalive_session(span_scenario):
     r = span_scenario("requests_session")
     spans = reconcile(r)

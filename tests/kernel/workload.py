@@ -1564,20 +1564,23 @@ def ring_wakeup() -> Dict[str, Any]:
 
 @scenario
 def span_ring_wakeup() -> Dict[str, Any]:
-    """Span enrichment on, no span ending: a burst of span records (CONN and GONE per socket)
-    over twice the ring's size, well within one (long) poll interval."""
+    """Span enrichment on, one span open (span records are made only then), none ending: a
+    burst of span records (CONN and GONE per socket) over twice the ring's size, well within
+    one (long) poll interval."""
     from opentelemetry.sdk.trace import TracerProvider
 
     setup_netns()
     poll_interval = 5.0
-    tel = Telemetry(poll_interval=poll_interval, ring_buffer_bytes=65536, tracer_provider=TracerProvider())
+    provider = TracerProvider()
+    tel = Telemetry(poll_interval=poll_interval, ring_buffer_bytes=65536, tracer_provider=provider)
     pipeline = tel.instrumentor.pipeline
     kinds: Dict[str, int] = {}
     _tap_span_records(pipeline.source, lambda record: kinds.__setitem__(record[0], kinds.get(record[0], 0) + 1))
     before = mib()
     n = 600  # 2,400 span records of 64 bytes: 150 KiB into a 64 KiB ring, woken at 16 KiB
-    burst_s = _burst(5598, n)
-    settle(0.5)
+    with provider.get_tracer("kernel-test").start_as_current_span("burst"):
+        burst_s = _burst(5598, n)
+        settle(0.5)  # read by the wakeup (or lost), not by the span's end
     return {"points": tel.points(), "mib": mib_delta(before, mib()), "connections": n, "burst_s": burst_s,
             "poll_interval": poll_interval, "kinds": kinds, "hist_mode": pipeline._hist_mode}
 
@@ -1590,17 +1593,19 @@ def flows_overflow() -> Dict[str, Any]:
     setup_netns()
     peers = 30
     echo = peer("echo", "5573", "--count", str(peers), "--host", "0.0.0.0")
-    # span enrichment on: each CONN span record says whether its handshake point is the peer's
-    tel = Telemetry(max_flows=16, tracer_provider=TracerProvider())
+    # span enrichment on, a span open: each CONN span record says whether its handshake point is the peer's
+    provider = TracerProvider()
+    tel = Telemetry(max_flows=16, tracer_provider=provider)
     in_kernel: Dict[str, bool] = {}
     _tap_span_records(tel.instrumentor.pipeline.source,
                       lambda record: in_kernel.__setitem__(record[2].address, record[11]) if record[0] == "conn" else None)
     before = mib()
-    for i in range(peers):  # 127.0.0.1 .. 127.0.0.30: all loopback, 30 distinct peers
-        s = socket.create_connection((f"127.0.0.{i + 1}", 5573))
-        s.sendall(b"o")
-        recv_exactly(s, 1)
-        s.close()
+    with provider.get_tracer("kernel-test").start_as_current_span("connections"):
+        for i in range(peers):  # 127.0.0.1 .. 127.0.0.30: all loopback, 30 distinct peers
+            s = socket.create_connection((f"127.0.0.{i + 1}", 5573))
+            s.sendall(b"o")
+            recv_exactly(s, 1)
+            s.close()
     finish(echo)
     settle()
     return {"points": tel.points(), "mib": mib_delta(before, mib()), "peers": peers, "in_kernel": in_kernel}

@@ -306,3 +306,74 @@ def test_merged_attributes_of_a_plain_mapping_go_through_the_sdk_cleaning():
     out = _spans._merged_attributes({"a": [1, 2], "b": "x"}, {"ebpf_flows.tcp.retransmits": 1}, BoundedAttributes)
     assert dict(out) == {"a": (1, 2), "b": "x", "ebpf_flows.tcp.retransmits": 1}
     assert out.dropped == 0
+
+
+class GatedKernel(ScriptedKernel):
+    """A kernel side that is told whether any span is open (KernelSource.spans_open)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: List[bool] = []
+
+    def spans_open(self, is_open: bool) -> None:
+        self.told.append(is_open)
+
+
+def test_the_kernel_is_told_as_the_first_span_starts_and_the_last_one_ends():
+    kernel = GatedKernel()
+    spans = SpanEnrichment(kernel, capacity=100, max_events=4, handshake_threshold=0.5, rtt_threshold=0.25)
+    assert kernel.told == [False]  # none open yet: the kernel makes no span records
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    assert _spans.attach(provider, spans)
+    try:
+        tracer = provider.get_tracer("t")
+        with tracer.start_as_current_span("outer"):
+            assert kernel.told == [False, True]
+            with tracer.start_as_current_span("inner"):
+                pass
+            other = tracer.start_span("not ended with the others")
+            assert kernel.told == [False, True]  # still one open all along
+        assert kernel.told == [False, True]  # "not ended with the others" is still open
+        other.end()
+        assert kernel.told == [False, True, False]
+        with tracer.start_as_current_span("again"):
+            assert kernel.told == [False, True, False, True]
+        assert kernel.told == [False, True, False, True, False]
+    finally:
+        _spans.detach(spans)
+
+
+def test_a_span_the_registry_never_saw_start_tells_the_kernel_nothing():
+    kernel = GatedKernel()
+    registry = _spans.SpanRegistry(kernel.spans_open)
+    registry.started(1, span_id=10, trace_id=1, sampled=True, start_ns=1)
+    assert registry.ended(99, end_ns=2) is None  # started before instrument(), say
+    assert kernel.told == [False, True]  # span 10 still open
+    registry.ended(10, end_ns=3)
+    assert kernel.told == [False, True, False]
+
+
+def test_spans_a_thread_has_too_many_of_to_remember_still_keep_the_kernel_told_open(monkeypatch):
+    # the per-thread deque forgets a busy thread's oldest spans; the kernel must not be told
+    # none is open while one of those is
+    kernel = GatedKernel()
+    registry = _spans.SpanRegistry(kernel.spans_open)
+    registry.started(1, span_id=1, trace_id=1, sampled=True, start_ns=1)  # a long-lived root span
+    for i in range(2, _spans.SPANS_PER_THREAD + 10):
+        registry.started(1, span_id=i, trace_id=1, sampled=True, start_ns=i)
+        registry.ended(i, end_ns=i)
+    assert kernel.told == [False, True]
+    registry.ended(1, end_ns=1000)
+    assert kernel.told == [False, True, False]
+
+
+def test_past_the_limit_of_spans_never_ended_the_kernel_is_told_open_for_good(monkeypatch):
+    monkeypatch.setattr(_spans, "LIVE_SPANS_MAX", 3)
+    kernel = GatedKernel()
+    registry = _spans.SpanRegistry(kernel.spans_open)
+    for i in range(1, 6):
+        registry.started(1, span_id=i, trace_id=1, sampled=True, start_ns=i)
+    for i in range(1, 6):
+        registry.ended(i, end_ns=10)
+    assert kernel.told == [False, True]  # never told none is open again
