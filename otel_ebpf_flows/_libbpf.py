@@ -37,6 +37,9 @@ BTF_KIND_DATASEC = 15
 BPF_ANY = 0
 #: Records handed on between two moments the consumer gives the GIL up.
 RECORDS_PER_YIELD = 32
+#: Records a consumer holds copied out of the ring and not yet handed on, past which it stops
+#: taking more at its yields (64-byte records: 4 MiB); the ring then holds what comes next.
+RECORDS_PENDING_MAX = 65536
 BPF_NOEXIST = 1
 
 _PRINT_FN = ctypes.CFUNCTYPE(_c_int, _c_int, _c_char_p, _c_void_p)
@@ -522,7 +525,15 @@ class RingBuffer:
         return self.consume()
 
     def consume(self) -> int:
-        """Hand every record now in the ring to ``on_record``; how many there were."""
+        """Hand every record now in the ring to ``on_record``; how many there were.
+
+        The records are copied out of the ring first (one libbpf call, the GIL held), then
+        handed on, the GIL given up every ``RECORDS_PER_YIELD``. The kernel goes on writing
+        meanwhile, and a thread waiting for the GIL among busy application threads can take
+        milliseconds to get it back: at each yield, what the ring holds by then is copied out
+        too (up to ``RECORDS_PENDING_MAX`` pending), so that a burst handed on slowly does not
+        fill the ring behind it.
+        """
         if self._ptr is None:
             return 0
         rc = int(_consume_gil(self._ptr))
@@ -530,16 +541,24 @@ class RingBuffer:
         records = batch[:]
         batch.clear()
         on_record = self._on_record
-        for n, data in enumerate(records):
+        n = 0
+        while n < len(records):
             if n and not n % RECORDS_PER_YIELD:
                 time.sleep(0)  # let the application's threads have the GIL
+                if self._ptr is not None and len(records) - n < RECORDS_PENDING_MAX:
+                    more = int(_consume_gil(self._ptr))
+                    if more < 0 and rc >= 0:
+                        rc = more
+                    records += batch
+                    batch.clear()
             try:
-                on_record(data)
+                on_record(records[n])
             except Exception:  # one bad record never stops the others
                 _log.exception("dropping a kernel record that could not be handled")
+            n += 1
         if rc < 0 and -rc != errno.EINTR:
             raise _err("ring-buffer consume", rc)
-        return len(records)
+        return n
 
     def free(self) -> None:
         if self._ptr is not None:
