@@ -116,6 +116,16 @@ def _plain(attributes: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     return dict(attributes) if attributes else {}
 
 
+def _attributes_of(span: Any) -> Mapping[str, Any]:
+    """A span's attributes to look keys up in: the SDK span's own dict, read in place (no
+    copy through its read-only view and locked mapping: half of peer_of()'s time, twice per
+    span); otherwise a plain copy."""
+    inner = getattr(getattr(span, "_attributes", None), "_dict", None)
+    if type(inner) is dict:
+        return inner
+    return _plain(span.attributes)
+
+
 def _first(attributes: Mapping[str, Any], keys: Sequence[str]) -> Any:
     for k in keys:
         v = attributes.get(k)
@@ -626,7 +636,7 @@ class SpanEnrichment:
             return
         self.registry.started(threading.get_native_id(), ctx.span_id, ctx.trace_id,
                               ctx.trace_flags.sampled, time.monotonic_ns(),
-                              peer_of(span.kind, _plain(span.attributes)))
+                              peer_of(span.kind, _attributes_of(span)))
 
     def on_end(self, span: Any) -> Any:
         if not self.enabled or os.getpid() != self.pid:
@@ -656,7 +666,7 @@ class SpanEnrichment:
             start_ns = span.start_time - offset
         if end_ns > now_mono:  # an end time in the future: the kernel has not got there
             end_ns = now_mono
-        spec = peer_of(span.kind, _plain(span.attributes))
+        spec = peer_of(span.kind, _attributes_of(span))
         enrichment = self.enricher.enrich(tids, start_ns, end_ns, spec,
                                           span.kind is trace.SpanKind.SERVER)
         if enrichment is None:

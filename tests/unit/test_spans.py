@@ -377,3 +377,20 @@ def test_past_the_limit_of_spans_never_ended_the_kernel_is_told_open_for_good(mo
     for i in range(1, 6):
         registry.ended(i, end_ns=10)
     assert kernel.told == [False, True]  # never told none is open again
+
+
+def test_a_spans_attributes_are_read_in_place_from_the_sdk_and_copied_from_anything_else():
+    provider = TracerProvider()
+    attrs = {"server.address": "192.0.2.1", "server.port": 8080}
+    span = provider.get_tracer("t").start_span("op", kind=trace.SpanKind.CLIENT, attributes=attrs)
+    inner = _spans._attributes_of(span)
+    assert inner == attrs and inner is span._attributes._dict  # the SDK's dict, no copy
+    span.end()
+
+    class Other:
+        kind = trace.SpanKind.CLIENT
+        attributes = {"server.address": "192.0.2.1", "server.port": 8080}
+
+    other = _spans._attributes_of(Other())
+    assert other == attrs and other is not Other.attributes
+    assert peer_of(span.kind, inner) == peer_of(Other.kind, other) == _spans.PeerSpec("192.0.2.1", 8080)
