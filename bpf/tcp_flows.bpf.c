@@ -602,17 +602,24 @@ static __always_inline __u64 wakeup_flag(void *ring)
 		       BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
+/* A record of `st` into `ring`; a full ring counts it in stat `lost`. */
+static __always_inline void ring_record(void *ring, __u32 lost, const struct sock_state *st, __u8 kind,
+					__u8 reason, __u64 now, __u64 value)
+{
+	struct flow_event *e = bpf_ringbuf_reserve(ring, sizeof(*e), 0);
+
+	if (!e) {
+		stat_inc(lost);
+		return;
+	}
+	fill_event(e, st, kind, reason, now, value);
+	bpf_ringbuf_submit(e, wakeup_flag(ring));
+}
+
 static __always_inline void submit(const struct sock_state *st, __u8 kind, __u8 reason,
 				   __u64 now, __u64 duration_ns)
 {
-	struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-
-	if (!e) {
-		stat_inc(STAT_EVENTS_LOST);
-		return;
-	}
-	fill_event(e, st, kind, reason, now, duration_ns);
-	bpf_ringbuf_submit(e, wakeup_flag(&events));
+	ring_record(&events, STAT_EVENTS_LOST, st, kind, reason, now, duration_ns);
 }
 
 static const struct hist_set zero_hists;
@@ -738,20 +745,10 @@ static __always_inline int hist_put_of(const struct sock_state *st, __u32 which,
 			(__u64)which << 32, a, b);
 }
 
-/* A span-enrichment record: read when a span ends and on every poll, woken for
- * only past wakeup_bytes (churn with no span ending would fill the ring between
- * polls); none until user space has spans to enrich (CONTROL_SPANS). */
 static __always_inline void conn_record(const struct sock_state *st, __u8 kind, __u8 reason,
 					__u64 now, __u64 value)
 {
-	struct flow_event *e = bpf_ringbuf_reserve(&conn_events, sizeof(*e), 0);
-
-	if (!e) {
-		stat_inc(STAT_CONN_EVENTS_LOST);
-		return;
-	}
-	fill_event(e, st, kind, reason, now, value);
-	bpf_ringbuf_submit(e, wakeup_flag(&conn_events));
+	ring_record(&conn_events, STAT_CONN_EVENTS_LOST, st, kind, reason, now, value);
 }
 
 static __always_inline bool spans_open(void)
@@ -759,14 +756,22 @@ static __always_inline bool spans_open(void)
 	return !*(volatile __u32 *)&spans_idle;
 }
 
-/* The CONN record held back while no span was open, as it would have been sent
- * (its reason, ESTABLISHED time and handshake), once: the send and receive
- * programs run outside the socket lock, hence the compare-and-swap. */
-static __always_inline void conn_catch_up(struct sock_state *st)
+/* The CONN record held back while no span was open (its conn_reason + 1), taken
+ * by one caller only, 0 if none: the send and receive programs run outside the
+ * socket lock, hence the compare-and-swap. */
+static __always_inline __u32 take_conn_later(struct sock_state *st)
 {
 	__u32 later = st->conn_later;
 
-	if (later && __sync_val_compare_and_swap(&st->conn_later, later, 0) == later)
+	return later && __sync_val_compare_and_swap(&st->conn_later, later, 0) == later ? later : 0;
+}
+
+/* That CONN record sent as it would have been (its reason, ESTABLISHED time and handshake). */
+static __always_inline void conn_catch_up(struct sock_state *st)
+{
+	__u32 later = take_conn_later(st);
+
+	if (later)
 		conn_record(st, FLOW_EVENT_CONN, later - 1, st->established_ns, st->handshake_ns);
 }
 
@@ -785,9 +790,7 @@ static __always_inline void conn_event(struct sock_state *st, __u8 kind, __u8 re
 	if (!control_on(CONTROL_SPANS))
 		return;
 	if (kind == FLOW_EVENT_GONE) {
-		__u32 later = st->conn_later;
-
-		if (later && __sync_val_compare_and_swap(&st->conn_later, later, 0) == later)
+		if (take_conn_later(st))
 			return;	/* user space never heard of it */
 	} else if (!spans_open()) {
 		if (kind == FLOW_EVENT_CONN)

@@ -493,15 +493,18 @@ class KernelSource:
         be for a span); a connection established meanwhile has its record sent at its first use
         or event once one is. One write to mapped memory, no system call; never raises.
         """
-        idle = _IDLE if not is_open else _BUSY
         with self._gate_lock:
             self._spans_idle = not is_open
-            gate = self._gate
-            if gate is not None:
-                try:
-                    gate[0][gate[1]:gate[1] + 4] = idle
-                except (ValueError, OSError):  # unmapped by close() meanwhile
-                    self._gate = None
+            self._write_gate()
+
+    def _write_gate(self) -> None:
+        """What the registry last said into the kernel's spans_idle, if mapped (gate lock held)."""
+        gate = self._gate
+        if gate is not None:
+            try:
+                gate[0][gate[1]:gate[1] + 4] = _IDLE if self._spans_idle else _BUSY
+            except (ValueError, OSError):  # unmapped by close() meanwhile
+                self._gate = None
 
     def _gate_on(self, obj: _libbpf.BpfObject) -> None:
         """Map the kernel's spans_idle and write what the registry last said into it."""
@@ -514,7 +517,7 @@ class KernelSource:
             return
         with self._gate_lock:
             self._gate = (memory, offset)
-            memory[offset:offset + 4] = _IDLE if self._spans_idle else _BUSY
+            self._write_gate()
 
     def enable_spans(self) -> None:
         """Turn span enrichment's kernel side on (a tracer provider is hooked). Idempotent.

@@ -106,6 +106,21 @@ def span_hex(span: Any) -> str:
     return f"{span.get_span_context().span_id:016x}"
 
 
+def requests_on(tracer: Any, s: socket.socket, port: int, rounds: int, size: int) -> List[Dict[str, Any]]:
+    """``rounds`` echo requests on an open connection, a CLIENT span each; per request its span
+    and the kernel's own count of its retransmits (the change of tcpi_total_retrans)."""
+    out = []
+    for _r in range(rounds):
+        attrs = {"server.address": "127.0.0.1", "server.port": port}
+        with tracer.start_as_current_span("request", kind=trace.SpanKind.CLIENT, attributes=attrs) as span:
+            before = tcp_info(s)["total_retrans"]
+            s.sendall(b"x" * size)
+            recv_exactly(s, size)
+            after = tcp_info(s)["total_retrans"]
+        out.append({"span_id": span_hex(span), "delta": after - before, "opened": False})
+    return out
+
+
 @scenario
 def keepalive_loss() -> Dict[str, Any]:
     """Threads, each with its own persistent connection, one CLIENT span per request."""
@@ -166,20 +181,7 @@ def connections_before_any_span() -> Dict[str, Any]:
     tel.instrumentor.pipeline.refresh(timeout=60.0)  # type: ignore[union-attr]
     idle_kinds = dict(kinds)
 
-    def one(i: int) -> List[Dict[str, Any]]:
-        out = []
-        s = socks[i]
-        for _r in range(rounds):
-            attrs = {"server.address": "127.0.0.1", "server.port": port}
-            with tracer.start_as_current_span("request", kind=trace.SpanKind.CLIENT, attributes=attrs) as span:
-                before = tcp_info(s)["total_retrans"]
-                s.sendall(b"x" * size)
-                recv_exactly(s, size)
-                after = tcp_info(s)["total_retrans"]
-            out.append({"span_id": span_hex(span), "delta": after - before, "opened": False})
-        return out
-
-    requests = [r for rs in in_threads(one, n) for r in rs]
+    requests = [r for rs in in_threads(lambda i: requests_on(tracer, socks[i], port, rounds, size), n) for r in rs]
     for s in socks:
         s.close()
     finish(echo)
@@ -219,17 +221,8 @@ def late_tracer_provider() -> Dict[str, Any]:
     tracer = trace.get_tracer("kernel-test")
 
     def one(i: int) -> List[Dict[str, Any]]:
-        out = []
-        s = socks[i]
-        for _r in range(rounds):
-            attrs = {"server.address": "127.0.0.1", "server.port": port}
-            with tracer.start_as_current_span("request", kind=trace.SpanKind.CLIENT, attributes=attrs) as span:
-                before_retrans = tcp_info(s)["total_retrans"]
-                s.sendall(b"x" * size)
-                recv_exactly(s, size)
-                delta = tcp_info(s)["total_retrans"] - before_retrans
-            out.append({"span_id": span_hex(span), "delta": delta, "opened": False})
-        s.close()
+        out = requests_on(tracer, socks[i], port, rounds, size)
+        socks[i].close()
         return out
 
     requests = [r for rs in in_threads(one, n) for r in rs]

@@ -178,13 +178,21 @@ def test_a_closed_waker_writes_nothing_into_the_fd_number_it_had() -> None:
 
 
 class ScriptedRing:
-    """libbpf's ring_buffer__consume for a RingBuffer: each call copies out what the "kernel"
-    has written since the last one (through the record callback, as libbpf does)."""
+    """A RingBuffer whose libbpf ring_buffer__consume is this object: each call copies out what
+    the "kernel" has written since the last one (through the record callback, as libbpf does);
+    what it hands on is in ``got``."""
 
-    def __init__(self, ring: object, writes: List[List[bytes]]) -> None:
-        self.ring = ring
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, writes: List[List[bytes]]) -> None:
+        from otel_ebpf_flows import _libbpf
+
+        self.got: List[bytes] = []
+        self.ring = object.__new__(_libbpf.RingBuffer)
+        self.ring._ptr = 1
+        self.ring._batch = []
+        self.ring._on_record = self.got.append
         self.writes = writes  # what the kernel writes before each call
         self.calls = 0
+        monkeypatch.setattr(_libbpf, "_consume_gil", self)
 
     def __call__(self, _ptr: int) -> int:
         chunk = self.writes[self.calls] if self.calls < len(self.writes) else []
@@ -199,17 +207,11 @@ def test_a_burst_written_while_the_consumer_hands_records_on_is_taken_at_its_yie
     # fill the ring until the next consume(). Everything is handed on once, in order.
     from otel_ebpf_flows import _libbpf
 
-    got: List[bytes] = []
-    ring = object.__new__(_libbpf.RingBuffer)
-    ring._ptr = 1
-    ring._batch = []
-    ring._on_record = got.append
     per_yield = _libbpf.RECORDS_PER_YIELD
     writes = [[b"%d" % i for i in range(k * 100, k * 100 + 100)] for k in range(5)]  # 100 per call
-    scripted = ScriptedRing(ring, writes)
-    monkeypatch.setattr(_libbpf, "_consume_gil", scripted)
-    assert ring.consume() == 500
-    assert got == [r for w in writes for r in w]
+    scripted = ScriptedRing(monkeypatch, writes)
+    assert scripted.ring.consume() == 500
+    assert scripted.got == [r for w in writes for r in w]
     # one copy up front, then one at each yield until the writes ran dry
     assert scripted.calls == 1 + (500 - 1) // per_yield
 
@@ -217,17 +219,11 @@ def test_a_burst_written_while_the_consumer_hands_records_on_is_taken_at_its_yie
 def test_the_consumer_stops_taking_more_past_the_pending_limit(monkeypatch):
     from otel_ebpf_flows import _libbpf
 
-    got: List[bytes] = []
-    ring = object.__new__(_libbpf.RingBuffer)
-    ring._ptr = 1
-    ring._batch = []
-    ring._on_record = got.append
     monkeypatch.setattr(_libbpf, "RECORDS_PENDING_MAX", 40)
     writes = [[b"a"] * 100, [b"b"] * 100, [b"c"] * 100]
-    scripted = ScriptedRing(ring, writes)
-    monkeypatch.setattr(_libbpf, "_consume_gil", scripted)
-    n = ring.consume()
+    scripted = ScriptedRing(monkeypatch, writes)
+    n = scripted.ring.consume()
     # at each yield, more only while fewer than 40 are pending: 100 first, then at the yield
     # at 64 (36 pending) 100 more, then at 160 (40 pending: no), at 192 (8 pending) the last 100
-    assert n == 300 and got == [b"a"] * 100 + [b"b"] * 100 + [b"c"] * 100
+    assert n == 300 and scripted.got == [b"a"] * 100 + [b"b"] * 100 + [b"c"] * 100
     assert scripted.calls == 4  # up front, at 64, at 192, at 288 (without the limit: every yield, 10)
