@@ -1982,7 +1982,7 @@ ADOPT_AT(_cast, READ_CAST)
 /*
  * A send or receive by a thread (process context), on every TCP socket of the
  * host while attached: attached for span enrichment (span_mode: which
- * connection the thread used, when, and its RTT then) and, once user space
+ * connection the thread used, when, and its RTT then, while a span is open) and, once user space
  * turns claim mode on, for claims. One program per tracepoint serves both, so
  * a pre-fork server pays one run per send. Other processes' sockets leave
  * after one load (owned_filter); SF_PENDING exists only in claim mode.
@@ -1995,8 +1995,14 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 
 	if (!sk)
 		return 0;
+	/* No span open and no claims: nothing to note (a connection whose
+	 * handshake went unseen is then found by the iterator or at its close,
+	 * as without span enrichment). Every send and receive on the host comes
+	 * here: one load, before the filter. */
+	if (span_mode && !spans_open() && !control_on(CONTROL_CLAIM))
+		return 0;
 	st = tracked(direct, sk);
-	/* the cheap tests inline: every send and receive on the host comes here */
+	/* the cheap tests inline */
 	if (!st && (span_mode || control_on(CONTROL_CLAIM)) && on_our_listen_port(direct, sk) &&
 	    CALL_AT(direct, adopt_accepted_at, opaque((__u64)sk), filter_slot(direct, sk)))
 		st = tracked(direct, sk);
