@@ -2033,11 +2033,13 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 /* --- attach points: tp_btf, and raw_tp copies loaded only where tp_btf is not --- */
 
 /*
- * Main programs mark their hook busy on this CPU while they run. The nested
- * copy of a hook (same tracepoint, attached as well) acts only when it finds
- * the hook busy here: for an event raised while the main program was
- * interrupted on this CPU, which the kernel skipped for the main program.
- * Otherwise it returns at once, so every event is handled exactly once.
+ * Main programs mark their hook busy on this CPU while they run (a count: a
+ * jumping nested copy runs the main program's code again inside it, see
+ * JUMP). The nested copy of a hook (same tracepoint, attached as well) acts
+ * only when it finds the hook busy here: for an event raised while the main
+ * program was interrupted on this CPU, which the kernel skipped for the main
+ * program. Otherwise it returns at once, so every event is handled exactly
+ * once.
  */
 #define MAIN(hook, call)                                                        \
 	({                                                                      \
@@ -2045,10 +2047,10 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 		__u32 *__b = bpf_map_lookup_elem(&busy, &__h);                  \
 		int __r;                                                        \
 		if (__b)                                                        \
-			*__b = 1;                                               \
+			*__b += 1;                                              \
 		__r = (call);                                                   \
 		if (__b)                                                        \
-			*__b = 0;                                               \
+			*__b -= 1;                                              \
 		__r;                                                            \
 	})
 #define NESTED(hook, call)                                                      \
@@ -2184,6 +2186,49 @@ CAST_HOOKS(tp_btf, _nested, READ_CAST, NESTED)
 CAST_HOOKS(tp_btf, _nocast_nested, READ_BTF, NESTED)
 TCP_HOOKS(raw_tp, _nested, READ_PROBE, NESTED)
 CAST_HOOKS(raw_tp, _nested, READ_PROBE, NESTED)
+
+/*
+ * Nested copies that continue in their main program (tp_btf, where the kernel
+ * allows the tail call): the same events handled by the same code, with a
+ * program of a few instructions to verify instead of a second copy of the
+ * main one (most of a start's verification time). The kernel's recursion
+ * check is per program and a tail call does not pass through it, so the main
+ * program's code runs again inside the nested one. One program array per
+ * tracepoint: a tracing program may tail-call only programs attached where it
+ * is. User space fills slot 0 with the main program after the load and, if the
+ * kernel refuses, loads the full nested copies instead. An empty slot (the
+ * call falls through) takes nothing back: the event is counted lost.
+ */
+#define JUMP_HOOK(hook, tp, hook_id)                                            \
+struct {                                                                        \
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);                                  \
+	__uint(max_entries, 1);                                                 \
+	__type(key, __u32);                                                     \
+	__type(value, __u32);                                                   \
+} jump_##hook SEC(".maps");                                                     \
+SEC("tp_btf/" #tp)                                                              \
+int tp_btf_##hook##_jump(void *ctx)                                             \
+{                                                                               \
+	__u32 __h = (hook_id);                                                  \
+	__u32 *__b = bpf_map_lookup_elem(&busy, &__h);                          \
+	__u64 *__n;                                                             \
+	if (!__b || !*__b)                                                      \
+		return 0;                                                       \
+	__n = bpf_map_lookup_elem(&rescued, &__h);                              \
+	if (__n)                                                                \
+		__sync_fetch_and_add(__n, 1);                                   \
+	bpf_tail_call(ctx, &jump_##hook, 0);                                    \
+	if (__n)                                                                \
+		__sync_fetch_and_sub(__n, 1);                                   \
+	return 0;                                                               \
+}
+JUMP_HOOK(set_state, inet_sock_set_state, HOOK_SET_STATE)
+JUMP_HOOK(destroy_sock, tcp_destroy_sock, HOOK_DESTROY_SOCK)
+JUMP_HOOK(retransmit_skb, tcp_retransmit_skb, HOOK_RETRANSMIT_SKB)
+JUMP_HOOK(retransmit_synack, tcp_retransmit_synack, HOOK_RETRANSMIT_SYNACK)
+JUMP_HOOK(send_reset, tcp_send_reset, HOOK_SEND_RESET)
+JUMP_HOOK(receive_reset, tcp_receive_reset, HOOK_RECEIVE_RESET)
+JUMP_HOOK(probe, tcp_probe, HOOK_PROBE)
 
 /* --- iterator: live sockets --- */
 

@@ -249,8 +249,9 @@ struct synack_count {
  * time per CPU: an event raised while the program is already running on that
  * CPU (a softirq that interrupted it in process context) skips it, counted
  * only in the program's recursion_misses. Each of these hooks has a second
- * program on the same tracepoint that handles exactly those events; user space
- * reports misses - rescued[hook] as lost.
+ * program on the same tracepoint that handles exactly those events (with tp_btf,
+ * by a tail call into the main program's code; else a full copy of it); user
+ * space reports misses - rescued[hook] as lost.
  */
 enum hook_id {
 	HOOK_SET_STATE = 0,

@@ -70,7 +70,15 @@ ARITY_TRACEPOINTS = ("tcp_retransmit_skb", "kfree_skb") + IO_TRACEPOINTS
 # events the kernel skipped for the main program while it was interrupted on
 # the same CPU (see tcp_flows.h); what neither handled is counted as lost.
 NESTED_SUFFIX = "_nested"
+# Where the kernel allows it (tp_btf), the nested copy is instead a program of a
+# few instructions that tail-calls the main program through a one-slot program
+# array (tp_btf_<hook>_jump, jump_<hook>): a start verifies each hook's code once.
+JUMP_SUFFIX = "_jump"
 ITERATOR = "sample_sockets"
+
+
+class _JumpsRefused(BpfError):
+    """The kernel would not take a main program into its hook's program array (see JUMP_SUFFIX)."""
 # The inode of the initial pid namespace (include/linux/proc_ns.h): the same on every kernel.
 PROC_PID_INIT_INO = 0xEFFFFFFC
 CONTROL_SEEDING = 0
@@ -388,11 +396,17 @@ class KernelSource:
         err: Optional[BpfError] = None
         attempts = [(v, cast) for v in self._variants for cast in ((True, False) if v == "tp_btf" else (False,))]
         interrupted = 0
+        jumps = True
         while attempts:
             variant, cast = attempts[0]
             try:
-                self._open(path, variant, cast)
+                self._open(path, variant, cast, jumps=jumps)
                 break
+            except _JumpsRefused as exc:  # the same programs again, with full nested copies
+                _log.debug("nested copies that jump to their main program: %s", exc)
+                self.close()
+                jumps = False
+                continue
             except BpfError as exc:
                 _log.debug("loading the %s programs%s failed: %s", variant, "" if cast else " (no casts)", exc)
                 self.close()
@@ -826,7 +840,7 @@ class KernelSource:
             raise EbpfFlowsError("the kernel source is not started")
         return self._obj
 
-    def _open(self, path: str, variant: str, cast: bool = False) -> None:
+    def _open(self, path: str, variant: str, cast: bool = False, jumps: bool = True) -> None:
         cfg = self._config
         obj = _libbpf.BpfObject(path)
         self._obj = obj
@@ -881,33 +895,49 @@ class KernelSource:
                 obj.set_autoload(f"{kind}_retransmit_skb", False)
             for hook in IO_HOOKS:  # loaded for claim mode as well, attached on demand
                 obj.set_autoload(f"{kind}_{hook}", kind == variant and has_io)
+            # the nested copies: jumping ones (tp_btf), else full ones built as their main programs
+            jumping = kind == variant and kind == "tp_btf" and jumps
+            full = kind == variant and not jumping
             for hook in HOOKS:
-                obj.set_autoload(f"{kind}_{hook}{NESTED_SUFFIX}", kind == variant)
-            if kind == "tp_btf":  # as their main programs: with casts, or the _nocast copies
+                obj.set_autoload(f"{kind}_{hook}{NESTED_SUFFIX}", full)
+                if kind == "tp_btf":
+                    obj.set_autoload(f"{kind}_{hook}{JUMP_SUFFIX}", jumping)
+            if kind == "tp_btf":  # with casts, or the _nocast copies
                 for hook in CAST_HOOKS:
-                    obj.set_autoload(f"{kind}_{hook}{NESTED_SUFFIX}", kind == variant and cast)
-                    obj.set_autoload(f"{kind}_{hook}_nocast{NESTED_SUFFIX}", kind == variant and not cast)
-            obj.set_autoload(f"{kind}_retransmit_skb_err{NESTED_SUFFIX}", kind == variant and retransmit_has_err)
-            if kind == variant and retransmit_has_err:
+                    obj.set_autoload(f"{kind}_{hook}{NESTED_SUFFIX}", full and cast)
+                    obj.set_autoload(f"{kind}_{hook}_nocast{NESTED_SUFFIX}", full and not cast)
+            obj.set_autoload(f"{kind}_retransmit_skb_err{NESTED_SUFFIX}", full and retransmit_has_err)
+            if full and retransmit_has_err:
                 obj.set_autoload(f"{kind}_retransmit_skb{NESTED_SUFFIX}", False)
+        jumping = variant == "tp_btf" and jumps
         obj.load()
         flows = obj.map("flows")
         for role in (_records.FLOW_ROLE_CLIENT, _records.FLOW_ROLE_SERVER):
             flows.update(_records.overflow_key(role), _records.CFlowCounters(), _libbpf.BPF_NOEXIST)
             obj.map("hists").update(_records.overflow_key(role), _records.CHistSet(), _libbpf.BPF_NOEXIST)
         attached = []
+        nested = []
         for hook in HOOKS:
             name = f"{variant}_{hook}"
             if hook == "retransmit_skb" and retransmit_has_err:
                 name += "_err"
             if variant == "tp_btf" and hook in CAST_HOOKS and not cast:
                 name += "_nocast"
+            if jumping:  # before anything is attached: refused, the object is loaded again
+                try:
+                    obj.map(f"jump_{hook}").update(ctypes.c_uint32(0), ctypes.c_uint32(obj.program_fd(name)))
+                except BpfError as exc:
+                    raise _JumpsRefused(f"{name} as a tail-call target: {exc}", exc.errno or 0) from exc
+                nested.append(f"{variant}_{hook}{JUMP_SUFFIX}")
+            else:  # a copy built the same way
+                nested.append(name + NESTED_SUFFIX)
+            attached.append(name)
+        for name in attached:
+            obj.attach(name)
+        self._main_programs = list(attached)
+        for name in nested:
             obj.attach(name)
             attached.append(name)
-        self._main_programs = list(attached)
-        for name in self._main_programs:  # each one's nested copy, built the same way
-            obj.attach(name + NESTED_SUFFIX)
-            attached.append(name + NESTED_SUFFIX)
         if has_drops:
             obj.attach(DROP_PROGRAM)
             attached.append(DROP_PROGRAM)

@@ -707,6 +707,13 @@ class BpfObject:
         self._links.append(link)
         return link
 
+    def program_fd(self, name: str) -> int:
+        """The file descriptor of a loaded program (the object keeps it open)."""
+        fd = self._lib.bpf_program__fd(self._prog_ptr(name))
+        if fd < 0:
+            raise _err(f"{name} is not loaded", fd)
+        return int(fd)
+
     def recursion_misses(self, name: str, hold_gil: bool = False) -> int:
         """How often the kernel skipped a loaded program because it was already running on that CPU."""
         fd = self._lib.bpf_program__fd(self._prog_ptr(name))

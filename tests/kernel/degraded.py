@@ -1,6 +1,6 @@
 """Run by tests/kernel/test_degradation.py under a degraded condition (no privilege, no libbpf, ...).
 
-python tests/kernel/degraded.py [--simulate tp_btf_refused|rdonly_cast_missing|not_linux|none]
+python tests/kernel/degraded.py [--simulate tp_btf_refused|rdonly_cast_missing|tail_call_refused|not_linux|none]
 
 In a network namespace whose loopback the caller brought up. Instruments this
 process on a real SDK MeterProvider, makes 3 connections to its own listener,
@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--simulate", choices=["tp_btf_refused", "rdonly_cast_missing", "not_linux", "none",
-                                          "verifier_interrupted_once", "verifier_interrupted"])
+                                          "verifier_interrupted_once", "verifier_interrupted",
+                                          "tail_call_refused"])
     args = p.parse_args()
     if args.simulate == "not_linux":
         sys.platform = "darwin"  # before the package is imported: what it sees on macOS
@@ -55,6 +56,20 @@ def main() -> None:
             real_load(self)
 
         _libbpf.BpfObject.load = load  # type: ignore[method-assign]
+
+    if args.simulate == "tail_call_refused":
+        # the kernel refusing a main program in its hook's program array (the nested copies
+        # that tail-call it), as a kernel that does not allow it from tracing programs would
+        real_update = _libbpf.Map.update
+        refusals = []
+
+        def update(self: _libbpf.Map, key: object, value: object, flags: int = _libbpf.BPF_ANY) -> None:
+            if self.name.startswith("jump_"):
+                refusals.append(self.name)
+                raise BpfError(f"update of map {self.name} (simulated: tail call refused)", 22)
+            real_update(self, key, value, flags)  # type: ignore[arg-type]
+
+        _libbpf.Map.update = update  # type: ignore[assignment,method-assign]
 
     loads: List[str] = []  # the loads simulated as interrupted, and those after
     if args.simulate in ("verifier_interrupted_once", "verifier_interrupted"):

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
+from otel_ebpf_flows import _kernel
 from tests.kernel.conftest import ROOT
 
 SCRIPT = os.path.join(ROOT, "tests", "kernel", "degraded.py")
@@ -187,7 +188,24 @@ def test_each_build_times_every_server_handshake(kernel_ok):
     3 connections (MIB PassiveOpens/ActiveOpens) timed, none counted as a lost SYN wait."""
     r = run([sys.executable], args=["--simulate", "none"])
     assert r["on"] is True and r["variant"] == "tp_btf", r
-    assert {"tp_btf_set_state", "tp_btf_set_state_nested"} <= set(r["attached"]), r["attached"]
+    # each hook's nested copy a jump into its main program (this kernel takes the tail call)
+    assert {"tp_btf_set_state", "tp_btf_set_state_jump"} <= set(r["attached"]), r["attached"]
+    assert not [n for n in r["attached"] if n.endswith("_nested")], r["attached"]
+    assert r["mib"]["Tcp.ActiveOpens"] == 3 and r["mib"]["Tcp.PassiveOpens"] == 3, r["mib"]
+    assert r["handshakes"] == {"client": 3, "server": 3} and r["syn_wait_lost"] == 0, r
+
+
+def test_a_kernel_refusing_the_tail_call_loads_full_nested_copies(kernel_ok):
+    """Simulated: the kernel will not take a main program into its hook's program array (the
+    nested copies that jump to it); the same programs are loaded again with nested copies built
+    as their main programs, which are real and must count exactly; no warning."""
+    r = run([sys.executable], args=["--simulate", "tail_call_refused"])
+    assert r["on"] is True and r["variant"] == "tp_btf", r
+    nested = [n for n in r["attached"] if n.endswith("_nested")]
+    assert len(nested) == len(_kernel.HOOKS) and "tp_btf_set_state_nested" in nested, r["attached"]
+    assert not [n for n in r["attached"] if n.endswith("_jump")], r["attached"]
+    assert warnings(r) == [], r["records"]
+    assert r["attempts"] == {"client": 3, "server": 3}, r
     assert r["mib"]["Tcp.ActiveOpens"] == 3 and r["mib"]["Tcp.PassiveOpens"] == 3, r["mib"]
     assert r["handshakes"] == {"client": 3, "server": 3} and r["syn_wait_lost"] == 0, r
 

@@ -104,6 +104,38 @@ def test_handshakes_no_probe_ran_for_are_counted_on_both_ends(run_scenario, mode
     assert syn_wait < r["unseen"], syn_wait  # found late is not counted as a missed SYN wait
 
 
+def test_the_nested_copies_alone_count_every_event_exactly(run_scenario):
+    """What the kernel skips for a main program interrupted on its CPU goes to the hook's nested
+    copy (here a jump into the main program's code): with the main programs detached and every
+    hook marked busy, the nested copies alone take every event, and every count is exact."""
+    r = run_scenario("nested_copies_only")
+    rows, mib, n, size = r["points"], r["mib"], r["connections"], r["size"]
+    assert r["nested"] and all(name.endswith("_jump") for name in r["nested"]), r["nested"]
+    assert len(r["nested"]) == len(r["mains"]), r
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client") == n == mib["Tcp.ActiveOpens"]
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == n == mib["Tcp.PassiveOpens"]
+    assert total(rows, CLOSES, ebpf_flows__tcp__close__reason="normal") == total(rows, CLOSES) == 2 * n
+    for role in ("client", "server"):
+        assert sum(p["count"] for p in points(rows, HANDSHAKE, ebpf_flows__tcp__role=role)) == n, role
+        for direction in ("transmit", "receive"):
+            assert total(rows, IO, ebpf_flows__tcp__role=role, network__io__direction=direction) == n * size
+    assert mib["Tcp.RetransSegs"] > 0, "10 % loss produced no retransmit: no test"
+    assert total(rows, RETRANS) == mib["Tcp.RetransSegs"]
+    # the client's, as its socket counted them (read once closed; the server's count can still
+    # grow after it is read, with a FIN sent again from LAST_ACK)
+    assert total(rows, RETRANS, ebpf_flows__tcp__role="client") == sum(c["client_retrans"] for c in r["closed"])
+    # every state change of both ends (SYN_SENT or SYN_RECV, ESTABLISHED, two on the way down
+    # and CLOSE), every socket destroyed (the listener's too) and the retransmits went through
+    # the nested copies
+    rescued = {name.replace("tp_btf_", "").replace("_nocast", "").replace("_err", ""): v
+               for name, v in r["rescued"].items()}
+    assert rescued["set_state"] >= 2 * 5 * n, rescued
+    assert rescued["destroy_sock"] == 2 * n + 1, rescued
+    assert rescued["retransmit_skb"] + rescued["retransmit_synack"] > 0, rescued
+    lost = [p for p in points(rows, "ebpf_flows.probe.events.lost") if p["value"]]
+    assert not lost, lost
+
+
 def test_synack_retransmits_no_probe_ran_for_are_counted_from_the_accepted_socket(run_scenario):
     r = run_scenario("unseen_synacks")
     rows, mib = r["points"], r["mib"]

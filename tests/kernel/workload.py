@@ -319,6 +319,62 @@ def _unseen_handshakes(mode: str) -> Dict[str, Any]:
 
 
 @scenario
+def nested_copies_only() -> Dict[str, Any]:
+    """Every event handled by the hooks' nested copies alone, as for events the kernel skipped
+    for a main program interrupted on its CPU: the main programs detached, and every hook marked
+    busy on every CPU (what a running main program does), so each nested copy acts on every
+    event (on this kernel: jumps into its main program's code). Connections with both ends in
+    this process, 10 % loss, traffic both ways and orderly closes."""
+    setup_netns()
+    port, n, size = 5603, 12, 20000
+    srv = _listener(port)
+    tel = Telemetry(sample_interval=10)
+    source = tel.instrumentor.pipeline.source  # type: ignore[union-attr]
+    obj = source._obj
+    mains = list(source._main_programs)
+    for link in [link for link in obj._links if link.name in mains]:
+        link.destroy()
+        obj._links.remove(link)
+    ncpus = int(_possible_cpus())
+    busy = obj.map("busy")
+    for hook in range(len(mains)):  # a per-CPU u32, each CPU's value in 8 bytes
+        busy.update(ctypes.c_uint32(hook), (ctypes.c_uint64 * ncpus)(*([1] * ncpus)))
+    before = mib()
+    random_loss(port, 10)
+    pairs = []
+    for _ in range(n):
+        c = socket.create_connection(("127.0.0.1", port))
+        pairs.append((c, srv.accept()[0]))
+    closed = [_echo_and_close(c, s, size) for c, s in pairs]
+    srv.close()
+    settle()
+    nft("delete table inet loss")
+    rescued = {name: value for name, value in zip(mains, _rescued(obj, len(mains)))}
+    return {"points": tel.points(), "mib": mib_delta(before, mib()), "connections": n, "size": size,
+            "closed": closed, "mains": mains, "nested": [x for x in source.attached if x.endswith(("_jump", "_nested"))],
+            "rescued": rescued}
+
+
+def _possible_cpus() -> int:
+    """How many CPUs a per-CPU map holds a value for (libbpf's count of possible CPUs)."""
+    from otel_ebpf_flows import _libbpf
+
+    lib = _libbpf.load_library()
+    fn = lib.libbpf_num_possible_cpus
+    fn.restype, fn.argtypes = ctypes.c_int, []
+    return int(fn())
+
+
+def _rescued(obj: Any, hooks: int) -> List[int]:
+    out = []
+    for hook in range(hooks):
+        value = ctypes.c_uint64()
+        obj.map("rescued").lookup(ctypes.c_uint32(hook), value)
+        out.append(value.value)
+    return out
+
+
+@scenario
 def unseen_synacks() -> Dict[str, Any]:
     """SYN-ACK retransmits while the SYN-ACK retransmit programs are detached, then attached.
 
