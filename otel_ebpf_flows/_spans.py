@@ -555,11 +555,18 @@ def _copies_by_dict(cls: Any) -> bool:
             and all(not c.__dict__.get("__slots__") for c in cls.__mro__))
 
 
+#: Attribute value types the SDK's cleaning keeps unchanged (what span enrichment adds).
+_CLEAN = (bool, int, float)
+
+
 def _merged_attributes(old: Any, ours: Dict[str, Any], bounded: Any) -> Any:
     """The span's attributes with ours added, as the SDK's limits would keep them.
 
     The span's own values were cleaned when they were set: copied as they are
-    (cleaning them again was a fifth of ``span.end()``); only ours are cleaned.
+    (cleaning them again was a fifth of ``span.end()``). Ours are bools, ints and
+    floats, which cleaning keeps as they are: each is set as the SDK's own setter
+    does once a value is clean (the oldest dropped and counted when full), on the
+    new object before anyone else can see it.
     """
     maxlen = getattr(old, "maxlen", None)
     try:
@@ -567,7 +574,12 @@ def _merged_attributes(old: Any, ours: Dict[str, Any], bounded: Any) -> Any:
             new: Any = bounded(maxlen=maxlen, immutable=False, max_value_len=old.max_value_len)
             new._dict = dict(old._dict)
             new.dropped = old.dropped
-            new._set_items(ours)
+            set_clean = getattr(new, "_setitem_locked", None)
+            if set_clean is not None and maxlen != 0 and all(type(v) in _CLEAN for v in ours.values()):
+                for key, value in ours.items():
+                    set_clean(key, value)
+            else:
+                new._set_items(ours)
             new._immutable = True
             return new
         merged: Dict[str, Any] = dict(old or {})

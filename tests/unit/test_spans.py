@@ -300,6 +300,37 @@ def test_the_enriched_copy_keeps_the_span_limits():
     assert dict(span.attributes) == {"b": 1, "c": 2, "d": 3} and span.dropped_attributes == 1
 
 
+@pytest.mark.parametrize("maxlen", [None, 0, 1, 3, 5, 128])
+def test_our_attributes_are_set_as_the_sdk_would_set_them(maxlen):
+    """Ours (bools, ints, floats) skip the SDK's cleaning, which keeps such values unchanged: the
+    result is the SDK's own, order, drops and limits included, with a key of ours already set."""
+    from opentelemetry.attributes import BoundedAttributes
+
+    old = BoundedAttributes(maxlen=maxlen, attributes={"a": "abc", "ebpf_flows.tcp.reused": False, "b": 2.5},
+                            immutable=True, max_value_len=2)
+    ours = {"ebpf_flows.tcp.retransmits": 3, "ebpf_flows.tcp.rtt": 0.001, "ebpf_flows.tcp.reused": True,
+            "ebpf_flows.tcp.degraded": False}
+    sdk = BoundedAttributes(maxlen=maxlen, immutable=False, max_value_len=2)
+    sdk._dict = dict(old._dict)
+    sdk.dropped = old.dropped
+    sdk._set_items(ours)
+    out = _spans._merged_attributes(old, ours, BoundedAttributes)
+    assert list(out.items()) == list(sdk.items())
+    assert (out.dropped, out.maxlen, out.max_value_len) == (sdk.dropped, maxlen, 2)
+    with pytest.raises(TypeError):
+        out["x"] = 1
+    assert dict(old) == {k: v for k, v in {"a": "ab", "ebpf_flows.tcp.reused": False, "b": 2.5}.items()
+                         if k in old}  # untouched
+
+
+def test_a_value_of_another_type_goes_through_the_sdk_cleaning():
+    from opentelemetry.attributes import BoundedAttributes
+
+    old = BoundedAttributes(maxlen=None, attributes={"a": 1}, immutable=True, max_value_len=3)
+    out = _spans._merged_attributes(old, {"s": "abcdef", "n": 2}, BoundedAttributes)
+    assert dict(out) == {"a": 1, "s": "abc", "n": 2}
+
+
 def test_merged_attributes_of_a_plain_mapping_go_through_the_sdk_cleaning():
     from opentelemetry.attributes import BoundedAttributes
 
