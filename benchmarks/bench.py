@@ -315,6 +315,12 @@ def scenario_cost(env: Env, plan: Plan, stats: KernelStats, report: Report) -> N
             accumulate(own, result["mode"], result["bpf"])
         if not stats.is_on():
             switched_off.append("own traffic")
+        own_spans: Cells = {}  # the same, every op a CLIENT span: what the span programs cost while spans are open
+        for result in env.run_json(env.in_netns(env.worker("inproc", ",".join(workloads), "--instrument", "--bpf-stats",
+                                                           "--spans", "--duration", str(own_secs))), timeout=120):
+            accumulate(own_spans, result["mode"], result["bpf"])
+        if not stats.is_on():
+            switched_off.append("own traffic, every op a span")
     finally:
         stats.set(False)
     if switched_off:
@@ -328,7 +334,9 @@ def scenario_cost(env: Env, plan: Plan, stats: KernelStats, report: Report) -> N
         name = f"{variant}_{hook}"
         if name not in host and f"{name}_nocast" in host:  # a kernel without bpf_rdonly_cast
             name += "_nocast"
-        for label, data, spread_of in (("other processes' traffic", host, per_rep), ("its own traffic", own, {})):
+        for label, data, spread_of in (("other processes' traffic", host, per_rep),
+                                       ("its own traffic (a tracer provider, no span open)", own, {}),
+                                       ("its own traffic, every op a span", own_spans, {})):
             cnt, a = avg_ns(data.get(name, {}), workloads)
             extra = f" (reps {spread(spread_of[name])})" if len(spread_of.get(name, [])) > 1 else ""
             if a is None:
@@ -367,7 +375,9 @@ def scenario_cost(env: Env, plan: Plan, stats: KernelStats, report: Report) -> N
         "the cost every TCP event on the host pays. The idle process runs as users would: a tracer provider and "
         "span enrichment on, so `sock_send_length`/`sock_recv_length` run on every send and receive of the host. "
         "*Own traffic*: the instrumented Python process drives "
-        f"the same workloads itself ({own_secs:g} s each). `calib_*` are reference programs on the same hooks "
+        f"the same workloads itself ({own_secs:g} s each), with a tracer provider and no span open (the "
+        "results table also has the hot paths with every op a span, where the send/receive programs note "
+        "which thread used which connection). `calib_*` are reference programs on the same hooks "
         "(benchmarks/calib.bpf.c): empty; one hash-map lookup keyed by the socket pointer; the same question asked "
         "of socket-local storage, and of a counting filter (one load from a global array, what the library's "
         "programs now ask first); three fields read with `bpf_probe_read_kernel` vs read directly. They are "
