@@ -2094,13 +2094,22 @@ int BPF_PROG(kind##_receive_reset##suffix, const struct sock *sk)               
 
 /* The TCP hooks that use bpf_rdonly_cast in their READ_CAST build (a _nocast
  * copy of each probe-reads instead, for kernels before 6.2). */
-#define CAST_HOOKS(kind, suffix, direct, WRAP)                                                  \
+#define STATE_HOOK(kind, suffix, direct, WRAP)                                                  \
 SEC(#kind "/inet_sock_set_state")                                                              \
 int BPF_PROG(kind##_set_state##suffix, const struct sock *sk, int oldstate, int newstate)      \
-{ return WRAP(HOOK_SET_STATE, handle_set_state(direct, sk, oldstate, newstate)); }             \
+{ return WRAP(HOOK_SET_STATE, handle_set_state(direct, sk, oldstate, newstate)); }
+/*
+ * Every segment received on the host: no nested copy, and so no busy mark.
+ * What it keeps is state re-read from each segment (the peer's window and
+ * ours), so a segment the kernel skipped it for is caught up at the
+ * connection's next one; the skipped runs still count as lost (recursion
+ * misses, nothing rescued). A nested copy cost every received segment one
+ * more program run for that.
+ */
+#define PROBE_HOOK(kind, suffix, direct)                                                        \
 SEC(#kind "/tcp_probe")                                                                        \
 int BPF_PROG(kind##_probe##suffix, const struct sock *sk, const struct sk_buff *skb)          \
-{ return WRAP(HOOK_PROBE, handle_probe(direct, sk, skb)); }
+{ return handle_probe(direct, sk, skb); }
 
 /* Send and receive (span enrichment and claims): no nested copies. */
 #define IO_HOOKS(kind, direct)                                                                  \
@@ -2172,20 +2181,23 @@ int BPF_PROG(tp_btf_kfree_skb, const struct sk_buff *skb, void *location, enum s
 }
 
 TCP_HOOKS(tp_btf, , READ_BTF, MAIN)
-CAST_HOOKS(tp_btf, , READ_CAST, MAIN)
-CAST_HOOKS(tp_btf, _nocast, READ_BTF, MAIN)
+STATE_HOOK(tp_btf, , READ_CAST, MAIN)
+STATE_HOOK(tp_btf, _nocast, READ_BTF, MAIN)
+PROBE_HOOK(tp_btf, , READ_CAST)
+PROBE_HOOK(tp_btf, _nocast, READ_BTF)
 IO_HOOKS(tp_btf, READ_BTF)
 TCP_HOOKS(raw_tp, , READ_PROBE, MAIN)
-CAST_HOOKS(raw_tp, , READ_PROBE, MAIN)
+STATE_HOOK(raw_tp, , READ_PROBE, MAIN)
+PROBE_HOOK(raw_tp, , READ_PROBE)
 IO_HOOKS(raw_tp, READ_PROBE)
 
 /* The nested copies (see MAIN and NESTED above), each built as its main
  * program is (the cast ones verify faster: bpf_loop, no probe reads). */
 TCP_HOOKS(tp_btf, _nested, READ_BTF, NESTED)
-CAST_HOOKS(tp_btf, _nested, READ_CAST, NESTED)
-CAST_HOOKS(tp_btf, _nocast_nested, READ_BTF, NESTED)
+STATE_HOOK(tp_btf, _nested, READ_CAST, NESTED)
+STATE_HOOK(tp_btf, _nocast_nested, READ_BTF, NESTED)
 TCP_HOOKS(raw_tp, _nested, READ_PROBE, NESTED)
-CAST_HOOKS(raw_tp, _nested, READ_PROBE, NESTED)
+STATE_HOOK(raw_tp, _nested, READ_PROBE, NESTED)
 
 /*
  * Nested copies that continue in their main program (tp_btf, where the kernel
@@ -2228,7 +2240,6 @@ JUMP_HOOK(retransmit_skb, tcp_retransmit_skb, HOOK_RETRANSMIT_SKB)
 JUMP_HOOK(retransmit_synack, tcp_retransmit_synack, HOOK_RETRANSMIT_SYNACK)
 JUMP_HOOK(send_reset, tcp_send_reset, HOOK_SEND_RESET)
 JUMP_HOOK(receive_reset, tcp_receive_reset, HOOK_RECEIVE_RESET)
-JUMP_HOOK(probe, tcp_probe, HOOK_PROBE)
 
 /* --- iterator: live sockets --- */
 

@@ -245,7 +245,8 @@ struct synack_count {
 };
 
 /*
- * Hooks with a nested copy. The kernel runs a tracing program at most once at a
+ * Hooks with a nested copy (all but HOOK_PROBE, whose skipped runs are caught
+ * up at the connection's next segment). The kernel runs a tracing program at most once at a
  * time per CPU: an event raised while the program is already running on that
  * CPU (a softirq that interrupted it in process context) skips it, counted
  * only in the program's recursion_misses. Each of these hooks has a second

@@ -66,9 +66,12 @@ IO_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
 DROP_PROGRAM = "tp_btf_kfree_skb"
 # The tracepoints whose arguments (in vmlinux BTF) choose the programs to load.
 ARITY_TRACEPOINTS = ("tcp_retransmit_skb", "kfree_skb") + IO_TRACEPOINTS
-# Each of HOOKS also has a "_nested" copy that handles the
+# Each of NESTED_HOOKS also has a "_nested" copy that handles the
 # events the kernel skipped for the main program while it was interrupted on
 # the same CPU (see tcp_flows.h); what neither handled is counted as lost.
+# Not probe (every received segment): what it keeps is re-read from each
+# segment, so one it was skipped for is caught up at the next.
+NESTED_HOOKS = tuple(hook for hook in HOOKS if hook != "probe")
 NESTED_SUFFIX = "_nested"
 # Where the kernel allows it (tp_btf), the nested copy is instead a program of a
 # few instructions that tail-calls the main program through a one-slot program
@@ -898,14 +901,15 @@ class KernelSource:
             # the nested copies: jumping ones (tp_btf), else full ones built as their main programs
             jumping = kind == variant and kind == "tp_btf" and jumps
             full = kind == variant and not jumping
-            for hook in HOOKS:
+            for hook in NESTED_HOOKS:
                 obj.set_autoload(f"{kind}_{hook}{NESTED_SUFFIX}", full)
                 if kind == "tp_btf":
                     obj.set_autoload(f"{kind}_{hook}{JUMP_SUFFIX}", jumping)
             if kind == "tp_btf":  # with casts, or the _nocast copies
                 for hook in CAST_HOOKS:
-                    obj.set_autoload(f"{kind}_{hook}{NESTED_SUFFIX}", full and cast)
-                    obj.set_autoload(f"{kind}_{hook}_nocast{NESTED_SUFFIX}", full and not cast)
+                    if hook in NESTED_HOOKS:
+                        obj.set_autoload(f"{kind}_{hook}{NESTED_SUFFIX}", full and cast)
+                        obj.set_autoload(f"{kind}_{hook}_nocast{NESTED_SUFFIX}", full and not cast)
             obj.set_autoload(f"{kind}_retransmit_skb_err{NESTED_SUFFIX}", full and retransmit_has_err)
             if full and retransmit_has_err:
                 obj.set_autoload(f"{kind}_retransmit_skb{NESTED_SUFFIX}", False)
@@ -923,13 +927,13 @@ class KernelSource:
                 name += "_err"
             if variant == "tp_btf" and hook in CAST_HOOKS and not cast:
                 name += "_nocast"
-            if jumping:  # before anything is attached: refused, the object is loaded again
+            if hook in NESTED_HOOKS and jumping:  # before anything is attached: refused, loaded again
                 try:
                     obj.map(f"jump_{hook}").update(ctypes.c_uint32(0), ctypes.c_uint32(obj.program_fd(name)))
                 except BpfError as exc:
                     raise _JumpsRefused(f"{name} as a tail-call target: {exc}", exc.errno or 0) from exc
                 nested.append(f"{variant}_{hook}{JUMP_SUFFIX}")
-            else:  # a copy built the same way
+            elif hook in NESTED_HOOKS:  # a copy built the same way
                 nested.append(name + NESTED_SUFFIX)
             attached.append(name)
         for name in attached:

@@ -202,7 +202,7 @@ def test_a_kernel_refusing_the_tail_call_loads_full_nested_copies(kernel_ok):
     r = run([sys.executable], args=["--simulate", "tail_call_refused"])
     assert r["on"] is True and r["variant"] == "tp_btf", r
     nested = [n for n in r["attached"] if n.endswith("_nested")]
-    assert len(nested) == len(_kernel.HOOKS) and "tp_btf_set_state_nested" in nested, r["attached"]
+    assert len(nested) == len(_kernel.NESTED_HOOKS) and "tp_btf_set_state_nested" in nested, r["attached"]
     assert not [n for n in r["attached"] if n.endswith("_jump")], r["attached"]
     assert warnings(r) == [], r["records"]
     assert r["attempts"] == {"client": 3, "server": 3}, r

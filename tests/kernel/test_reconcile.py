@@ -111,9 +111,11 @@ def test_the_nested_copies_alone_count_every_event_exactly(run_scenario):
     r = run_scenario("nested_copies_only")
     rows, mib, n, size = r["points"], r["mib"], r["connections"], r["size"]
     assert r["nested"] and all(name.endswith("_jump") for name in r["nested"]), r["nested"]
-    assert len(r["nested"]) == len(r["mains"]), r
+    assert len(r["nested"]) == len(r["mains"]) - 1, r  # probe has none
     assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="client") == n == mib["Tcp.ActiveOpens"]
-    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == n == mib["Tcp.PassiveOpens"]
+    # under loss the kernel may create a request's child twice (two CPUs completing it): the
+    # loser is in PassiveOpens, never established, and counted apart by the probes
+    assert total(rows, ATTEMPTS, ebpf_flows__tcp__role="server") == n == mib["Tcp.PassiveOpens"] - r["discarded"]
     assert total(rows, CLOSES, ebpf_flows__tcp__close__reason="normal") == total(rows, CLOSES) == 2 * n
     for role in ("client", "server"):
         assert sum(p["count"] for p in points(rows, HANDSHAKE, ebpf_flows__tcp__role=role)) == n, role
@@ -130,7 +132,7 @@ def test_the_nested_copies_alone_count_every_event_exactly(run_scenario):
     rescued = {name.replace("tp_btf_", "").replace("_nocast", "").replace("_err", ""): v
                for name, v in r["rescued"].items()}
     assert rescued["set_state"] >= 2 * 5 * n, rescued
-    assert rescued["destroy_sock"] == 2 * n + 1, rescued
+    assert rescued["destroy_sock"] == 2 * n + 1 + r["discarded"], rescued
     assert rescued["retransmit_skb"] + rescued["retransmit_synack"] > 0, rescued
     lost = [p for p in points(rows, "ebpf_flows.probe.events.lost") if p["value"]]
     assert not lost, lost
@@ -296,6 +298,18 @@ def test_zero_windows_both_ways(run_scenario):
     # was cleared or forgotten with its socket: segments of open windows skip the
     # socket lookup again (tcp_probe's shortcut)
     assert max(r["marks_in_stall"]) == 1
+    assert r["zero_win_marks"] == 0
+
+
+def test_a_zero_window_whose_start_no_program_saw_is_caught_at_the_next_segment(run_scenario):
+    """tcp_probe has no nested copy: a segment the kernel skipped it for is caught up at the
+    connection's next one, because the program re-reads the window from each segment."""
+    r = run_scenario("zero_window_caught_up")
+    assert r["detached"] == ["tp_btf_probe"], r["detached"]  # this kernel's build; no nested copy
+    assert r["marks_detached"] == 0  # the episode started with no program to see it
+    assert max(r["marks_in_stall"]) == 1, r["marks_in_stall"]  # found with the program back
+    assert r["mib"]["TcpExt.TCPToZeroWindowAdv"] > 0
+    assert total(r["points"], ZERO, network__io__direction="receive") == r["mib"]["TcpExt.TCPToZeroWindowAdv"]
     assert r["zero_win_marks"] == 0
 
 

@@ -350,9 +350,13 @@ def nested_copies_only() -> Dict[str, Any]:
     settle()
     nft("delete table inet loss")
     rescued = {name: value for name, value in zip(mains, _rescued(obj, len(mains)))}
+    from otel_ebpf_flows import _records
+
+    discarded = ctypes.c_uint64()  # children PassiveOpens counts that never became established
+    obj.map("stats").lookup(ctypes.c_uint32(_records.STAT_CHILD_DISCARDED), discarded)
     return {"points": tel.points(), "mib": mib_delta(before, mib()), "connections": n, "size": size,
             "closed": closed, "mains": mains, "nested": [x for x in source.attached if x.endswith(("_jump", "_nested"))],
-            "rescued": rescued}
+            "rescued": rescued, "discarded": discarded.value}
 
 
 def _possible_cpus() -> int:
@@ -998,6 +1002,38 @@ def zero_window() -> Dict[str, Any]:
     return {"rx_points": rx_points, "rx_mib": mib_delta(before, middle),
             "points": points, "tx_mib": mib_delta(middle, mib()),
             "marks_in_stall": marks_in_stall, "zero_win_marks": obj.get_global(".bss", "zero_win_marks")}
+
+
+@scenario
+def zero_window_caught_up() -> Dict[str, Any]:
+    """The peer's window closes while the kernel runs no tcp_probe program (detached: as for the
+    segments it skips a program for, which has no nested copy); the program is back while the
+    window stays closed, and the connection's next segments (the replies to our window probes)
+    show the episode."""
+    setup_netns()
+    tel = Telemetry()
+    source = tel.instrumentor.pipeline.source  # type: ignore[union-attr]
+    obj = source._obj
+    sink = peer("sink", "5604", "--rcvbuf", "4096", "--hold", "3")
+    before = mib()
+    names = _detach(source, "_probe")
+    s = socket.create_connection(("127.0.0.1", 5604))
+    s.sendall(b"z" * 400_000)
+    _until("the peer's zero window", lambda: mib_delta(before, mib())["TcpExt.TCPToZeroWindowAdv"] > 0)
+    time.sleep(0.3)
+    marks_detached = obj.get_global(".bss", "zero_win_marks")
+    _reattach(source, names)
+    marks_in_stall = []
+    for _ in range(15):
+        time.sleep(0.1)
+        marks_in_stall.append(obj.get_global(".bss", "zero_win_marks"))
+    s.shutdown(socket.SHUT_WR)
+    finish(sink)
+    s.close()
+    settle()
+    return {"points": tel.points(), "mib": mib_delta(before, mib()), "detached": names,
+            "marks_detached": marks_detached, "marks_in_stall": marks_in_stall,
+            "zero_win_marks": obj.get_global(".bss", "zero_win_marks")}
 
 
 @scenario

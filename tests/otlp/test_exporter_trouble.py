@@ -197,9 +197,9 @@ def test_disabled_instrumentation_turns_only_this_library_off(receiver: Receiver
     r, held, batches, _ = results[False]
     assert r["instrumented"] is True
     names = [n for n in held["prog"] if n.startswith(("tp_btf_", "raw_tp_"))]
-    # every hook and its nested copy, the send/receive programs that serve span enrichment and claim
-    # mode, and the listener-drop program (this kernel's kfree_skb has the receiving socket)
-    expected = 2 * len(_kernel.HOOKS) + len(_kernel.IO_HOOKS) + 1
+    # every hook and the nested copies, the send/receive programs that serve span enrichment and
+    # claim mode, and the listener-drop program (this kernel's kfree_skb has the receiving socket)
+    expected = len(_kernel.HOOKS) + len(_kernel.NESTED_HOOKS) + len(_kernel.IO_HOOKS) + 1
     assert len(names) == expected and "sample_sockets" in held["prog"], held
     assert _kernel.DROP_PROGRAM in names, names
     assert SCOPE in _scopes(batches)
