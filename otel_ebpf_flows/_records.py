@@ -72,7 +72,7 @@ HIST_BOUNDS_MAX = 31
 HIST_BUCKETS = HIST_BOUNDS_MAX + 1
 HIST_NO_BOUND = (1 << 63) - 1  # an unused bound: the kernel counts the bounds below a value
 
-# enum hook_id: hooks with a nested copy, in _kernel.HOOKS order
+# enum hook_id: the TCP hooks, in _kernel.HOOKS order (all but HOOK_PROBE have a nested copy)
 HOOK_SET_STATE = 0
 HOOK_DESTROY_SOCK = 1
 HOOK_RETRANSMIT_SKB = 2
