@@ -56,8 +56,10 @@
  *              (an entry user space deletes, a gone socket the sweep found, leaves
  *              its slot counting: only that slot's shortcut is lost)
  *   listen_filter (.bss) the same over the listeners' ports
- *   busy       per CPU, per hook_id: 1 while the hook's main program runs here
+ *   busy       per CPU, per hook_id: how many runs of the hook's main program
+ *              code are under way here (a nested copy's tail call is a second)
  *   rescued    hook_id -> events its nested copy handled (see tcp_flows.h)
+ *   jump_<hook> one slot: the hook's main program, for its nested copy's tail call
  *   parents    forked child: sockets its parent counted before the fork, never claimed
  *   synacks    (peer, ports, netns) -> the SYN-ACK retransmits counted for a request
  *              not yet established (see synacks_counted)
@@ -2035,7 +2037,7 @@ static __always_inline int handle_sock_io(int direct, const struct sock *sk)
 /*
  * Main programs mark their hook busy on this CPU while they run (a count: a
  * jumping nested copy runs the main program's code again inside it, see
- * JUMP). The nested copy of a hook (same tracepoint, attached as well) acts
+ * JUMP_HOOK). The nested copy of a hook (same tracepoint, attached as well) acts
  * only when it finds the hook busy here: for an event raised while the main
  * program was interrupted on this CPU, which the kernel skipped for the main
  * program. Otherwise it returns at once, so every event is handled exactly

@@ -78,10 +78,6 @@ NESTED_SUFFIX = "_nested"
 # array (tp_btf_<hook>_jump, jump_<hook>): a start verifies each hook's code once.
 JUMP_SUFFIX = "_jump"
 ITERATOR = "sample_sockets"
-
-
-class _JumpsRefused(BpfError):
-    """The kernel would not take a main program into its hook's program array (see JUMP_SUFFIX)."""
 # The inode of the initial pid namespace (include/linux/proc_ns.h): the same on every kernel.
 PROC_PID_INIT_INO = 0xEFFFFFFC
 CONTROL_SEEDING = 0
@@ -108,6 +104,10 @@ SWEEP_CHUNK = 1024
 # its latest retransmit: the request is gone by then (default tcp_synack_retries: about 63 s).
 # tcp_flows.bpf.c's SYNACK_LIFE_NS.
 SYNACK_LIFE_NS = 180 * 1_000_000_000
+
+
+class _JumpsRefused(BpfError):
+    """The kernel would not take a main program into its hook's program array (see JUMP_SUFFIX)."""
 
 
 def _field_struct(mirror: type, names: Tuple[str, ...]) -> struct.Struct:
@@ -899,12 +899,12 @@ class KernelSource:
             for hook in IO_HOOKS:  # loaded for claim mode as well, attached on demand
                 obj.set_autoload(f"{kind}_{hook}", kind == variant and has_io)
             # the nested copies: jumping ones (tp_btf), else full ones built as their main programs
-            jumping = kind == variant and kind == "tp_btf" and jumps
-            full = kind == variant and not jumping
+            jump_copies = kind == variant and kind == "tp_btf" and jumps
+            full = kind == variant and not jump_copies
             for hook in NESTED_HOOKS:
                 obj.set_autoload(f"{kind}_{hook}{NESTED_SUFFIX}", full)
                 if kind == "tp_btf":
-                    obj.set_autoload(f"{kind}_{hook}{JUMP_SUFFIX}", jumping)
+                    obj.set_autoload(f"{kind}_{hook}{JUMP_SUFFIX}", jump_copies)
             if kind == "tp_btf":  # with casts, or the _nocast copies
                 for hook in CAST_HOOKS:
                     if hook in NESTED_HOOKS:
