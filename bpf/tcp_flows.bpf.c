@@ -667,7 +667,7 @@ static __always_inline void hist_add(struct hist_set *set, __u32 hist, __u64 val
 	struct hist_extremes *ext;
 	struct hist_bounds *b;
 	struct hist_value *v;
-	__u64 i, k, tag;
+	__u64 i, tag;
 
 	/* constant offsets: the verifier loses a bound on the argument */
 	if (hist == HIST_HANDSHAKE) {
@@ -680,13 +680,20 @@ static __always_inline void hist_add(struct hist_set *set, __u32 hist, __u64 val
 		v = &set->hist[HIST_RTT];
 		b = &hist_bounds[HIST_RTT];
 	}
-	/* The bucket: how many bounds lie below the value (the SDK's bisect_left). Without a
-	 * branch (bounds and values are below 2^63, unused bounds 2^63 - 1): nothing for the
-	 * verifier to explore at each of the programs that inline a caller. */
+	/* The bucket: how many bounds lie below the value (the SDK's bisect_left), by a
+	 * binary search over the 31 bounds, which are in order (user space aggregates here
+	 * only bounds in order; unused ones are 2^63 - 1, above every value): five loads
+	 * instead of 31. Without a branch (bounds and values are below 2^63, so the
+	 * difference's top bit says "below"): nothing for the verifier to explore at each of
+	 * the programs that inline a caller. */
 	i = 0;
-#pragma clang loop unroll(disable)
-	for (k = 0; k < HIST_BOUNDS_MAX; k++)
-		i += (b->bound[k] - value) >> 63;
+#define HIST_STEP(k) (i += ((b->bound[i + (k) - 1] - value) >> 63) * (k))
+	HIST_STEP(16);
+	HIST_STEP(8);
+	HIST_STEP(4);
+	HIST_STEP(2);
+	HIST_STEP(1);
+#undef HIST_STEP
 	__sync_fetch_and_add(&v->sum, value);
 	__sync_fetch_and_add(&v->buckets[i & (HIST_BUCKETS - 1)], 1);
 	tag = (__u64)hist_gen + 1;	/* never the 0 of a new entry */

@@ -172,7 +172,7 @@ enum hist_id {
 #define HIST_PUT_NONE 1		/* no entry to be had: the caller hands a record over */
 #define HIST_PUT_FOLDED 2	/* into the role's overflow entry (the map is full) */
 
-#define HIST_BOUNDS_MAX 31
+#define HIST_BOUNDS_MAX 31	/* 2^5 - 1: hist_add() searches them in five steps */
 #define HIST_BUCKETS (HIST_BOUNDS_MAX + 1)
 
 /* hist_bounds[hist] (global): bucket i holds values <= bound[i] (and above bound[i - 1]);

@@ -617,7 +617,8 @@ class KernelSource:
                     continue
                 for hist in hists:
                     wanted = tuple(bounds.get(hist, ()))
-                    if not wanted or len(wanted) > _records.HIST_BOUNDS_MAX:
+                    # the kernel searches bounds in order (hist_add): others stay with the SDK
+                    if not wanted or len(wanted) > _records.HIST_BOUNDS_MAX or list(wanted) != sorted(wanted):
                         mode &= ~bit
                         continue
                     known = self._hist_bounds.get(hist)

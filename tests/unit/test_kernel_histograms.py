@@ -68,9 +68,50 @@ def test_a_kernel_value_lands_in_the_bucket_the_sdk_puts_its_seconds_in(bounds: 
     for u in kernel:  # every value next to a bound, where rounding could misplace it
         values.update(range(max(0, u - 3), u + 4))
     values.update(rng.randrange(0, int(max(bounds) * scale * 2) + 2) for _ in range(20000))
+    padded = list(kernel) + [_records.HIST_NO_BOUND] * (_records.HIST_BOUNDS_MAX - len(kernel))
     for u in sorted(values):
-        in_kernel = next((i for i, b in enumerate(kernel) if u <= b), len(kernel))  # hist_add's loop
-        assert in_kernel == bisect.bisect_left(bounds, u / scale), (u, bounds)
+        assert kernel_bucket(padded, u) == bisect.bisect_left(bounds, u / scale), (u, bounds)
+
+
+def kernel_bucket(bounds: List[int], value: int) -> int:
+    """hist_add()'s search, step for step: five halvings over the 31 bounds, each adding the
+    step where the bound before it lies below the value (the top bit of the u64 difference)."""
+    i = 0
+    for k in (16, 8, 4, 2, 1):
+        i += (((bounds[i + k - 1] - value) % 2 ** 64) >> 63) * k
+    return i
+
+
+@pytest.mark.parametrize("n", range(0, _records.HIST_BOUNDS_MAX + 1))
+def test_the_kernel_search_counts_the_bounds_below_a_value_for_any_number_of_bounds(n: int) -> None:
+    bounds = [10 * (j + 1) for j in range(n)] + [_records.HIST_NO_BOUND] * (_records.HIST_BOUNDS_MAX - n)
+    for value in range(0, 10 * n + 12):
+        assert kernel_bucket(bounds, value) == sum(b < value for b in bounds[:n]), (n, value)
+    assert kernel_bucket(bounds, _records.HIST_NO_BOUND - 1) == n
+
+
+class BoundsObject:
+    """A loaded object that takes the writes of aggregate_histograms()."""
+
+    def __init__(self) -> None:
+        self.writes: List[str] = []
+
+    def write_live_global(self, section: str, name: str, value: bytes) -> None:
+        self.writes.append(name)
+
+
+def test_bounds_out_of_order_stay_with_the_sdk() -> None:
+    source = _kernel.KernelSource()
+    obj = BoundsObject()
+    source._obj = obj  # type: ignore[assignment]
+    unordered = {_records.HIST_DURATION: (0.1, 0.01), _records.HIST_RTT: (0.01, 0.001)}
+    for _ in range(2):  # bounds at the first call, the mode at the next
+        mode = source.aggregate_histograms(_records.HIST_MODE_CLOSE, unordered)
+    assert mode == 0 and "hist_bounds" not in obj.writes
+    ordered = {_records.HIST_DURATION: (0.01, 0.1), _records.HIST_RTT: (0.001, 0.01)}
+    for _ in range(2):
+        mode = source.aggregate_histograms(_records.HIST_MODE_CLOSE, ordered)
+    assert mode == _records.HIST_MODE_CLOSE and obj.writes.count("hist_bounds") == 2
 
 
 def test_a_bound_no_kernel_value_can_reach_is_refused() -> None:
