@@ -2220,6 +2220,18 @@ STATE_HOOK(raw_tp, _nested, READ_PROBE, NESTED)
  * kernel refuses, loads the full nested copies instead. An empty slot (the
  * call falls through) takes nothing back: the event is counted lost.
  */
+static __always_inline int jump_to_main(void *ctx, void *jumps, __u32 hook)
+{
+	__u64 *n;
+
+	bpf_tail_call(ctx, jumps, 0);
+	/* an empty slot: the rescue NESTED counted is taken back */
+	n = bpf_map_lookup_elem(&rescued, &hook);
+	if (n)
+		__sync_fetch_and_sub(n, 1);
+	return 0;
+}
+
 #define JUMP_HOOK(hook, tp, hook_id)                                            \
 struct {                                                                        \
 	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);                                  \
@@ -2229,20 +2241,7 @@ struct {                                                                        
 } jump_##hook SEC(".maps");                                                     \
 SEC("tp_btf/" #tp)                                                              \
 int tp_btf_##hook##_jump(void *ctx)                                             \
-{                                                                               \
-	__u32 __h = (hook_id);                                                  \
-	__u32 *__b = bpf_map_lookup_elem(&busy, &__h);                          \
-	__u64 *__n;                                                             \
-	if (!__b || !*__b)                                                      \
-		return 0;                                                       \
-	__n = bpf_map_lookup_elem(&rescued, &__h);                              \
-	if (__n)                                                                \
-		__sync_fetch_and_add(__n, 1);                                   \
-	bpf_tail_call(ctx, &jump_##hook, 0);                                    \
-	if (__n)                                                                \
-		__sync_fetch_and_sub(__n, 1);                                   \
-	return 0;                                                               \
-}
+{ return NESTED(hook_id, jump_to_main(ctx, &jump_##hook, hook_id)); }
 JUMP_HOOK(set_state, inet_sock_set_state, HOOK_SET_STATE)
 JUMP_HOOK(destroy_sock, tcp_destroy_sock, HOOK_DESTROY_SOCK)
 JUMP_HOOK(retransmit_skb, tcp_retransmit_skb, HOOK_RETRANSMIT_SKB)

@@ -716,9 +716,7 @@ class BpfObject:
 
     def recursion_misses(self, name: str, hold_gil: bool = False) -> int:
         """How often the kernel skipped a loaded program because it was already running on that CPU."""
-        fd = self._lib.bpf_program__fd(self._prog_ptr(name))
-        if fd < 0:
-            raise _err(f"{name} is not loaded", fd)
+        fd = self.program_fd(name)
         info = (ctypes.c_uint8 * _PROG_INFO_SIZE)()
         size = _c_u32(_PROG_INFO_SIZE)
         get_info = (_lib_gil if hold_gil and _lib_gil is not None else self._lib).bpf_obj_get_info_by_fd

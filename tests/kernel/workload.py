@@ -964,6 +964,23 @@ def reconnect_after_disconnect() -> Dict[str, Any]:
     return {"points": tel.points(), "mib": mib_delta(before, mib())}
 
 
+def _zero_win_marks(obj: Any, samples: int) -> List[int]:
+    """The kernel's count of sockets in a zero-window episode, every 0.1 s through a stall."""
+    marks = []
+    for _ in range(samples):
+        time.sleep(0.1)
+        marks.append(obj.get_global(".bss", "zero_win_marks"))
+    return marks
+
+
+def _end_stall(s: socket.socket, sink: Any) -> None:
+    """Close our end of a stalled connection once the sink is done holding and reading it."""
+    s.shutdown(socket.SHUT_WR)
+    finish(sink)
+    s.close()
+    settle()
+
+
 @scenario
 def zero_window() -> Dict[str, Any]:
     """The peer stops reading (it advertises zero windows), then we do."""
@@ -976,14 +993,8 @@ def zero_window() -> Dict[str, Any]:
     # Stay ESTABLISHED through the stall: the kernel's only per-segment receive
     # tracepoint (tcp_probe) is on the ESTABLISHED path.
     obj = tel.instrumentor.pipeline.source._obj  # type: ignore[union-attr]
-    marks_in_stall = []  # sampled through the stall
-    for _ in range(25):
-        time.sleep(0.1)
-        marks_in_stall.append(obj.get_global(".bss", "zero_win_marks"))
-    s.shutdown(socket.SHUT_WR)
-    finish(sink)
-    s.close()
-    settle()
+    marks_in_stall = _zero_win_marks(obj, 25)
+    _end_stall(s, sink)
     middle = mib()
     rx_points = tel.points()
 
@@ -1023,14 +1034,8 @@ def zero_window_caught_up() -> Dict[str, Any]:
     time.sleep(0.3)
     marks_detached = obj.get_global(".bss", "zero_win_marks")
     _reattach(source, names)
-    marks_in_stall = []
-    for _ in range(15):
-        time.sleep(0.1)
-        marks_in_stall.append(obj.get_global(".bss", "zero_win_marks"))
-    s.shutdown(socket.SHUT_WR)
-    finish(sink)
-    s.close()
-    settle()
+    marks_in_stall = _zero_win_marks(obj, 15)
+    _end_stall(s, sink)
     return {"points": tel.points(), "mib": mib_delta(before, mib()), "detached": names,
             "marks_detached": marks_detached, "marks_in_stall": marks_in_stall,
             "zero_win_marks": obj.get_global(".bss", "zero_win_marks")}
